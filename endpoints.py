@@ -1,0 +1,71 @@
+"""Endpoint classes and model names: the contract's table, shared by every layer.
+
+Pure functions only (no Flask, no I/O), so the limiter, the work queue and the
+proxy agree on what a request is without importing each other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, Literal
+
+EndpointClass = Literal["inference", "embed", "admin", "light"]
+
+INFERENCE: Final = "inference"
+EMBED: Final = "embed"
+ADMIN: Final = "admin"
+LIGHT: Final = "light"
+
+CLASSES: Final[tuple[EndpointClass, ...]] = ("inference", "embed", "admin", "light")
+
+# (rule, methods, class, whether the JSON body must name a model). The order is
+# the contract's table (../shared/DESIGN.md); anything not listed is "light".
+ROUTES: Final[tuple[tuple[str, tuple[str, ...], EndpointClass, bool], ...]] = (
+    ("/api/generate", ("POST",), "inference", True),
+    ("/api/chat", ("POST",), "inference", True),
+    ("/v1/chat/completions", ("POST",), "inference", True),
+    ("/v1/completions", ("POST",), "inference", True),
+    ("/v1/responses", ("POST",), "inference", True),
+    ("/v1/messages", ("POST",), "inference", True),
+    ("/api/embed", ("POST",), "embed", True),
+    ("/api/embeddings", ("POST",), "embed", True),
+    ("/v1/embeddings", ("POST",), "embed", True),
+    ("/api/pull", ("POST",), "admin", True),
+    ("/api/push", ("POST",), "admin", True),
+    ("/api/create", ("POST",), "admin", True),
+    ("/api/copy", ("POST",), "admin", False),
+    ("/api/delete", ("DELETE",), "admin", True),
+    ("/api/blobs/<digest>", ("HEAD", "POST"), "admin", False),
+    ("/", ("GET", "HEAD"), "light", False),
+    ("/api/version", ("GET", "HEAD"), "light", False),
+    ("/api/tags", ("GET", "HEAD"), "light", False),
+    ("/api/ps", ("GET", "HEAD"), "light", False),
+    ("/api/show", ("POST",), "light", True),
+    ("/v1/models", ("GET", "HEAD"), "light", False),
+    ("/v1/models/<path:model>", ("GET", "HEAD"), "light", False),
+)
+
+# Model endpoints that go through the work queue (admin jobs take their own lane).
+QUEUED_CLASSES: Final = frozenset({"inference", "embed", "admin"})
+
+_TAG = re.compile(r":[^/]+$")
+
+
+def normalize_model(name: str) -> str:
+    """Return ``name`` as ``name:tag`` the way Ollama resolves it (``llama3.2`` -> ``llama3.2:latest``)."""
+    name = name.strip()
+    if not name:
+        return name
+    if "@" in name:  # pinned by digest: name@sha256:...
+        return name
+    return name if _TAG.search(name) else f"{name}:latest"
+
+
+def model_of(body: Any) -> str | None:
+    """The model a JSON request body names (``model``, or the legacy ``name``), normalised."""
+    if not isinstance(body, dict):
+        return None
+    value = body.get("model") or body.get("name")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return normalize_model(value)
