@@ -52,7 +52,7 @@ _TAG = re.compile(r":[^/]+$")
 
 
 def normalize_model(name: str) -> str:
-    """Return ``name`` as ``name:tag`` the way Ollama resolves it (``llama3.2`` -> ``llama3.2:latest``)."""
+    """Return ``name`` as ``name:tag`` as Ollama does (``llama3.2`` is ``llama3.2:latest``)."""
     name = name.strip()
     if not name:
         return name

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 
-from flask import Response, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 # Ollama's own text for a full queue (server/sched.go, ErrMaxQueue), so clients
@@ -111,8 +111,9 @@ def is_openai_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
-def error_body(status: int, message: str, path: str, *, openai_type: str | None = None,
-               code: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, path: str, *, openai_type: str | None = None, code: str | None = None
+) -> bytes:
     """The JSON error body for ``path``: Ollama's shape, or OpenAI's under /v1."""
     if is_openai_path(path):
         payload: dict[str, object] = {
@@ -130,8 +131,9 @@ def error_body(status: int, message: str, path: str, *, openai_type: str | None 
 
 def render(exc: GateError) -> Response:
     """Render a GateError as the contract's JSON response."""
-    body = error_body(exc.status, exc.message, request.path, openai_type=exc.openai_type,
-                      code=exc.code)
+    body = error_body(
+        exc.status, exc.message, request.path, openai_type=exc.openai_type, code=exc.code
+    )
     response = Response(body, status=exc.status, mimetype="application/json")
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -140,20 +142,21 @@ def render(exc: GateError) -> Response:
 
 
 def render_http_exception(exc: HTTPException) -> Response:
-    """Werkzeug's own errors (404 route, 405, 413 from MAX_CONTENT_LENGTH) in the contract's shape."""
+    """Werkzeug's own errors (405, 413 from MAX_CONTENT_LENGTH) in the contract's shape."""
     status = exc.code or 500
     message = exc.description or exc.name
     if status == 413:
         message = "request body too large"
-    response = Response(error_body(status, message, request.path), status=status,
-                        mimetype="application/json")
+    response = Response(
+        error_body(status, message, request.path), status=status, mimetype="application/json"
+    )
     for name, value in exc.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value
     return response
 
 
-def init_app(app) -> None:  # type: ignore[no-untyped-def]
+def init_app(app: Flask) -> None:
     """Register the handlers that render the gate's errors."""
     app.register_error_handler(GateError, render)
     app.register_error_handler(HTTPException, render_http_exception)

@@ -178,8 +178,7 @@ class Settings:
         read("GATE_API_KEYS_FILE", "api_keys_file", validate_path)
         read("GATE_TRUSTED_PROXIES", "trusted_proxies", validate_non_neg_int)
         read("GATE_MODEL_CONCURRENCY", "model_concurrency", validate_pos_int)
-        read("GATE_MODEL_CONCURRENCY_OVERRIDES", "model_concurrency_overrides",
-             validate_overrides)
+        read("GATE_MODEL_CONCURRENCY_OVERRIDES", "model_concurrency_overrides", validate_overrides)
         read("GATE_MAX_ACTIVE_MODELS", "max_active_models", validate_pos_int)
         read("GATE_QUEUE_MAX", "queue_max", validate_pos_int)
         read("GATE_QUEUE_MAX_PER_CLIENT", "queue_max_per_client", validate_pos_int)

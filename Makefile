@@ -1,0 +1,60 @@
+# Everyday tasks. `make run` starts the gate; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test demo lint format bench system-deps js-deps install dev-install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(PY)
+	$(PIP) install -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
+	$(PIP) install -r requirements-dev.txt
+	@touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+dev-install: $(VENV)/.dev
+
+## run: start the gate under gunicorn (gevent worker) with the settings in the environment
+run: install
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+
+## test: install what the tests need (venv, redis-server, nginx, chromium, ollama-js), lint, run the suite
+test: dev-install system-deps js-deps lint
+	$(PY) -m pytest
+
+## demo: the gate in front of the built-in Ollama simulator, with some load
+demo: dev-install
+	$(PY) scripts/demo.py
+
+## lint: ruff (lint + format check) and mypy
+lint: dev-install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: dev-install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+## bench: the benchmarks of docs/BENCHMARKS.md
+bench: dev-install
+	$(PY) bench/proxy_overhead.py
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+js-deps: tests/js/node_modules/.installed
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache

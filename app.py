@@ -1,0 +1,27 @@
+"""Ollama Gate: the WSGI application (``gunicorn app:app``)."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+import errors
+import proxy
+from settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Create and configure an instance of the gate."""
+    if settings is None:
+        settings = Settings.from_env(os.environ)
+    app = Flask(__name__)
+    app.config["GATE_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.extensions["gate.settings"] = settings
+    errors.init_app(app)
+    proxy.init_app(app, settings)
+    return app
+
+
+app = create_app()

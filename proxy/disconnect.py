@@ -1,0 +1,79 @@
+"""Notice that a client left while the gate is blocked on something else.
+
+A disconnect otherwise surfaces only when a write fails, and a job waiting in
+the queue or an upstream still loading its model writes nothing. So while the
+gate blocks on the client's behalf it watches the client's socket: a peek that
+returns end-of-file means the client is gone, and the blocked greenlet gets
+``ClientDisconnected`` thrown into it, the way ``gevent.Timeout`` interrupts a wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import gevent
+import gevent.event
+
+logger = logging.getLogger(__name__)
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the gate finished answering."""
+
+
+class ClientWatch:
+    """Watch one request's client socket (gunicorn's ``environ["gunicorn.socket"]``)."""
+
+    def __init__(self, environ: Mapping[str, Any]) -> None:
+        self.sock: socket.socket | None = environ.get("gunicorn.socket")
+        self.gone = gevent.event.Event()
+        self._target = gevent.getcurrent()
+        self._armed = False
+        self._watcher: gevent.Greenlet | None = None
+
+    def start(self) -> ClientWatch:
+        """Begin watching; call once the request body has been read in full."""
+        if self.sock is not None and self._watcher is None:
+            self._watcher = gevent.spawn(self._watch)
+        return self
+
+    def stop(self) -> None:
+        """Stop watching. Blocking kill: gunicorn reads the next request from this socket."""
+        if self._watcher is not None:
+            self._watcher.kill(block=True)
+            self._watcher = None
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Within this block a disconnect interrupts the current greenlet."""
+        if self.gone.is_set():
+            raise ClientDisconnected("client closed the connection")
+        self._target = gevent.getcurrent()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _watch(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if data:
+            # The client sent more bytes (a pipelined request): it is still there, and
+            # from here on only a failed write can tell otherwise.
+            return
+        logger.debug("client closed its connection")
+        self.gone.set()
+        gevent.get_hub().loop.run_callback(self._interrupt)
+
+    def _interrupt(self) -> None:
+        # Runs in the hub, so the target is parked: it is blocked inside armed() or not at all.
+        if self._armed:
+            self._target.throw(ClientDisconnected("client closed the connection"))

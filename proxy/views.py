@@ -1,0 +1,182 @@
+"""The routes that forward Ollama's API: one view per endpoint class."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, g, request
+
+from endpoints import LIGHT, ROUTES, EndpointClass, model_of
+from errors import BadRequest
+
+from .disconnect import ClientDisconnected, ClientWatch
+from .relay import Relay, stream_kind
+from .upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("proxy", __name__)
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+# Request headers that describe this hop only (RFC 9110 section 7.6.1), plus Host (the
+# upstream gets its own) and the framing headers urllib3 sets for the body it sends.
+REQUEST_SKIP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+
+# Response headers that describe the upstream hop, or that gunicorn writes itself.
+RESPONSE_SKIP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "date",
+        "server",
+    }
+)
+
+BLOB_CHUNK = 64 * 1024
+
+
+class RelayResponse(Response):
+    """A response whose headers and body come from the upstream as they are."""
+
+    default_mimetype = None  # never invent a Content-Type the upstream did not send
+    automatically_set_content_length = False
+
+
+def _named_in_connection(headers: Any) -> set[str]:
+    value = headers.get("Connection", "")
+    return {token.strip().lower() for token in value.split(",") if token.strip()}
+
+
+def forward_headers() -> dict[str, str]:
+    """The client's request headers minus hop-by-hop ones."""
+    skip = REQUEST_SKIP | _named_in_connection(request.headers)
+    return {k: v for k, v in request.headers.items() if k.lower() not in skip}
+
+
+def target() -> str:
+    """Path and query exactly as the client sent them."""
+    raw = request.environ.get("RAW_URI")
+    if raw and raw.startswith("/"):
+        return raw
+    path = quote(request.path)
+    qs = request.query_string.decode("latin-1")
+    return f"{path}?{qs}" if qs else path
+
+
+def read_json_model(cls: EndpointClass, body: bytes) -> str:
+    """The model a model endpoint's body names; 400 when the body is not JSON or names none."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise BadRequest("request body must be a JSON object") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = model_of(payload)
+    if model is None:
+        raise BadRequest("model is required")
+    g.gate_payload = payload
+    return model
+
+
+def _blob_body() -> Iterator[bytes]:
+    stream = request.stream
+    while chunk := stream.read(BLOB_CHUNK):
+        yield chunk
+
+
+def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False) -> Response:
+    """Forward the current request to the upstream and relay its answer."""
+    upstream: Upstream = current_app.extensions["gate.upstream"]
+    headers = forward_headers()
+    chunked = False
+    body: bytes | Iterator[bytes] | None
+    if stream_body:
+        # Blob uploads may be gigabytes: stream them through in constant memory.
+        request.max_content_length = None
+        length = request.content_length
+        if length:
+            headers["Content-Length"] = str(length)
+            body = _blob_body()
+        elif request.environ.get("wsgi.input_terminated") and request.method == "POST":
+            body, chunked = _blob_body(), True
+        else:
+            body = None
+    else:
+        body = request.get_data(cache=True) or None
+        if needs_model:
+            g.gate_model = read_json_model(cls, body or b"")
+    g.gate_class = cls
+
+    watch = ClientWatch(request.environ)
+    if body is None or isinstance(body, bytes):
+        watch.start()  # the body is read: from here on, EOF on the socket means the client left
+    try:
+        with watch.armed():
+            resp = upstream.open(request.method, target(), headers, body, chunked=chunked)
+    except ClientDisconnected:
+        watch.stop()
+        logger.info("client left before %s answered", request.path)
+        return Response(status=499)
+    except BaseException:
+        watch.stop()
+        raise
+
+    out_headers = [
+        (k, v)
+        for k, v in resp.headers.items()
+        if k.lower() not in RESPONSE_SKIP and k.lower() not in _named_in_connection(resp.headers)
+    ]
+    if stream_kind(resp.headers.get("content-type")) or resp.headers.get("transfer-encoding"):
+        out_headers.append(("X-Accel-Buffering", "no"))
+    bodyless = request.method == "HEAD" or resp.status in (204, 304) or resp.status < 200
+    relay = Relay(resp, watch, request.path, bodyless=bodyless)
+    return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
+
+
+def _view(cls: EndpointClass, needs_model: bool, stream_body: bool = False) -> Any:
+    def view(**_: Any) -> Response:
+        return forward(cls, needs_model, stream_body=stream_body)
+
+    return view
+
+
+# One view function per endpoint class and body kind, so the limiter can decorate a class.
+_views: dict[tuple[EndpointClass, bool, bool], Any] = {}
+for _rule, _methods, _cls, _needs_model in ROUTES:
+    _stream = _rule.startswith("/api/blobs/")
+    _key = (_cls, _needs_model, _stream)
+    if _key not in _views:
+        _name = _cls + ("_model" if _needs_model else "") + ("_blob" if _stream else "")
+        _views[_key] = _view(_cls, _needs_model, _stream)
+        _views[_key].__name__ = _name
+    bp.add_url_rule(_rule, view_func=_views[_key], methods=list(_methods))
+
+# Anything else Ollama serves is forwarded as light (DESIGN.md, endpoint classes).
+_other = _view(LIGHT, False)
+_other.__name__ = "light_other"
+bp.add_url_rule("/<path:path>", view_func=_other, methods=ALL_METHODS)
