@@ -6,16 +6,12 @@ import json
 import logging
 from collections.abc import Callable, Generator, Iterator
 
-from urllib3.exceptions import HTTPError
-from urllib3.response import BaseHTTPResponse
-
 from errors import is_openai_path
 
 from .disconnect import ClientDisconnected, ClientWatch
+from .upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 logger = logging.getLogger(__name__)
-
-CHUNK = 64 * 1024
 
 
 class UpstreamBroken(Exception):
@@ -60,22 +56,20 @@ class Relay:
 
     def __init__(
         self,
-        resp: BaseHTTPResponse,
+        resp: UpstreamResponse,
         watch: ClientWatch,
         path: str,
         *,
         on_record: Callable[[bytes], None] | None = None,
         on_close: Callable[[], None] | None = None,
-        bodyless: bool = False,
     ) -> None:
         self.resp = resp
         self.watch = watch
         self.path = path
-        self.kind = stream_kind(resp.headers.get("content-type"))
+        self.kind = stream_kind(resp.header("content-type"))
         self.on_record = on_record
         self.on_close = on_close
-        # A HEAD, 204 or 304 answer has no body to read: its connection is reusable as is.
-        self.finished = bodyless
+        self.finished = False
         self.closed = False
         self._gen: Generator[bytes, None, None] = self._run()
 
@@ -84,9 +78,8 @@ class Relay:
 
     def _run(self) -> Generator[bytes, None, None]:
         kind, path = self.kind, self.path
-        sep = b"\n" if kind == "ndjson" else b"\n\n"
-        chunks = self.resp.stream(CHUNK, decode_content=False)
-        pending = b""
+        sep = None if kind is None else b"\n" if kind == "ndjson" else b"\n\n"
+        chunks = self.resp.records(sep)
         try:
             while True:
                 try:
@@ -97,29 +90,16 @@ class Relay:
                 except ClientDisconnected:
                     logger.info("client left during %s; upstream connection closed", path)
                     return
-                except (HTTPError, OSError) as exc:
+                except TRANSPORT_ERRORS as exc:
                     if kind is None:
                         raise UpstreamBroken(f"upstream failed mid-body on {path}: {exc}") from exc
                     logger.warning("upstream failed mid-stream on %s: %s", path, exc)
-                    yield error_record(kind, path, f"upstream connection lost: {_short(exc)}")
+                    yield error_record(kind, path, f"upstream connection lost: {describe(exc)}")
                     return
-                if kind is None:
-                    yield chunk
-                    continue
-                data = pending + chunk
-                cut = data.rfind(sep) + len(sep)
-                if cut < len(sep):
-                    pending = data
-                    continue
-                pending = data[cut:]
-                if self.on_record is not None:
-                    self.on_record(data[:cut])
-                yield data[:cut]
+                if self.on_record is not None and kind is not None:
+                    self.on_record(chunk)
+                yield chunk
             self.finished = True
-            if pending:
-                if self.on_record is not None:
-                    self.on_record(pending)
-                yield pending
         finally:
             self.close()
 
@@ -132,18 +112,9 @@ class Relay:
             self._gen.close()
         except ValueError:  # "generator already executing": close() called from within _run
             pass
-        resp = self.resp
-        if not self.finished:
-            # Client gone, upstream broken, or body never read: shut the socket down so
-            # Ollama sees the disconnect and stops generating.
-            resp.shutdown()
-            resp.close()
-        resp.release_conn()
+        # Closes the upstream connection unless its body was read in full (client gone,
+        # upstream broken, body never iterated).
+        self.resp.release()
         self.watch.stop()
         if self.on_close is not None:
             self.on_close()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc.args[0] if isinstance(exc, HTTPError) and exc.args else exc)
-    return text[:200]

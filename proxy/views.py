@@ -67,14 +67,15 @@ class RelayResponse(Response):
     automatically_set_content_length = False
 
 
-def _named_in_connection(headers: Any) -> set[str]:
-    value = headers.get("Connection", "")
+def _named_in_connection(value: str | None) -> set[str]:
+    """Header names a Connection header lists: they too describe this hop only."""
+    value = value or ""
     return {token.strip().lower() for token in value.split(",") if token.strip()}
 
 
 def forward_headers() -> dict[str, str]:
     """The client's request headers minus hop-by-hop ones."""
-    skip = REQUEST_SKIP | _named_in_connection(request.headers)
+    skip = REQUEST_SKIP | _named_in_connection(request.headers.get("Connection"))
     return {k: v for k, v in request.headers.items() if k.lower() not in skip}
 
 
@@ -113,7 +114,6 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     """Forward the current request to the upstream and relay its answer."""
     upstream: Upstream = current_app.extensions["gate.upstream"]
     headers = forward_headers()
-    chunked = False
     body: bytes | Iterator[bytes] | None
     if stream_body:
         # Blob uploads may be gigabytes: stream them through in constant memory.
@@ -123,7 +123,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             headers["Content-Length"] = str(length)
             body = _blob_body()
         elif request.environ.get("wsgi.input_terminated") and request.method == "POST":
-            body, chunked = _blob_body(), True
+            body = _blob_body()  # no length: sent on with chunked transfer-encoding
         else:
             body = None
     else:
@@ -133,11 +133,13 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     g.gate_class = cls
 
     watch = ClientWatch(request.environ)
-    if body is None or isinstance(body, bytes):
-        watch.start()  # the body is read: from here on, EOF on the socket means the client left
+    if cls != LIGHT and (body is None or isinstance(body, bytes)):
+        # The body is read: from here on, EOF on the socket means the client left. Light
+        # requests answer at once and skip the watch (a greenlet per request costs).
+        watch.start()
     try:
         with watch.armed():
-            resp = upstream.open(request.method, target(), headers, body, chunked=chunked)
+            resp = upstream.open(request.method, target(), headers, body)
     except ClientDisconnected:
         watch.stop()
         logger.info("client left before %s answered", request.path)
@@ -146,15 +148,11 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         watch.stop()
         raise
 
-    out_headers = [
-        (k, v)
-        for k, v in resp.headers.items()
-        if k.lower() not in RESPONSE_SKIP and k.lower() not in _named_in_connection(resp.headers)
-    ]
-    if stream_kind(resp.headers.get("content-type")) or resp.headers.get("transfer-encoding"):
+    skip = RESPONSE_SKIP | _named_in_connection(resp.header("Connection"))
+    out_headers = [(k, v) for k, v in resp.headers if k.lower() not in skip]
+    if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
         out_headers.append(("X-Accel-Buffering", "no"))
-    bodyless = request.method == "HEAD" or resp.status in (204, 304) or resp.status < 200
-    relay = Relay(resp, watch, request.path, bodyless=bodyless)
+    relay = Relay(resp, watch, request.path)
     return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
 
 

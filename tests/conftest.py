@@ -1,0 +1,76 @@
+"""Shared fixtures: a fake Ollama on a real socket, and the gate under real gunicorn.
+
+The fake runs in a thread of the test process (so tests read what it saw
+directly); each gate is a gunicorn process with the gevent worker, started the
+way `make run` starts it, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from fakeollama import FakeOllama
+from tests.support import Gate, start_gate
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeOllama]:
+    """One fake Ollama for the session; reset before every test."""
+    server = FakeOllama(token_interval=0.01)
+    server.start()
+    yield server
+    server.stop()
+
+
+FAKE_DEFAULTS = dict(
+    token_interval=0.01,
+    tokens=8,
+    load_time=0.0,
+    vram=None,
+    on_overflow="queue",
+    num_parallel=None,
+    stall=0,
+    die_after=None,
+    fail_status=None,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give every test a fake in its default state, and check it was left idle."""
+    if "fake" not in request.fixturenames:
+        yield
+        return
+    server: FakeOllama = request.getfixturevalue("fake")
+    server.start_if_stopped() if hasattr(server, "start_if_stopped") else None
+    server.configure(**FAKE_DEFAULTS)
+    server.reset()
+    yield
+    # Leak check: nothing the gate forwarded is still running at the upstream.
+    server.wait_for(lambda s: not any(s["in_flight"].values()), timeout=5)
+
+
+@pytest.fixture(scope="session")
+def gate(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
+    """The gate in front of the session's fake Ollama, with default settings but no limits."""
+    g = start_gate(fake.url, tmp_path_factory.mktemp("gate"))
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def gate_factory(tmp_path: Path) -> Iterator[Callable[..., Gate]]:
+    """Start extra gates with their own settings; all are stopped after the test."""
+    started: list[Gate] = []
+
+    def factory(upstream: str, env: Mapping[str, str] | None = None, wait: bool = True) -> Gate:
+        g = start_gate(upstream, tmp_path, env, wait=wait)
+        started.append(g)
+        return g
+
+    yield factory
+    for g in started:
+        g.stop()

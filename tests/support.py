@@ -1,0 +1,115 @@
+"""Helpers for tests: free ports, and the gate started under real gunicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+# The defaults every test gate starts from: limits off so that tests of other
+# features never meet a 429 by accident; tests of a feature set its variables.
+BASE_ENV = {
+    "GATE_LIMIT_INFERENCE": "off",
+    "GATE_LIMIT_EMBED": "off",
+    "GATE_LIMIT_ADMIN": "off",
+    "GATE_LIMIT_LIGHT": "off",
+    "GATE_LOG_LEVEL": "info",
+    "GATE_GRACEFUL_TIMEOUT": "5",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Gate:
+    """One gunicorn process running the gate."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def worker_pids(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(pid) for pid in path.read_text().split()]
+        return []
+
+    def rss_kib(self) -> int:
+        """Resident memory of the (single) worker, in KiB."""
+        (pid,) = self.worker_pids()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_gate(
+    upstream: str, log_dir: Path, env: Mapping[str, str] | None = None, *, wait: bool = True
+) -> Gate:
+    """Start gunicorn with the gevent worker as `make run` does and wait until it answers."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GATE_", "OLLAMA_"))}
+    full_env.update(BASE_ENV)
+    full_env["GATE_UPSTREAM"] = upstream
+    full_env["GATE_BIND"] = f"127.0.0.1:{port}"
+    full_env.update(env or {})
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"gate-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    gate = Gate(f"http://127.0.0.1:{port}", port, proc, log, full_env)
+    if wait:
+        wait_until_serving(gate)
+    return gate
+
+
+def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gate.proc.poll() is not None:
+            raise AssertionError(f"gate exited with {gate.proc.returncode}:\n{gate.logs()}")
+        try:
+            # Any HTTP answer means the worker is up (the upstream may be down on purpose).
+            requests.get(gate.url + "/api/version", timeout=2)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    gate.stop()
+    raise AssertionError(f"gate did not start in {timeout}s:\n{gate.logs()}")

@@ -1,0 +1,115 @@
+"""Settings: defaults, parsing, and start-up refusing bad values with the variable's name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from settings import Settings, SettingsError
+from tests.support import GUNICORN, ROOT, free_port
+
+
+def test_defaults_match_the_contract() -> None:
+    s = Settings.from_env({})
+    assert s.upstream == "http://127.0.0.1:11434"
+    assert s.bind == "127.0.0.1:8000"
+    assert s.upstream_timeout == 600
+    assert s.storage_uri == "memory://"
+    assert s.api_keys_file is None
+    assert s.trusted_proxies == 0
+    assert (s.model_concurrency, s.max_active_models) == (1, 1)
+    assert (s.queue_max, s.queue_max_per_client) == (512, 32)
+    assert (s.queue_timeout, s.switch_after, s.admin_concurrency) == (300, 10, 1)
+    assert s.max_body == 67108864
+    assert s.status_access == "public"
+    assert s.workers == 1
+
+
+def test_values_are_parsed() -> None:
+    s = Settings.from_env(
+        {
+            "GATE_UPSTREAM": "http://gpu-box:11434/",
+            "GATE_UPSTREAM_TIMEOUT": "12.5",
+            "GATE_MODEL_CONCURRENCY_OVERRIDES": "nomic-embed-text=4, llama3.2:3b=2",
+            "GATE_LIMIT_LIGHT": "OFF",
+            "GATE_STATUS_ACCESS": "Local",
+            "GATE_SWITCH_AFTER": "0",
+        }
+    )
+    assert s.upstream == "http://gpu-box:11434"
+    assert s.upstream_timeout == 12.5
+    assert s.model_concurrency_overrides == {"nomic-embed-text:latest": 4, "llama3.2:3b": 2}
+    assert s.concurrency_for("nomic-embed-text:latest") == 4
+    assert s.concurrency_for("other:latest") == 1
+    assert s.limit_light == "off"
+    assert s.status_access == "local"
+    assert s.switch_after == 0
+
+
+def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
+    s = Settings.from_env({"OLLAMA_RATE_LIMIT": "10/minute"})
+    assert (s.limit_inference, s.limit_embed) == ("10/minute", "10/minute")
+    s = Settings.from_env({"OLLAMA_RATE_LIMIT": "10/minute", "GATE_LIMIT_EMBED": "99/minute"})
+    assert (s.limit_inference, s.limit_embed) == ("10/minute", "99/minute")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("GATE_UPSTREAM", "ftp://x", "http:// or https://"),
+        ("GATE_UPSTREAM", "http://a:1,http://b:2", "one upstream"),
+        ("GATE_UPSTREAM", "http://host:99999", "Port out of range"),
+        ("GATE_BIND", "nonsense", "HOST:PORT"),
+        ("GATE_UPSTREAM_TIMEOUT", "0", "above 0"),
+        ("GATE_UPSTREAM_TIMEOUT", "soon", "must be a number"),
+        ("GATE_QUEUE_MAX", "-3", "1 or more"),
+        ("GATE_QUEUE_MAX_PER_CLIENT", "1.5", "must be a number"),
+        ("GATE_MODEL_CONCURRENCY_OVERRIDES", "llama3.2", "model=n"),
+        ("GATE_MODEL_CONCURRENCY_OVERRIDES", "llama3.2=0", "1 or more"),
+        ("GATE_SWITCH_AFTER", "-1", "0 or more"),
+        ("GATE_STATUS_ACCESS", "everyone", "public, admin, local"),
+        ("GATE_STORAGE_URI", "mongodb://x", "redis://"),
+        ("GATE_TRUSTED_PROXIES", "-1", "0 or more"),
+        ("GATE_MAX_BODY", "big", "must be a number"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: value})
+    assert name in str(info.value)
+    assert says in str(info.value)
+
+
+def test_several_workers_need_shared_storage() -> None:
+    with pytest.raises(SettingsError, match="GATE_WORKERS=3 needs GATE_STORAGE_URI=redis"):
+        Settings.from_env({"GATE_WORKERS": "3"})
+    s = Settings.from_env({"GATE_WORKERS": "3", "GATE_STORAGE_URI": "redis://127.0.0.1:6379/0"})
+    assert s.workers == 3
+
+
+def test_gunicorn_refuses_to_start_with_a_bad_setting() -> None:
+    env = {"GATE_QUEUE_TIMEOUT": "forever", "GATE_BIND": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0
+    assert "GATE_QUEUE_TIMEOUT='forever': must be a number" in proc.stdout + proc.stderr
+
+
+def test_gunicorn_config_imports_nothing_gevent_patches() -> None:
+    # preload_app stays off and gunicorn.conf.py must not import the app, or gevent
+    # patches too late (MonkeyPatchWarning, blocking sockets in urllib3/ssl).
+    code = (
+        "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+        "bad = [m for m in ('app', 'flask', 'ssl', 'geventhttpclient', 'urllib3') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
