@@ -54,6 +54,7 @@ CRASH_ERROR = "llama runner process has terminated: exit status 2"
 FAKE_FAILURE = "fake failure"
 
 POLL = 0.02  # seconds between checks for a closed client connection
+GONE = 499  # internal status of a response that was never sent (client gone, or died)
 EMBED_DIM = 8
 BLOB_CHUNK = 1 << 16
 NDJSON = "application/x-ndjson"
@@ -604,7 +605,27 @@ class FakeOllama:
 
     ``start()`` runs it in a daemon thread; ``stop()`` closes the listening
     socket and aborts every open connection; ``start()`` again listens on the
-    same port. Every public method is thread-safe.
+    same port. Every public method is thread-safe. Records, loaded models,
+    the catalog and blobs survive ``stop()``/``start()``; requests that were
+    in flight are dropped (not counted as client disconnects).
+
+    Settings (constructor keywords, changeable with ``configure()``):
+    ``token_interval`` seconds between streamed tokens, ``tokens`` per answer,
+    ``load_time`` seconds to load a model, ``vram`` models loaded at once
+    (None: no limit), ``on_overflow`` "queue" or "crash", ``num_parallel``
+    requests per loaded model (None: no limit), ``models`` the catalog,
+    ``version``, ``record_requests``, and the failure settings ``stall``,
+    ``die_after`` and ``fail_status``. The failure settings apply to the model
+    endpoints (inference, embed, pull/push/create/copy/delete, blobs); the
+    light ones (/, version, tags, ps, show, /v1/models) fail only when a
+    request asks with a header, so health checks keep working.
+
+    Per-request headers: ``X-Fake-Tokens: n``, ``X-Fake-Token-Interval: s``,
+    ``X-Fake-Load-Time: s``, ``X-Fake-Stall: s`` (wait before any header),
+    ``X-Fake-Status: code`` (answer ``{"error": "fake failure"}``, OpenAI's
+    shape under /v1), ``X-Fake-Die-After: n`` (send n lines of a stream, then
+    drop the connection without ending the body; a response that is not a
+    stream is dropped before it is sent).
     """
 
     def __init__(
@@ -704,7 +725,7 @@ class FakeOllama:
         return self
 
     def stop(self) -> None:
-        """Stop listening and abort every open connection (clients see a reset)."""
+        """Stop listening and abort every open connection, then return."""
         with self._life:
             thread, loop = self._thread, self._loop
             if thread is None or loop is None:
@@ -749,7 +770,21 @@ class FakeOllama:
         self._call(self._reset_state)
 
     def stats(self) -> dict[str, Any]:
-        """A consistent snapshot of what the fake saw and did (see the module README)."""
+        """A consistent snapshot of what the fake saw and did.
+
+        ``requests``: one dict per request (method, path, query, headers with
+        lowercase names, model as name:tag or None, body_bytes, json, time
+        (monotonic, at arrival), status (None if nothing was sent)).
+        ``in_flight`` {model: n} now and ``max_in_flight`` {model: max} count
+        inference and embed requests from arrival (queued time included) to the
+        end of their response; ``max_models_in_flight`` is the most distinct
+        models in flight at one moment. ``loads`` {model: n}, ``total_loads``,
+        ``crashes``, ``disconnects`` and ``disconnect_times`` (clients that
+        closed before their response was complete), ``completed`` (inference
+        and embed responses sent whole), ``aborted`` (connections dropped on
+        purpose by die-after), ``loaded``, ``loading``, ``queued`` (requests
+        waiting in the scheduler), ``blobs`` {digest: size}.
+        """
         return self._call(self._snapshot)
 
     def wait_for(
@@ -984,7 +1019,7 @@ class FakeOllama:
         transport = request.transport
         if transport is not None:
             transport.abort()
-        return web.Response(status=500)  # never sent: the transport is gone
+        return _gone_response()
 
     async def _flush(self, request: web.BaseRequest) -> None:
         """Wait (up to 1 s) until what was written has left the process."""
@@ -1094,12 +1129,12 @@ class FakeOllama:
         state = request[_STATE] = _ReqState(self._sched.gen)
         raw = b""
         parsed: Any = None
+        truncated = False
         if request.can_read_body and not path.startswith("/api/blobs/"):
             try:
                 raw = await request.read()
-            except ConnectionError:
-                self._note_disconnect(request)
-                return web.Response(status=400)
+            except ConnectionError:  # the client went away in the middle of its body
+                truncated = True
             if raw:
                 try:
                     parsed = json.loads(raw)
@@ -1126,8 +1161,11 @@ class FakeOllama:
             self._requests.append(rec)
             state.rec = rec
 
-        if not host_allowed(request.headers.get("Host", "")):
-            resp: web.StreamResponse = web.Response(status=403)
+        if truncated:
+            self._note_disconnect(request)
+            resp: web.StreamResponse = _gone_response()
+        elif not host_allowed(request.headers.get("Host", "")):
+            resp = web.Response(status=403)
         elif request.method == "OPTIONS":
             resp = web.Response(status=204)
         else:
@@ -1138,7 +1176,7 @@ class FakeOllama:
             except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
                 resp = web.Response(status=404, text="404 page not found")
         if rec is not None:
-            rec["status"] = resp.status
+            rec["status"] = None if resp.status == GONE else resp.status
         return resp
 
     async def _inject(self, request: web.Request, handler: Any, path: str) -> web.StreamResponse:
@@ -1149,7 +1187,7 @@ class FakeOllama:
         if stall:
             if not await self._sleep_watch(request, stall):
                 self._note_disconnect(request)
-                return web.Response(status=499)
+                return _gone_response()
         status = self._header_num(request, "X-Fake-Status", True)
         if status is None and model_path:
             status = self._cfg["fail_status"]
@@ -1157,6 +1195,8 @@ class FakeOllama:
             if status < 200 or status in (204, 304):
                 return web.Response(status=status)
             return self._error(request, status, FAKE_FAILURE)
+        if not model_path and self._header_num(request, "X-Fake-Die-After", True) is not None:
+            return self._abort(request)  # nothing to stream here: die before answering
         return await handler(request)
 
     def _body(self, request: web.BaseRequest) -> dict[str, Any]:
@@ -1199,7 +1239,7 @@ class FakeOllama:
         try:
             ticket = await self._admission(request, model, load_time)
             if ticket is None:
-                return web.Response(status=499)
+                return _gone_response()
             if ticket.state == "crashed":
                 return self._error(request, 500, CRASH_ERROR)
             return await work(ticket)
@@ -1368,7 +1408,7 @@ class FakeOllama:
             if not stream:
                 if not await self._sleep_watch(request, n * interval):
                     self._note_disconnect(request)
-                    return web.Response(status=499)
+                    return _gone_response()
                 return self._json(request, final(ticket, _text(n)), completed=True)
 
             def items() -> Iterator[tuple[float, bytes | Callable[[], bytes]]]:
@@ -1406,7 +1446,7 @@ class FakeOllama:
         async def work(ticket: _Ticket) -> web.StreamResponse:
             if texts and not await self._sleep_watch(request, interval):
                 self._note_disconnect(request)
-                return web.Response(status=499)
+                return _gone_response()
             out = {
                 "model": raw,
                 "embeddings": [_vector(t, dim) for t in texts],
@@ -1431,7 +1471,7 @@ class FakeOllama:
         async def work(ticket: _Ticket) -> web.StreamResponse:
             if prompt and not await self._sleep_watch(request, interval):
                 self._note_disconnect(request)
-                return web.Response(status=499)
+                return _gone_response()
             vec = _vector(str(prompt)) if prompt else []
             return self._json(request, {"embedding": vec}, completed=True)
 
@@ -1467,7 +1507,7 @@ class FakeOllama:
             )
         if not await self._sleep_watch(request, len(lines) * self._interval(request)):
             self._note_disconnect(request)
-            return web.Response(status=499)
+            return _gone_response()
         if self._die_after(request) is not None:
             return self._abort(request)
         on_success()
@@ -1620,10 +1660,10 @@ class FakeOllama:
                     rec["body_bytes"] = size
         except (ConnectionError, asyncio.IncompleteReadError):
             self._note_disconnect(request)
-            return web.Response(status=499)
+            return _gone_response()
         if _gone(request):
             self._note_disconnect(request)
-            return web.Response(status=499)
+            return _gone_response()
         got = f"sha256:{hasher.hexdigest()}"
         if got != digest:
             return self._error(request, 400, f"digest mismatch, expected {digest}, got {got}")
@@ -1693,7 +1733,7 @@ class FakeOllama:
             if not stream:
                 if not await self._sleep_watch(request, n * interval):
                     self._note_disconnect(request)
-                    return web.Response(status=499)
+                    return _gone_response()
                 text = _text(n)
                 if chat:
                     choice = {
@@ -1746,7 +1786,7 @@ class FakeOllama:
         async def work(ticket: _Ticket) -> web.StreamResponse:
             if not await self._sleep_watch(request, interval):
                 self._note_disconnect(request)
-                return web.Response(status=499)
+                return _gone_response()
             words = _words(texts)
             out = {
                 "object": "list",
@@ -1839,7 +1879,7 @@ class FakeOllama:
             if not stream:
                 if not await self._sleep_watch(request, n * interval):
                     self._note_disconnect(request)
-                    return web.Response(status=499)
+                    return _gone_response()
                 out = response("completed", [item(text, "completed")], True)
                 return self._json(request, out, completed=True)
 
@@ -1906,7 +1946,7 @@ class FakeOllama:
             if not stream:
                 if not await self._sleep_watch(request, n * interval):
                     self._note_disconnect(request)
-                    return web.Response(status=499)
+                    return _gone_response()
                 out = message([{"type": "text", "text": _text(n)}], stop_reason, n)
                 return self._json(request, out, completed=True)
 
@@ -1958,6 +1998,11 @@ class FakeOllama:
     async def _h_fake_reset(self, request: web.Request) -> web.StreamResponse:
         self._reset_state()
         return web.Response(body=b"{}", content_type="application/json")
+
+
+def _gone_response() -> web.Response:
+    """What a handler returns when the connection is gone: aiohttp cannot send it."""
+    return web.Response(status=GONE)
 
 
 class _HTTPError(Exception):

@@ -517,7 +517,11 @@ def test_die_after_header(fake):
             list(dying.generate(model="m1", prompt="x", stream=True))
     with pytest.raises(requests.ConnectionError):
         post(fake, "/api/generate", {**body, "stream": False}, headers={"X-Fake-Die-After": "0"})
-    assert fake.stats()["aborted"] == 3
+    with pytest.raises(requests.ConnectionError):  # nothing to stream: dies before answering
+        requests.get(fake.url + "/api/tags", headers={"X-Fake-Die-After": "0"}, timeout=5)
+    st = fake.stats()
+    assert st["aborted"] == 4
+    assert [r["status"] for r in st["requests"]] == [200, 200, None, None]
 
 
 def test_global_failure_settings(fake, client):
@@ -615,6 +619,42 @@ def test_disconnect_while_queued_and_loading(fake):
     fake.wait_for(lambda s: s["loading"] == ["m3:latest"])
     loading.close()
     fake.wait_for(lambda s: s["disconnects"] == 3, timeout=2)
+
+
+def test_stop_with_queued_and_loading_requests(fake):
+    fake.configure(vram=1, load_time=5)
+    socks = [
+        raw_request(fake, "POST", "/api/generate", {"model": m, "prompt": "x"})
+        for m in ("m1", "m2")
+    ]
+    try:
+        fake.wait_for(lambda s: s["loading"] == ["m1:latest"] and s["queued"] == 2)
+        start = time.monotonic()
+        fake.stop()
+        assert time.monotonic() - start < 2
+        for sock in socks:
+            assert sock.recv(4096) == b""  # dropped without an answer
+    finally:
+        for sock in socks:
+            sock.close()
+    st = fake.stats()
+    assert (st["in_flight"], st["queued"], st["loading"], st["loaded"]) == ({}, 0, [], [])
+    assert st["disconnects"] == 0
+    fake.start()
+    fake.configure(load_time=0)
+    assert post(fake, "/api/generate", {"model": "m2", "prompt": "x", "stream": False}).ok
+    assert fake.stats()["loaded"] == ["m2:latest"]
+
+
+def test_truncated_request_body_is_a_disconnect(fake):
+    sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+    with sock:
+        head = "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n"
+        sock.sendall(head.encode() + b'{"model"')
+        time.sleep(0.1)  # the fake is now waiting for the rest of the body
+        assert fake.stats()["disconnects"] == 0
+    st = fake.wait_for(lambda s: s["disconnects"] == 1)
+    assert st["requests"][0]["path"] == "/api/generate" and st["requests"][0]["status"] is None
 
 
 # --------------------------------------------------------------------------- scheduling
