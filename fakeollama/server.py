@@ -186,7 +186,7 @@ def _is_zero_duration(value: Any) -> bool:
         return value == 0
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*", value)
-        return bool(m) and float(m.group(1)) == 0
+        return m is not None and float(m.group(1)) == 0
     return False
 
 
@@ -724,6 +724,12 @@ class FakeOllama:
             self._thread = thread
         return self
 
+    def start_if_stopped(self) -> FakeOllama:
+        """``start()`` unless already running (a test may have stopped a shared fake)."""
+        with self._life:
+            running = self._thread is not None
+        return self if running else self.start()
+
     def stop(self) -> None:
         """Stop listening and abort every open connection, then return."""
         with self._life:
@@ -1008,7 +1014,9 @@ class FakeOllama:
     def _error(self, request: web.BaseRequest, status: int, message: str) -> web.Response:
         if request.path.startswith("/v1/"):
             kind = "invalid_request_error" if status < 500 else "api_error"
-            body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+            body: dict[str, Any] = {
+                "error": {"message": message, "type": kind, "param": None, "code": None}
+            }
         else:
             body = {"error": message}
         return web.Response(status=status, body=_dumps(body), content_type="application/json")
@@ -1368,7 +1376,9 @@ class FakeOllama:
             prompt = body.get("prompt") or ""
             empty = not (isinstance(prompt, str) and prompt)
             prompt_words = _words(prompt)
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        options = body.get("options")
+        if not isinstance(options, dict):
+            options = {}
 
         def piece(text: str, **extra: Any) -> dict[str, Any]:
             obj: dict[str, Any] = {"model": raw, "created_at": _now_iso()}
