@@ -45,7 +45,7 @@ def _fresh_fake(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     server: FakeOllama = request.getfixturevalue("fake")
-    server.start_if_stopped() if hasattr(server, "start_if_stopped") else None
+    server.start_if_stopped()
     server.configure(**FAKE_DEFAULTS)
     server.reset()
     yield
