@@ -1,17 +1,25 @@
-"""Relay an upstream response to the client chunk by chunk, never buffered whole."""
+"""Relay an upstream response to the client as it arrives, never buffered whole."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Generator, Iterator
+
+from flask import Flask
 
 from errors import is_openai_path
 
+from .call import Call
 from .disconnect import ClientDisconnected, ClientWatch
+from .signals import call_finished
 from .upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 logger = logging.getLogger(__name__)
+
+# A non-streamed JSON answer is kept up to this size to read its token usage.
+USAGE_BODY_MAX = 4 * 1024 * 1024
 
 
 class UpstreamBroken(Exception):
@@ -49,37 +57,46 @@ class Relay:
 
     NDJSON and SSE bodies are passed on in whole records (lines, events) as they
     arrive, so that a stream cut short can still end with a well-formed
-    ``{"error": ...}`` record. ``on_record`` sees every batch of complete records
-    (token accounting reads the last one); ``on_close`` runs once, however the
-    response ends: finished, client gone, upstream failed, or never iterated.
+    ``{"error": ...}`` record. However the response ends (finished, client gone,
+    upstream failed, never iterated), ``close`` runs once: it releases the
+    upstream connection, runs ``on_close`` (the work queue frees the slot) and
+    sends ``call_finished``.
     """
 
     def __init__(
         self,
+        app: Flask,
         resp: UpstreamResponse,
         watch: ClientWatch,
-        path: str,
+        call: Call,
         *,
-        on_record: Callable[[bytes], None] | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
+        self.app = app
         self.resp = resp
         self.watch = watch
-        self.path = path
+        self.call = call
         self.kind = stream_kind(resp.header("content-type"))
-        self.on_record = on_record
         self.on_close = on_close
         self.finished = False
         self.closed = False
+        # Token usage of a non-streamed answer is in its JSON body.
+        self.keep_body = (
+            self.kind is None
+            and call.cls in ("inference", "embed")
+            and "json" in (resp.header("content-type") or "")
+        )
         self._gen: Generator[bytes, None, None] = self._run()
 
     def __iter__(self) -> Iterator[bytes]:
         return self._gen
 
     def _run(self) -> Generator[bytes, None, None]:
-        kind, path = self.kind, self.path
+        kind, call = self.kind, self.call
         sep = None if kind is None else b"\n" if kind == "ndjson" else b"\n\n"
         chunks = self.resp.records(sep)
+        kept: list[bytes] = []
+        kept_size = 0
         try:
             while True:
                 try:
@@ -88,23 +105,36 @@ class Relay:
                 except StopIteration:
                     break
                 except ClientDisconnected:
-                    logger.info("client left during %s; upstream connection closed", path)
+                    call.outcome = "client_gone"
+                    logger.info("client left during %s; upstream connection closed", call.path)
                     return
                 except TRANSPORT_ERRORS as exc:
+                    call.outcome = "upstream_error"
                     if kind is None:
-                        raise UpstreamBroken(f"upstream failed mid-body on {path}: {exc}") from exc
-                    logger.warning("upstream failed mid-stream on %s: %s", path, exc)
-                    yield error_record(kind, path, f"upstream connection lost: {describe(exc)}")
+                        raise UpstreamBroken(f"upstream failed mid-body on {call.path}") from exc
+                    logger.warning("upstream failed mid-stream on %s: %s", call.path, exc)
+                    yield error_record(
+                        kind, call.path, f"upstream connection lost: {describe(exc)}"
+                    )
                     return
-                if self.on_record is not None and kind is not None:
-                    self.on_record(chunk)
+                if kind is not None:
+                    call.count_usage(chunk)
+                elif self.keep_body and kept_size + len(chunk) <= USAGE_BODY_MAX:
+                    kept.append(chunk)
+                    kept_size += len(chunk)
                 yield chunk
             self.finished = True
+            if kept:
+                call.count_usage(b"".join(kept))
+        except GeneratorExit:
+            # gunicorn stops iterating when a write to the client fails: the client left.
+            call.outcome = "client_gone"
+            raise
         finally:
             self.close()
 
     def close(self) -> None:
-        """Release the upstream connection; close it at once unless the body was read in full."""
+        """Release everything this response holds; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -112,9 +142,16 @@ class Relay:
             self._gen.close()
         except ValueError:  # "generator already executing": close() called from within _run
             pass
-        # Closes the upstream connection unless its body was read in full (client gone,
-        # upstream broken, body never iterated).
+        if not self.finished and self.call.outcome == "ok":
+            self.call.outcome = "client_gone"  # never iterated to the end by the server
+        # Closes the upstream connection unless its body was read in full, so Ollama
+        # sees a client that left and stops generating.
         self.resp.release()
         self.watch.stop()
-        if self.on_close is not None:
-            self.on_close()
+        self.call.ended = time.monotonic()
+        try:
+            if self.on_close is not None:
+                self.on_close()
+        finally:
+            if call_finished.receivers:
+                call_finished.send(self.app, call=self.call)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -13,9 +14,14 @@ from flask import Blueprint, Response, current_app, g, request
 from endpoints import LIGHT, ROUTES, EndpointClass, model_of
 from errors import BadRequest
 
+from .call import Call
 from .disconnect import ClientDisconnected, ClientWatch
 from .relay import Relay, stream_kind
 from .upstream import Upstream
+
+# The work queue's hook: called before the upstream is opened, blocks until the call
+# may run (or raises a GateError), and returns the function that frees its slot.
+Admit = Callable[[Call, ClientWatch], Callable[[], None]]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ def target() -> str:
     return f"{path}?{qs}" if qs else path
 
 
-def read_json_model(cls: EndpointClass, body: bytes) -> str:
+def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     """The model a model endpoint's body names; 400 when the body is not JSON or names none."""
     try:
         payload = json.loads(body)
@@ -100,14 +106,18 @@ def read_json_model(cls: EndpointClass, body: bytes) -> str:
     model = model_of(payload)
     if model is None:
         raise BadRequest("model is required")
-    g.gate_payload = payload
-    return model
+    return model, payload
 
 
 def _blob_body() -> Iterator[bytes]:
     stream = request.stream
     while chunk := stream.read(BLOB_CHUNK):
         yield chunk
+
+
+def client_id() -> str:
+    """Who the client is: the limiter's identity (API key name) when set, else its address."""
+    return g.get("gate_client") or request.remote_addr or "unknown"
 
 
 def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False) -> Response:
@@ -128,32 +138,50 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             body = None
     else:
         body = request.get_data(cache=True) or None
-        if needs_model:
-            g.gate_model = read_json_model(cls, body or b"")
-    g.gate_class = cls
+    call = Call(cls, request.method, request.path, client_id())
+    if needs_model and (body is None or isinstance(body, bytes)):
+        call.model, call.payload = read_json_model(body or b"")
+    g.gate_call = call
 
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    admit: Admit | None = app.extensions.get("gate.admit")
     watch = ClientWatch(request.environ)
     if cls != LIGHT and (body is None or isinstance(body, bytes)):
         # The body is read: from here on, EOF on the socket means the client left. Light
         # requests answer at once and skip the watch (a greenlet per request costs).
         watch.start()
+    release: Callable[[], None] | None = None
     try:
         with watch.armed():
+            if admit is not None:
+                release = admit(call, watch)
+            opened = time.monotonic()
             resp = upstream.open(request.method, target(), headers, body)
+            call.ttfb = time.monotonic() - opened
+            call.status = resp.status
     except ClientDisconnected:
-        watch.stop()
+        _abandon(watch, release)
         logger.info("client left before %s answered", request.path)
         return Response(status=499)
     except BaseException:
-        watch.stop()
+        _abandon(watch, release)
         raise
 
     skip = RESPONSE_SKIP | _named_in_connection(resp.header("Connection"))
     out_headers = [(k, v) for k, v in resp.headers if k.lower() not in skip]
     if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
         out_headers.append(("X-Accel-Buffering", "no"))
-    relay = Relay(resp, watch, request.path)
+    if admit is not None and cls != LIGHT:
+        out_headers.append(("X-Gate-Queue-Wait", f"{call.waited:.3f}"))
+    relay = Relay(app, resp, watch, call, on_close=release)
     return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
+
+
+def _abandon(watch: ClientWatch, release: Callable[[], None] | None) -> None:
+    """Free what a request held when it ends before a response exists."""
+    watch.stop()
+    if release is not None:
+        release()
 
 
 def _view(cls: EndpointClass, needs_model: bool, stream_body: bool = False) -> Any:
