@@ -11,7 +11,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, current_app, g, request
 
 from endpoints import LIGHT, ROUTES, EndpointClass, model_of
-from errors import BadRequest
+from errors import BadRequest, BodyTooLarge
 
 from .disconnect import ClientDisconnected, ClientWatch
 from .relay import Relay, stream_kind
@@ -104,6 +104,20 @@ def read_json_model(cls: EndpointClass, body: bytes) -> str:
     return model
 
 
+def read_body() -> bytes:
+    """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if limit is None:
+        return request.get_data(cache=True)
+    # werkzeug stops a body without Content-Length (chunked) at max_content_length and
+    # returns it cut short, no error: read one byte past the limit to tell the two apart.
+    request.max_content_length = limit + 1
+    body = request.get_data(cache=True)
+    if len(body) > limit:
+        raise BodyTooLarge("request body too large")
+    return body
+
+
 def _blob_body() -> Iterator[bytes]:
     stream = request.stream
     while chunk := stream.read(BLOB_CHUNK):
@@ -127,7 +141,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         else:
             body = None
     else:
-        body = request.get_data(cache=True) or None
+        body = read_body() or None
         if needs_model:
             g.gate_model = read_json_model(cls, body or b"")
     g.gate_class = cls
