@@ -119,7 +119,10 @@ def read_body() -> bytes:
 
 
 def _blob_body() -> Iterator[bytes]:
-    stream = request.stream
+    # input_stream, not stream: request.stream enforces MAX_CONTENT_LENGTH, and setting
+    # request.max_content_length = None falls back to the config in Flask 3.1. gunicorn
+    # ends the input at Content-Length or the last chunk (wsgi.input_terminated).
+    stream = request.input_stream
     while chunk := stream.read(BLOB_CHUNK):
         yield chunk
 
@@ -131,7 +134,6 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     body: bytes | Iterator[bytes] | None
     if stream_body:
         # Blob uploads may be gigabytes: stream them through in constant memory.
-        request.max_content_length = None
         length = request.content_length
         if length:
             headers["Content-Length"] = str(length)
