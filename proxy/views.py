@@ -118,13 +118,26 @@ def read_body() -> bytes:
     return body
 
 
-def _blob_body() -> Iterator[bytes]:
+class UploadCut(ConnectionAbortedError):
+    """The client left before it sent the whole body it announced."""
+
+
+def _blob_body(length: int | None) -> Iterator[bytes]:
     # input_stream, not stream: request.stream enforces MAX_CONTENT_LENGTH, and setting
     # request.max_content_length = None falls back to the config in Flask 3.1. gunicorn
     # ends the input at Content-Length or the last chunk (wsgi.input_terminated).
     stream = request.input_stream
+    received = 0
     while chunk := stream.read(BLOB_CHUNK):
+        received += len(chunk)
         yield chunk
+    if length is not None and received < length:
+        # gunicorn ends a Content-Length body early, with no error, when the client leaves
+        # (a cut chunked body raises NoMoreData, an IOError). Raise an OSError so that
+        # geventhttpclient closes the upstream socket and frees its pool slot: ending the
+        # upload instead would hand the upstream a whole-looking, truncated blob.
+        logger.info("client left after %d of %d bytes of %s", received, length, request.path)
+        raise UploadCut(f"client sent {received} of {length} bytes")
 
 
 def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False) -> Response:
@@ -137,9 +150,9 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         length = request.content_length
         if length:
             headers["Content-Length"] = str(length)
-            body = _blob_body()
+            body = _blob_body(length)
         elif request.environ.get("wsgi.input_terminated") and request.method == "POST":
-            body = _blob_body()  # no length: sent on with chunked transfer-encoding
+            body = _blob_body(None)  # no length: sent on with chunked transfer-encoding
         else:
             body = None
     else:
