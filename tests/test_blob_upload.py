@@ -8,6 +8,7 @@ blob's size, which is five times the bound asserted here.
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -118,3 +119,35 @@ def test_200mb_blob_upload_in_bounded_memory(gate: Gate, fake: FakeOllama, frami
     )
     assert len(sampler.samples) > 5  # the sampler did watch the upload
     assert growth < BOUND_KIB, f"worker grew {growth} KiB while streaming a {SIZE} byte blob"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_client_leaving_mid_upload_aborts_the_upstream_upload(
+    gate: Gate, fake: FakeOllama, framing: str
+) -> None:
+    """A cut upload must reach the upstream as a dropped connection, never as a whole body."""
+    piece = b"p" * MIB
+    digest = "sha256:" + hashlib.sha256(piece * 8).hexdigest()
+    head = f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1:{gate.port}\r\n"
+    if framing == "chunked":
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        sent = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    else:
+        head += f"Content-Length: {len(piece) * 8}\r\n\r\n"
+        sent = piece
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=10) as sock:
+        sock.sendall(head.encode() + sent)
+        fake.wait_for(lambda s: s["requests"][0]["body_bytes"] == MIB, timeout=5)
+    closed_at = time.monotonic()
+
+    stats = fake.wait_for(lambda s: s["disconnects"] == 1, timeout=5)
+    assert stats["disconnect_times"][0] - closed_at < 1.0
+    assert stats["requests"][0]["status"] is None  # the fake never answered: it saw no end
+    assert digest not in stats["blobs"]
+
+    # The worker's upstream pool is still usable.
+    small = b"after"
+    resp = requests.post(
+        f"{gate.url}/api/blobs/sha256:{hashlib.sha256(small).hexdigest()}", data=small, timeout=10
+    )
+    assert resp.status_code == 201
