@@ -97,6 +97,19 @@ def test_curl_head_and_get_root(gate: Gate, fake: FakeOllama) -> None:
     assert records[0]["headers"]["user-agent"].startswith("curl/")
 
 
+def test_curl_blob_upload_with_expect_continue(
+    gate: Gate, fake: FakeOllama, tmp_path: Path
+) -> None:
+    """Ollama's documented upload, `curl -T file -X POST`, sends Expect: 100-continue."""
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(b"w" * (2 * 1024 * 1024 + 7))
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    got = curl("-T", str(blob), "-X", "POST", f"{gate.url}/api/blobs/{digest}")
+    assert got.startswith("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 ")
+    assert fake.stats()["blobs"][digest] == 2 * 1024 * 1024 + 7
+    assert "expect" not in only_request(fake)["headers"]  # this hop's business only
+
+
 # --------------------------------------------------------------------------- fidelity
 
 
@@ -239,6 +252,17 @@ def test_request_and_response_pass_through(
     for hop in ("X-Upstream-Hop", "Keep-Alive", "Proxy-Authenticate"):
         assert hop not in resp.headers, dict(resp.headers)
     assert "X-Accel-Buffering" not in resp.headers  # not a stream
+
+
+def test_no_content_type_is_invented(recorder: Recorder, recorder_gate: Gate) -> None:
+    recorder.answer = (200, [("X-Only", "this")], b"plain bytes")
+    resp = requests.get(recorder_gate.url + "/api/raw", timeout=10)
+    assert resp.status_code == 200 and resp.content == b"plain bytes"
+    assert "Content-Type" not in resp.headers and resp.headers["X-Only"] == "this"
+
+    recorder.answer = (204, [], b"")
+    resp = requests.delete(recorder_gate.url + "/api/raw", timeout=10)
+    assert resp.status_code == 204 and resp.content == b""
 
 
 def test_upstream_not_found_passes_through_unchanged(gate: Gate, fake: FakeOllama) -> None:
