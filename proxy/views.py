@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from endpoints import LIGHT, ROUTES, EndpointClass, model_of
 from errors import BadRequest, BodyTooLarge
@@ -112,7 +113,10 @@ def read_body() -> bytes:
     # werkzeug stops a body without Content-Length (chunked) at max_content_length and
     # returns it cut short, no error: read one byte past the limit to tell the two apart.
     request.max_content_length = limit + 1
-    body = request.get_data(cache=True)
+    try:
+        body = request.get_data(cache=True)
+    except RequestEntityTooLarge:  # Content-Length over the limit: one 413 for both cases
+        raise BodyTooLarge("request body too large") from None
     if len(body) > limit:
         raise BodyTooLarge("request body too large")
     return body
