@@ -449,10 +449,18 @@ def test_413_body_over_max_body(strict_gate: Gate, fake: FakeOllama) -> None:
     assert resp.status_code == 413
     assert resp.json() == {"error": "request body too large"}
 
-    resp = requests.post(strict_gate.url + "/v1/chat/completions", json=big, timeout=10)
-    assert resp.status_code == 413
-    assert resp.json()["error"]["message"] == "request body too large"
-    assert resp.json()["error"]["type"] == "invalid_request_error"
+    # /v1: OpenAI's shape, the same whether the body came with Content-Length or chunked.
+    for data in (json.dumps(big).encode(), iter([json.dumps(big).encode()])):
+        resp = requests.post(strict_gate.url + "/v1/chat/completions", data=data, timeout=10)
+        assert resp.status_code == 413
+        assert resp.json() == {
+            "error": {
+                "message": "request body too large",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_too_large",
+            }
+        }
 
     # Without Content-Length (chunked) the limit holds as well, on every endpoint class.
     padded = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode() + b" " * 5000
