@@ -10,9 +10,10 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from endpoints import LIGHT, ROUTES, EndpointClass, model_of
-from errors import BadRequest
+from errors import BadRequest, BodyTooLarge
 
 from .call import Call
 from .disconnect import ClientDisconnected, ClientWatch
@@ -109,10 +110,43 @@ def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, payload
 
 
-def _blob_body() -> Iterator[bytes]:
-    stream = request.stream
+def read_body() -> bytes:
+    """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if limit is None:
+        return request.get_data(cache=True)
+    # werkzeug stops a body without Content-Length (chunked) at max_content_length and
+    # returns it cut short, no error: read one byte past the limit to tell the two apart.
+    request.max_content_length = limit + 1
+    try:
+        body = request.get_data(cache=True)
+    except RequestEntityTooLarge:  # Content-Length over the limit: one 413 for both cases
+        raise BodyTooLarge("request body too large") from None
+    if len(body) > limit:
+        raise BodyTooLarge("request body too large")
+    return body
+
+
+class UploadCut(ConnectionAbortedError):
+    """The client left before it sent the whole body it announced."""
+
+
+def _blob_body(length: int | None) -> Iterator[bytes]:
+    # input_stream, not stream: request.stream enforces MAX_CONTENT_LENGTH, and setting
+    # request.max_content_length = None falls back to the config in Flask 3.1. gunicorn
+    # ends the input at Content-Length or the last chunk (wsgi.input_terminated).
+    stream = request.input_stream
+    received = 0
     while chunk := stream.read(BLOB_CHUNK):
+        received += len(chunk)
         yield chunk
+    if length is not None and received < length:
+        # gunicorn ends a Content-Length body early, with no error, when the client leaves
+        # (a cut chunked body raises NoMoreData, an IOError). Raise an OSError so that
+        # geventhttpclient closes the upstream socket and frees its pool slot: ending the
+        # upload instead would hand the upstream a whole-looking, truncated blob.
+        logger.info("client left after %d of %d bytes of %s", received, length, request.path)
+        raise UploadCut(f"client sent {received} of {length} bytes")
 
 
 def client_id() -> str:
@@ -127,17 +161,16 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     body: bytes | Iterator[bytes] | None
     if stream_body:
         # Blob uploads may be gigabytes: stream them through in constant memory.
-        request.max_content_length = None
         length = request.content_length
         if length:
             headers["Content-Length"] = str(length)
-            body = _blob_body()
+            body = _blob_body(length)
         elif request.environ.get("wsgi.input_terminated") and request.method == "POST":
-            body = _blob_body()  # no length: sent on with chunked transfer-encoding
+            body = _blob_body(None)  # no length: sent on with chunked transfer-encoding
         else:
             body = None
     else:
-        body = request.get_data(cache=True) or None
+        body = read_body() or None
     call = Call(cls, request.method, request.path, client_id())
     if needs_model and (body is None or isinstance(body, bytes)):
         call.model, call.payload = read_json_model(body or b"")
