@@ -228,7 +228,7 @@ def machine() -> dict[str, str]:
         info["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("gunicorn", "gevent", "geventhttpclient", "flask", "aiohttp"):
+    for name in ("gunicorn", "gevent", "geventhttpclient", "urllib3", "requests", "flask"):
         with contextlib.suppress(PackageNotFoundError):
             info[name] = version(name)
     return info
