@@ -150,9 +150,16 @@ class Gate:
 
 
 def start_gate(
-    children: Children, upstream: str, env: Mapping[str, str] | None = None, timeout: float = 30
+    children: Children,
+    upstream: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    root: Path = ROOT,
 ) -> Gate:
-    """Start the gate as `make run` does (gunicorn, gevent worker) and wait until it answers."""
+    """Start the gate as `make run` does (gunicorn, gevent worker) and wait until it answers.
+
+    ``root`` is the checkout to run: another one lets bench/ab_gate.py compare two.
+    """
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GATE_", "OLLAMA_"))}
     full_env.update(GATE_ENV)
@@ -163,7 +170,7 @@ def start_gate(
     with log.open("wb") as out:
         master = children.popen(
             [GUNICORN, "-c", "gunicorn.conf.py", "app:app"],
-            cwd=ROOT,
+            cwd=root,
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
