@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--workload", choices=("tags", "streams", "paced"), default="tags")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--connections", type=int, default=50, help="tags: wrk connections")
     p.add_argument("--streams", type=int, default=200)
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--json", type=Path)
@@ -62,7 +63,7 @@ def main() -> int:
             def one(label: str, seconds: float) -> dict[str, float]:
                 setup = setups[label]
                 if args.workload == "tags":
-                    return run_wrk(setup, "gate", 50, seconds)
+                    return run_wrk(setup, "gate", args.connections, seconds)
                 return run_streams(setup, "gate", args.streams, args.tokens, interval, seconds)
 
             for label in ("A", "B"):
@@ -71,9 +72,10 @@ def main() -> int:
                 for label in ("A", "B") if i % 2 == 0 else ("B", "A"):
                     result = one(label, args.duration)
                     runs[label].append(result)
+                    p50 = f", p50 {result['p50_ms']:.3f} ms" if "p50_ms" in result else ""
                     print(
                         f"  {label} run {i + 1}: {rate} {result[rate]:,.0f}, "
-                        f"CPU {result[cpu]:.1f} µs",
+                        f"CPU {result[cpu]:.1f} µs{p50}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -82,17 +84,22 @@ def main() -> int:
     finally:
         children.stop_all()
 
+    keys = (rate, cpu, "p50_ms") if args.workload == "tags" else (rate, cpu)
     med = {
-        label: {k: harness.median([r[k] for r in rs]) for k in (rate, cpu)}
-        for label, rs in runs.items()
+        label: {k: harness.median([r[k] for r in rs]) for k in keys} for label, rs in runs.items()
     }
     a, b = med["A"], med["B"]
     unit = "request" if args.workload == "tags" else "line"
+    if args.workload == "tags":
+        print(f"\n{args.connections} connection(s)", end="")
     print(f"\n{args.workload}: median of {args.repeat} alternating runs of {args.duration:g} s\n")
-    print(f"| gate | {rate} | worker CPU µs per {unit} |")
-    print("|---|---|---|")
-    print(f"| A {args.baseline} | {a[rate]:,.0f} | {a[cpu]:.1f} |")
-    print(f"| B {args.changed} | {b[rate]:,.0f} | {b[cpu]:.1f} |")
+    p50 = " p50 ms |" if args.workload == "tags" else ""
+    print(f"| gate | {rate} | worker CPU µs per {unit} |{p50}")
+    print("|---|---|---|" + ("---|" if p50 else ""))
+    for label, root in (("A", args.baseline), ("B", args.changed)):
+        m = med[label]
+        extra = f" {m['p50_ms']:.3f} |" if p50 else ""
+        print(f"| {label} {root} | {m[rate]:,.0f} | {m[cpu]:.1f} |{extra}")
     print(
         f"\nB vs A: {rate} {b[rate] / a[rate] - 1:+.1%}, CPU per {unit} {b[cpu] / a[cpu] - 1:+.1%}"
     )

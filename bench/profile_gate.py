@@ -153,8 +153,9 @@ def with_py_spy(args: argparse.Namespace, children: harness.Children, upstream: 
         cmd += ["--streams", str(args.streams), "--interval", str(args.interval)]
         cmd += ["--duration", f"{args.duration + 2:g}", "--warmup", "0.5"]
     else:
-        what = "wrk -c50 GET /api/tags"
-        cmd = ["wrk", "-t1", "-c50", f"-d{args.duration + 3:g}s", gate.url + "/api/tags"]
+        what = f"wrk -c{args.connections} GET /api/tags"
+        cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 3:g}s"]
+        cmd.append(gate.url + "/api/tags")
     load = children.popen(cmd, stdout=subprocess.PIPE)
     time.sleep(1)
     out = Path(tempfile.gettempdir()) / f"gate-pyspy-{worker}.txt"
@@ -211,6 +212,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--py-spy", metavar="PATH", help="sample the real gunicorn worker with py-spy")
     p.add_argument("--duration", type=float, default=8.0, help="py-spy: seconds to sample")
+    p.add_argument("--connections", type=int, default=50, help="py-spy: wrk connections")
     p.add_argument("--streams", type=int, default=0, help="py-spy: load with N NDJSON streams")
     p.add_argument("--interval", type=float, default=0.0, help="py-spy: seconds between tokens")
     args = p.parse_args()

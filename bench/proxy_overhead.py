@@ -114,15 +114,20 @@ def run_streams(
     proc = setup.children.popen(args, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     # The client says when its measured window opens and closes: count CPU in it only.
-    if proc.stdout.readline() == b"window start\n":
-        meter.start()
-    if proc.stdout.readline() == b"window end\n":
-        meter.stop()
-    out, _ = proc.communicate(timeout=seconds + 60)
+    out = []
+    for line in proc.stdout:
+        if line == b"window start\n":
+            meter.start()
+        elif line == b"window end\n":
+            meter.stop()
+        else:
+            out.append(line)
+    proc.wait(timeout=60)
     setup.children.procs.remove(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stream_load.py exited with {proc.returncode}")
-    result: dict[str, float] = json.loads(out)
+    text = b"".join(out).decode(errors="replace")
+    if proc.returncode != 0 or not text.startswith("{"):
+        raise RuntimeError(f"stream_load.py exited with {proc.returncode}, printing {text!r}")
+    result: dict[str, float] = json.loads(text)
     if where == "gate":
         result["gate_cpu_us_per_line"] = meter.seconds / max(result["lines"], 1) * 1e6
         result["gate_cpu_s"] = meter.seconds
@@ -206,7 +211,7 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
             rows.append(
                 f"| GET /api/tags latency {p[:3]}, {conns} conn. (ms) "
                 f"| {_cell(runs, key + '/direct', p, '.3f')} "
-                f"| {_cell(runs, key + '/gate', p, '.3f')} | +{added:.3f} ms |"
+                f"| {_cell(runs, key + '/gate', p, '.3f')} | {added:+.3f} ms |"
             )
     for conns in (1, 50):
         key = f"tags_c{conns}"
