@@ -31,12 +31,17 @@ PATH = "/api/tags"
 Request = Callable[[], int]
 
 
-def with_requests(base: str, conc: int) -> tuple[Request, Callable[[], None]]:
+def with_requests(
+    base: str, conc: int, trust_env: bool = True
+) -> tuple[Request, Callable[[], None]]:
     """requests.Session with a pool as large as the concurrency; body streamed in blocks."""
     import requests
     from requests.adapters import HTTPAdapter
 
     session = requests.Session()
+    # trust_env=False skips the per-request look at proxy variables and .netrc, which a
+    # gate would not want anyway; it is measured both ways.
+    session.trust_env = trust_env
     session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=conc, pool_block=True))
     url = base + PATH
 
@@ -98,8 +103,13 @@ def with_geventhttpclient(base: str, conc: int) -> tuple[Request, Callable[[], N
     return one, client.close
 
 
+def with_requests_no_env(base: str, conc: int) -> tuple[Request, Callable[[], None]]:
+    return with_requests(base, conc, trust_env=False)
+
+
 CLIENTS = {
     "requests": with_requests,
+    "requests, trust_env=False": with_requests_no_env,
     "urllib3": with_urllib3,
     "geventhttpclient": with_geventhttpclient,
 }
