@@ -11,6 +11,10 @@ command -v npm >/dev/null || need+=(npm)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null || need+=(chromium)
+# `scripts/system-deps.sh bench`: also the load generator of the benchmarks.
+if [ "${1:-}" = bench ]; then
+  command -v wrk >/dev/null || need+=(wrk)
+fi
 
 if ((${#need[@]} == 0)); then
   exit 0
