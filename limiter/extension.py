@@ -65,6 +65,11 @@ class _QuietBreaches(logging.Filter):
         return not str(record.msg).startswith("ratelimit ")
 
 
+_QUIET_BREACHES = _QuietBreaches()
+# RFC 6750: a 401 says which scheme the gate expects.
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ollama-gate"'}
+
+
 @functools.lru_cache(maxsize=256)
 def _items(limit: str) -> tuple[RateLimitItem, ...]:
     return tuple(parse_many(limit))
@@ -147,7 +152,7 @@ class GateLimiter:
         if self.enabled:
             self.limiter.init_app(app)  # its before_request runs after _identify
             storage = self.limiter.storage
-            logging.getLogger("flask-limiter").addFilter(_QuietBreaches())
+            logging.getLogger("flask-limiter").addFilter(_QUIET_BREACHES)
         elif self._any_budget() and not self.storage_uri.startswith("memory://"):
             storage = cast(
                 Storage, storage_from_string(self.storage_uri, **storage_options(self.storage_uri))
@@ -186,10 +191,12 @@ class GateLimiter:
                     g.gate_consumed_headers = frozenset({found[1]})
             if cls is not None and request.method != "OPTIONS":
                 if found is None:
-                    raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+                    raise Unauthorized(
+                        "missing API key: send Authorization: Bearer <key>", headers=_CHALLENGE
+                    )
                 if key is None:
                     logger.info("unknown API key from %s on %s", request.remote_addr, request.path)
-                    raise Unauthorized("invalid API key")
+                    raise Unauthorized("invalid API key", headers=_CHALLENGE)
                 if cls == ADMIN and not key.is_admin:
                     raise Forbidden(
                         f"API key {key.name!r} has role user; {request.path} needs role admin"
@@ -331,6 +338,7 @@ class GateLimiter:
         return {
             "rejected": {cls: self.rejections[cls] for cls in CLASSES},
             "storage": _redacted(self.storage_uri),
+            # Flask-Limiter has no public flag for "storage down, counting in memory".
             "storage_fallback": bool(self.enabled and self.limiter._storage_dead)
             or self.budgets.falling_back,
         }

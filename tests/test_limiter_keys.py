@@ -55,6 +55,7 @@ def test_missing_or_unknown_key_is_401(fake: FakeOllama, gate: Gate) -> None:
     r = requests.post(gate.url + "/api/generate", json=GEN)
     assert r.status_code == 401
     assert r.json() == {"error": "missing API key: send Authorization: Bearer <key>"}
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="ollama-gate"'
     r = requests.get(gate.url + "/api/tags", headers={"Authorization": "Bearer og-guessed"})
     assert (r.status_code, r.json()) == (401, {"error": "invalid API key"})
     with (

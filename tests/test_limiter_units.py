@@ -352,3 +352,19 @@ def test_a_block_ends_at_its_time_and_head_gets_no_body(monkeypatch: pytest.Monk
     clock[0] = NOW + 2
     assert _call(cache, "/api/tags", "GET")[0] == "200 OK"
     assert cache.blocks == {}
+
+
+def test_the_extension_counts_rejections_for_the_status_page() -> None:
+    from app import create_app
+    from settings import Settings
+
+    off = dict(limit_inference="off", limit_embed="off", limit_admin="off")
+    app = create_app(Settings(upstream="http://127.0.0.1:9", limit_light="1/minute", **off))
+    client = app.test_client()
+    assert client.get("/api/tags").status_code == 502  # forwarded: nothing listens there
+    assert [client.get("/api/tags").status_code for _ in range(2)] == [429, 429]
+    assert client.get("/api/ps").status_code == 429  # the same class, and the same client
+    assert client.get("/api/tags", environ_base={"REMOTE_ADDR": "127.0.0.2"}).status_code == 502
+    stats = app.extensions["gate.limiter"].stats()
+    assert stats["rejected"] == {"inference": 0, "embed": 0, "admin": 0, "light": 3}
+    assert (stats["storage"], stats["storage_fallback"]) == ("memory://", False)
