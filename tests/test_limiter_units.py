@@ -368,3 +368,17 @@ def test_the_extension_counts_rejections_for_the_status_page() -> None:
     stats = app.extensions["gate.limiter"].stats()
     assert stats["rejected"] == {"inference": 0, "embed": 0, "admin": 0, "light": 3}
     assert (stats["storage"], stats["storage_fallback"]) == ("memory://", False)
+
+
+def test_the_gates_own_endpoints_are_in_no_class() -> None:
+    from app import create_app
+    from settings import Settings
+
+    limits = {f"limit_{cls}": "1/minute" for cls in ("inference", "embed", "admin", "light")}
+    app = create_app(Settings(upstream="http://127.0.0.1:9", **limits))
+    app.add_url_rule("/gate/healthz", "gate_healthz", lambda: "ok")  # as the status page will
+    client = app.test_client()
+    for _ in range(3):
+        answer = client.get("/gate/healthz")
+        assert answer.status_code == 200
+        assert "X-RateLimit-Limit" not in answer.headers
