@@ -156,3 +156,15 @@ def test_gunicorn_refuses_to_start_with_a_bad_limit_or_keys_file(tmp_path: Path)
         )
         assert proc.returncode != 0
         assert says in proc.stdout + proc.stderr
+
+
+def test_settings_import_nothing_gevent_patches() -> None:
+    # gunicorn's master imports settings in on_starting (and with it limiter.keys and
+    # limiter.policy): ssl or socket imported there would reach the workers unpatched.
+    code = (
+        "import sys, settings; "
+        "bad = [m for m in ('ssl', 'socket', 'flask', 'limits', 'redis', 'gevent', 'asyncio') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
