@@ -7,6 +7,7 @@ import os
 from flask import Flask
 
 import errors
+import limiter
 import proxy
 import workqueue
 from settings import Settings
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["gate.settings"] = settings
     errors.init_app(app)
+    limiter.init_app(app, settings)
     proxy.init_app(app, settings)
     workqueue.init_app(app, settings)
     return app
