@@ -29,6 +29,10 @@ from gevent import Timeout
 
 logger = logging.getLogger(__name__)
 
+# Seconds a connection that turns idle while nothing runs any more (a fresh one accepted
+# just before the worker stopped accepting) still gets for its request to arrive.
+IDLE_LINGER = 0.5
+
 
 def install(worker: Any) -> Drain:
     """Make SIGTERM graceful for ``worker`` (a gunicorn GeventWorker, after it loaded the app)."""
@@ -72,9 +76,8 @@ class Drain:
     @contextlib.contextmanager
     def idle_wait(self) -> Iterator[None]:
         """gunicorn's keepalive timeout, which a drain with nothing running cuts short."""
-        # Draining with nothing running: time out at once (a request already sent is
-        # still read and answered if it is in the socket before the loop turns).
-        seconds = 0 if self.draining and not self.running else self.worker.cfg.keepalive
+        # Draining with nothing running: wait only a moment for a request already on its way.
+        seconds = IDLE_LINGER if self.draining and not self.running else self.worker.cfg.keepalive
         me = gevent.getcurrent()
         with Timeout(seconds, False) as timeout:
             self._idle[me] = timeout
