@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -172,3 +173,31 @@ def test_client_disconnect_through_nginx_reaches_upstream(proxied: Nginx, fake: 
     print(f"\nupstream saw the client leave through nginx {delay * 1000:.0f} ms later")
     assert delay < 1.0
     assert stats["completed"] == 0
+
+
+def test_sigterm_behind_nginx(
+    fake: FakeOllama,
+    gate_factory: Callable[..., Gate],
+    nginx_factory: Callable[[Gate], Nginx],
+) -> None:
+    """A stream through nginx finishes; nginx's idle keep-alive pool does not hold the worker."""
+    gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_GRACEFUL_TIMEOUT": "60"})
+    nginx = nginx_factory(gate)
+    for _ in range(3):  # leaves idle connections in nginx's pool to the gate
+        assert requests.get(nginx.url + "/api/version", timeout=10).ok
+    conn = connect(nginx, ONE)
+    slow = {"X-Fake-Tokens": "15", "X-Fake-Token-Interval": "0.1"}
+    conn.request(
+        "POST", "/api/chat", json.dumps(CHAT), {"Content-Type": "application/json", **slow}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.readline())["done"] is False
+    gate.proc.send_signal(signal.SIGTERM)
+    lines = [json.loads(line) for line in iter(response.readline, b"") if line.strip()]
+    conn.close()
+    assert lines[-1]["done"] is True
+    # Well inside the 60 s grace that idle connections would otherwise use up.
+    assert gate.proc.wait(20) == 0, gate.logs()
+    assert "Worker graceful timeout" not in gate.logs()
+    assert requests.get(nginx.url + "/api/version", timeout=10).status_code == 502
