@@ -12,7 +12,8 @@ gunicorn's keepalive (75 s) or the whole graceful timeout even when nothing runs
 - running requests, streams included, finish (gunicorn's graceful_timeout bounds them);
 - an idle keep-alive connection stays open while requests still run, so a request
   sent on it gets an answer (503 for a job, with ``Connection: close``), and is
-  closed as soon as none runs; the worker then exits within about a second.
+  closed as soon as none runs (one that turns idle later gets IDLE_LINGER); the worker
+  then exits within about a second.
 """
 
 from __future__ import annotations
