@@ -1,0 +1,304 @@
+"""The work queue shared through a real Redis: its Lua rules, and gates that share it.
+
+The unit tests drive ``RedisScheduler`` directly, with the time passed in (``now_ms``),
+so they need no sleeps. The end-to-end tests run two gunicorn gates (or one with two
+workers) on one redis-server in front of the fake Ollama, which records how many jobs
+and models it saw at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+
+from fakeollama import FakeOllama
+from tests.redis_support import RedisServer
+from tests.support import Gate
+from tests.test_workqueue_gate import generate
+from workqueue.scripts import RedisScheduler, lane_of
+
+SLOW = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "10"}  # about one second
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url()
+
+
+@pytest.fixture
+def rdb(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    redis_server.flush()
+    with redis_server.client() as client:
+        yield client
+
+
+def sched(client: redis.Redis, **kwargs: object) -> RedisScheduler:
+    options: dict[str, object] = dict(switch_after=10.0, lease=60.0, prefix="t:")
+    options.update(kwargs)
+    return RedisScheduler(client, **options)  # type: ignore[arg-type]
+
+
+def woken(client: redis.Redis, owner: str) -> list[str]:
+    key = f"t:wake:{owner}"
+    items = client.lrange(key, 0, -1)
+    client.delete(key)
+    return [i.decode() for i in items]  # type: ignore[union-attr]
+
+
+M1, M2, M3 = lane_of("m1", False), lane_of("m2", False), lane_of("m3", False)
+
+
+# The rules, in Lua
+
+
+def test_slots_then_waiting_then_bounds(rdb: redis.Redis) -> None:
+    s = sched(rdb, concurrency=2, queue_max=3, queue_max_per_client=2)
+    outcomes = [s.submit(f"j{i}", M1, "c1", "o", now_ms=1000 + i).outcome for i in range(5)]
+    assert outcomes == ["running", "running", "waiting", "waiting", "client_share"]
+    assert s.submit("k1", M1, "c2", "o", now_ms=1010).outcome == "waiting"
+    full = s.submit("k2", M1, "c3", "o", now_ms=1011)
+    assert (full.outcome, full.waiting) == ("queue_full", 3)
+    snap = s.snapshot(now_ms=1012)
+    assert snap["models"]["m1:latest"]["running"] == 2
+    assert snap["totals"]["waiting"] == 3
+    assert snap["totals"]["rejected"] == {"queue_full": 1, "client_share": 1}
+
+
+def test_clients_take_turns_within_a_model(rdb: redis.Redis) -> None:
+    s = sched(rdb, queue_max_per_client=10)
+    assert s.submit("run", M1, "flood", "o", now_ms=0).outcome == "running"
+    for i in range(3):
+        s.submit(f"f{i}", M1, "flood", "o", now_ms=1 + i)
+    s.submit("lone", M1, "lone", "o2", now_ms=10)
+    order = []
+    job = "run"
+    for t in range(5):
+        s.finish(job, now_ms=100 + t)
+        started = woken(rdb, "o") + woken(rdb, "o2")
+        if not started:
+            break
+        (job,) = started
+        order.append(job)
+    assert order == ["f0", "lone", "f1", "f2"]
+
+
+def test_affinity_first_then_switch_after(rdb: redis.Redis) -> None:
+    s = sched(rdb, switch_after=10.0, queue_max_per_client=10)
+    assert s.submit("a0", M1, "c", "o", now_ms=0).outcome == "running"
+    assert s.submit("b0", M2, "c2", "o", now_ms=1000).outcome == "waiting"
+    assert s.submit("a1", M1, "c", "o", now_ms=2000).outcome == "waiting"
+    # A slot frees before b0 has waited switch_after: m1 keeps it (no swap).
+    s.finish("a0", now_ms=3000)
+    assert woken(rdb, "o") == ["a1"]
+    # Once b0 has waited 10 s, m1 takes no new job and drains; then m2 runs.
+    assert s.submit("a2", M1, "c", "o", now_ms=11_500).outcome == "waiting"
+    assert s.snapshot(now_ms=11_500)["switch"]["target"] == "m2:latest"
+    s.finish("a1", now_ms=12_000)
+    assert woken(rdb, "o") == ["b0"]
+    snap = s.snapshot(now_ms=12_001)
+    assert snap["totals"]["active_models"] == ["m2:latest"]
+    assert snap["totals"]["forced_switches"] == 1
+
+
+def test_active_model_cap(rdb: redis.Redis) -> None:
+    s = sched(rdb, max_active_models=2)
+    assert s.submit("a", M1, "c", "o", now_ms=0).outcome == "running"
+    assert s.submit("b", M2, "c", "o", now_ms=1).outcome == "running"
+    assert s.submit("c", M3, "c", "o", now_ms=2).outcome == "waiting"
+    s.finish("a", now_ms=3)
+    assert woken(rdb, "o") == ["c"]
+    assert s.snapshot(now_ms=4)["totals"]["active_models"] == ["m2:latest", "m3:latest"]
+
+
+def test_admin_lane_is_apart(rdb: redis.Redis) -> None:
+    s = sched(rdb, admin_concurrency=1)
+    admin = lane_of("admin", True)
+    assert s.submit("m", M1, "c", "o", now_ms=0).outcome == "running"
+    assert s.submit("p1", admin, "c", "o", now_ms=1).outcome == "running"
+    assert s.submit("p2", admin, "c", "o", now_ms=2).outcome == "waiting"
+    s.finish("p1", now_ms=3)
+    assert woken(rdb, "o") == ["p2"]
+
+
+def test_lapsed_leases_free_slots_and_queue_places(rdb: redis.Redis) -> None:
+    s = sched(rdb, lease=5.0, queue_max=1)
+    assert s.submit("dead-run", M1, "c", "dead", now_ms=0).outcome == "running"
+    assert s.submit("dead-wait", M1, "c", "dead", now_ms=1).outcome == "waiting"
+    assert s.submit("live", M1, "c2", "live", now_ms=2).outcome == "queue_full"
+    # The live process renews its own (none yet); the dead one's lapse at 5 s.
+    assert s.submit("live", M1, "c2", "live", now_ms=4_000).outcome == "queue_full"
+    assert s.submit("live", M1, "c2", "live", now_ms=5_002).outcome == "running"
+    assert s.snapshot(now_ms=5_003)["totals"]["reaped"] == 2
+    # Renewal keeps a lease alive; a job Redis forgot is reported missing.
+    assert s.tick(["live", "ghost"], now_ms=9_000) == ["ghost"]
+    assert s.submit("x", M1, "c3", "o", now_ms=12_000).outcome == "waiting"
+    s.finish("live", now_ms=12_001)
+    assert woken(rdb, "o") == ["x"]
+
+
+def test_finish_is_idempotent_and_cancels_waiters(rdb: redis.Redis) -> None:
+    s = sched(rdb)
+    s.submit("a", M1, "c", "o", now_ms=0)
+    s.submit("b", M1, "c", "o", now_ms=1)
+    assert s.finish("b", now_ms=2) == "waiting"
+    assert s.finish("b", now_ms=3) == "none"
+    assert s.finish("a", now_ms=4) == "running"
+    assert woken(rdb, "o") == []
+    snap = s.snapshot(now_ms=5)
+    assert snap["totals"]["running"] == 0 and snap["totals"]["waiting"] == 0
+    assert snap["totals"]["active_models"] == []
+    assert snap["clients"] == {}
+
+
+def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
+    s = sched(rdb)
+    assert s.submit("a", M1, "c", "o").outcome == "running"
+    assert s.tick(["a"]) == []
+    assert s.finish("a") == "running"
+
+
+# Gates sharing one Redis
+
+Factory = Callable[..., Gate]
+
+
+def shared_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        "GATE_STORAGE_URI": redis_url,
+        "GATE_QUEUE_LEASE": "2",
+        "GATE_QUEUE_MAX_PER_CLIENT": "100",
+    }
+    env.update(extra)
+    return env
+
+
+def flood(gates: list[Gate], jobs: list[tuple[str, str]], headers: dict[str, str]) -> list[int]:
+    """Send (model, prompt) jobs round the gates at once; their statuses."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [
+            pool.submit(generate, gates[i % len(gates)], model, prompt=prompt, headers=headers)
+            for i, (model, prompt) in enumerate(jobs)
+        ]
+        return [f.result()[0] for f in futures]
+
+
+def test_two_gates_share_slots_and_the_model_cap(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str
+) -> None:
+    env = shared_env(redis_url, GATE_MODEL_CONCURRENCY="2", GATE_SWITCH_AFTER="0.5")
+    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    fast = {"X-Fake-Token-Interval": "0.02", "X-Fake-Tokens": "5"}
+    jobs = [(["m1", "m2"][i % 2], f"p{i}") for i in range(24)]
+    assert flood([one, two], jobs, fast) == [200] * 24
+    stats = fake.stats()
+    assert stats["max_in_flight"]["m1:latest"] <= 2
+    assert stats["max_in_flight"]["m2:latest"] <= 2
+    assert stats["max_models_in_flight"] == 1
+    # Both models were served, and by both gates: the state really is shared.
+    assert max(stats["max_in_flight"].values()) == 2
+    for gate in (one, two):
+        assert "Traceback" not in gate.logs()
+
+
+def test_one_gate_with_two_workers_shares_slots(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str
+) -> None:
+    gate = gate_factory(fake.url, shared_env(redis_url, GATE_WORKERS="2"))
+    fast = {"X-Fake-Token-Interval": "0.02", "X-Fake-Tokens": "5"}
+    assert flood([gate], [("m1", f"p{i}") for i in range(16)], fast) == [200] * 16
+    assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+    assert len(gate.worker_pids()) == 2
+
+
+def test_the_queue_bound_is_global(fake: FakeOllama, gate_factory: Factory, redis_url: str) -> None:
+    env = shared_env(redis_url, GATE_QUEUE_MAX="2")
+    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    with ThreadPoolExecutor(3) as pool:
+        busy = [
+            pool.submit(generate, gate, "m1", prompt=f"p{i}", headers=SLOW)
+            for i, gate in enumerate((one, two, one))
+        ]
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        deadline = time.monotonic() + 5
+        while status_json(two)["totals"]["waiting"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        resp = requests.post(two.url + "/api/generate", json={"model": "m1", "prompt": "x"})
+        assert resp.status_code == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert [f.result()[0] for f in busy] == [200, 200, 200]
+
+
+def status_json(gate: Gate) -> dict[str, object]:
+    """The shared queue's state, read from Redis as every gate sees it."""
+    url = gate.env["GATE_STORAGE_URI"]
+    with redis.Redis.from_url(url) as client:
+        snap = RedisScheduler(client).snapshot()
+    return snap
+
+
+def test_a_killed_gates_slot_comes_back_within_the_lease(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str
+) -> None:
+    env = shared_env(redis_url, GATE_QUEUE_LEASE="2", GATE_QUEUE_TIMEOUT="30")
+    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    long = {"X-Fake-Token-Interval": "0.5", "X-Fake-Tokens": "60"}  # 30 s if left alone
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(generate, one, "m1", prompt="held", headers=long, timeout=60)
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        for pid in one.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        one.proc.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        status, headers, _ = generate(two, "m1", prompt="next", headers={"X-Fake-Tokens": "1"})
+        waited = time.monotonic() - started
+        assert status == 200
+        # It waited for the dead gate's lease (2 s, renewed every 2/3 s) to lapse, and
+        # not much longer: the bound is the lease plus a tick.
+        assert 0.3 < float(headers["x-gate-queue-wait"]) < 10
+        assert waited < 10
+        with pytest.raises(Exception):  # noqa: B017 - the killed gate's client sees its socket die
+            held.result()
+    one.proc.wait(5)
+
+
+def test_a_paused_redis_falls_back_and_recovers(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str, redis_server: RedisServer
+) -> None:
+    env = shared_env(redis_url)
+    gate = gate_factory(fake.url, env)
+    quick = {"X-Fake-Token-Interval": "0.01", "X-Fake-Tokens": "3"}
+
+    def timed(model: str) -> int:
+        started = time.monotonic()
+        status, _, body = generate(gate, model, headers=quick, timeout=20)
+        assert time.monotonic() - started < 5, "took too long"
+        assert status != 500, body
+        return status
+
+    assert timed("m1") == 200
+    with redis_server.paused():
+        with ThreadPoolExecutor(4) as pool:
+            during = list(pool.map(timed, ["m1"] * 8))
+        assert during == [200] * 8
+        # Only this process's own slots: still one job of m1 at a time here.
+        assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+    deadline = time.monotonic() + 15
+    while "slots are shared again" not in gate.logs() and time.monotonic() < deadline:
+        timed("m1")
+        time.sleep(0.2)
+    logs = gate.logs()
+    assert "Redis unreachable" in logs
+    assert "slots are shared again" in logs
+    assert "Traceback" not in logs
+    # Shared again: the job is admitted through Redis.
+    assert timed("m1") == 200
+    with redis.Redis.from_url(redis_url) as client:
+        assert int(client.hget("gate:wq:stats", "admitted") or 0) >= 2
