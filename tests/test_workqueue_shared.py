@@ -14,15 +14,19 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import gevent
 import pytest
 import redis
 import requests
 
 from fakeollama import FakeOllama
+from settings import Settings
 from tests.redis_support import RedisServer
 from tests.support import Gate
 from tests.test_workqueue_gate import generate
+from workqueue.gate import Slot
 from workqueue.scripts import RedisScheduler, lane_of
+from workqueue.shared import SharedSlot, SharedWorkQueue
 
 SLOW = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "10"}  # about one second
 
@@ -163,6 +167,34 @@ def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
     assert s.submit("a", M1, "c", "o").outcome == "running"
     assert s.tick(["a"]) == []
     assert s.finish("a") == "running"
+
+
+# The gevent layer in this process (unpatched sockets block, but briefly)
+
+
+def test_fallback_shows_in_the_snapshot_and_ends(redis_server: RedisServer, redis_url: str) -> None:
+    queue = SharedWorkQueue(Settings(storage_uri=redis_url, queue_lease=5.0))
+    snap = queue.snapshot()
+    assert (snap["shared"], snap["fallback"]) == (True, False)
+    slot = queue.acquire("m1", "c")
+    assert isinstance(slot, SharedSlot)
+    assert queue.snapshot()["models"]["m1:latest"]["running"] == 1
+    slot.release()
+    with redis_server.paused():
+        started = time.monotonic()
+        snap = queue.snapshot()
+        assert (snap["shared"], snap["fallback"]) == (False, True)
+        local = queue.acquire("m1", "c")
+        assert isinstance(local, Slot)  # the in-process WorkQueue's
+        assert time.monotonic() - started < 3
+        local.release()
+    deadline = time.monotonic() + 10
+    while queue.fallback and time.monotonic() < deadline:
+        gevent.sleep(0.1)  # the pump probes Redis every PROBE_EVERY seconds
+    assert not queue.fallback
+    assert queue.snapshot()["shared"] is True
+    assert isinstance(queue.acquire("m1", "c"), SharedSlot)
+    queue.close()
 
 
 # Gates sharing one Redis
