@@ -3,7 +3,7 @@
 ``SharedWorkQueue`` has ``WorkQueue``'s API. Each event (submit, finish, tick) is one Lua
 script (``scripts.RedisScheduler``) on the shared state; a job that must wait parks its
 greenlet on an event. One greenlet per process, the pump, blocks on the process's wake
-list (BLPOP, at most WAKE_BLOCK seconds) where the scripts push the ids of its jobs as
+list (BLMPOP, at most WAKE_BLOCK seconds) where the scripts push the ids of its jobs as
 they start, and every TICK seconds, while anything waits, runs the tick script, which
 renews this process's leases, drops lapsed ones and applies switches that fell due.
 
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 STORAGE_TIMEOUT = 0.5
 # While Redis is down, try it again this often.
 PROBE_EVERY = 2.0
-# The pump's BLPOP blocks this long at most, and ticks this often while jobs wait.
+# The pump's BLMPOP blocks this long at most, and ticks this often while jobs wait.
 WAKE_BLOCK = 0.2
 TICK = 0.2
 
@@ -152,7 +152,7 @@ class SharedWorkQueue:
     ) -> None:
         uri = settings.storage_uri
         self._redis = client if client is not None else redis_client(uri)
-        # The pump's BLPOP holds its own connection for up to WAKE_BLOCK.
+        # The pump's BLMPOP holds its own connection for up to WAKE_BLOCK.
         self._blocking = redis_client(uri, WAKE_BLOCK + STORAGE_TIMEOUT)
         if lease is None:
             lease = getattr(settings, "queue_lease", DEFAULT_LEASE)
@@ -405,11 +405,11 @@ class SharedWorkQueue:
 
     def _wait_for_wakeups(self) -> None:
         key = self._sched.wake_key(self.owner)
-        item: Any = self._blocking.blpop([key], timeout=WAKE_BLOCK)
-        if not item:
+        # BLMPOP (Redis 7): every id waiting in the list in one round trip.
+        reply: Any = self._blocking.blmpop(WAKE_BLOCK, 1, key, direction="LEFT", count=1000)
+        if not reply:
             return
-        more: Any = self._redis.lpop(key, 1000)
-        for raw in [item[1], *(more or [])]:
+        for raw in reply[1]:
             job_id = raw.decode()
             waiter = self._waiters.pop(job_id, None)
             if waiter is None:
