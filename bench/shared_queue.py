@@ -37,7 +37,14 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Children, free_port, interruptible, start_fake, start_gate  # noqa: E402
+from harness import (  # noqa: E402
+    Children,
+    cpu_seconds,
+    free_port,
+    interruptible,
+    start_fake,
+    start_gate,
+)
 
 
 def start_redis(children: Children) -> str:
@@ -64,7 +71,9 @@ def start_redis(children: Children) -> str:
     raise RuntimeError("redis-server did not answer")
 
 
-async def load(url: str, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+async def load(
+    url: str, clients: int, seconds: float, warmup: float, pids: list[int]
+) -> dict[str, Any]:
     """Jobs per second and latency of short generate jobs from ``clients`` at once."""
     body = json.dumps({"model": "m1", "prompt": "hi", "stream": False}).encode()
     headers = {"Content-Type": "application/json", "X-Fake-Tokens": "1"}
@@ -94,10 +103,12 @@ async def load(url: str, clients: int, seconds: float, warmup: float) -> dict[st
         tasks = [asyncio.create_task(client(session)) for _ in range(clients)]
         await asyncio.sleep(warmup)
         measuring = True
+        cpu0 = sum(cpu_seconds(pid) for pid in pids)
         t0 = time.perf_counter()
         await asyncio.sleep(seconds)
         measuring = False
         elapsed = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
         stop = True
         await asyncio.gather(*tasks, return_exceptions=True)
     latencies.sort()
@@ -106,6 +117,7 @@ async def load(url: str, clients: int, seconds: float, warmup: float) -> dict[st
         "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
         "errors": errors,
+        "worker_cpu_us_per_job": 1e6 * cpu / len(latencies) if latencies and pids else None,
     }
 
 
@@ -131,25 +143,30 @@ def main() -> int:
                 ("redis x2", {"GATE_STORAGE_URI": redis_url, "GATE_WORKERS": "2"}),
             ]
             for scenario, slots in (("free", "100000"), ("queued", str(args.slots))):
-                for name, env in configs:
-                    gate = start_gate(children, fake, {**env, "GATE_MODEL_CONCURRENCY": slots})
-                    for rnd in range(args.rounds):
-                        for target, url in (("direct", fake), (name, gate.url)):
-                            figures = asyncio.run(
-                                load(url, args.clients, args.seconds, args.warmup)
-                            )
-                            row = {"scenario": scenario, "gate": target, "round": rnd, **figures}
-                            if target == "direct" and scenario == "queued":
-                                row["note"] = "direct has no slots"
-                            results.append(row)
-                            print(
-                                f"{scenario:7} {target:9} round {rnd}: "
-                                f"{figures['jobs_per_s']:8.0f} jobs/s  "
-                                f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms"
-                                f"  errors {figures['errors']}",
-                                flush=True,
-                            )
-                    children.stop(gate.master)
+                gates = {
+                    name: start_gate(children, fake, {**env, "GATE_MODEL_CONCURRENCY": slots})
+                    for name, env in configs
+                }
+                for rnd in range(args.rounds):
+                    targets = [("direct", fake, [])]
+                    targets += [(name, g.url, g.worker_pids()) for name, g in gates.items()]
+                    for target, url, pids in targets:
+                        figures = asyncio.run(
+                            load(url, args.clients, args.seconds, args.warmup, pids)
+                        )
+                        row = {"scenario": scenario, "gate": target, "round": rnd, **figures}
+                        results.append(row)
+                        cpu = figures["worker_cpu_us_per_job"]
+                        print(
+                            f"{scenario:7} {target:9} round {rnd}: "
+                            f"{figures['jobs_per_s']:6.0f} jobs/s  "
+                            f"p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms  "
+                            f"worker CPU/job {'-' if cpu is None else f'{cpu:.0f} us'}  "
+                            f"errors {figures['errors']}",
+                            flush=True,
+                        )
+                for g in gates.values():
+                    children.stop(g.master)
     except KeyboardInterrupt:
         return 130
     finally:
