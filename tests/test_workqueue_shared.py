@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import gevent
 import pytest
@@ -23,7 +24,7 @@ from fakeollama import FakeOllama
 from settings import Settings
 from tests.redis_support import RedisServer
 from tests.support import Gate
-from tests.test_workqueue_gate import generate
+from tests.test_workqueue_gate import generate, open_stream
 from workqueue.gate import Slot
 from workqueue.scripts import RedisScheduler, lane_of
 from workqueue.shared import SharedSlot, SharedWorkQueue
@@ -268,7 +269,7 @@ def test_the_queue_bound_is_global(fake: FakeOllama, gate_factory: Factory, redi
         assert [f.result()[0] for f in busy] == [200, 200, 200]
 
 
-def status_json(gate: Gate) -> dict[str, object]:
+def status_json(gate: Gate) -> dict[str, Any]:
     """The shared queue's state, read from Redis as every gate sees it."""
     url = gate.env["GATE_STORAGE_URI"]
     with redis.Redis.from_url(url) as client:
@@ -304,24 +305,29 @@ def test_a_killed_gates_slot_comes_back_within_the_lease(
 def test_a_paused_redis_falls_back_and_recovers(
     fake: FakeOllama, gate_factory: Factory, redis_url: str, redis_server: RedisServer
 ) -> None:
-    env = shared_env(redis_url)
-    gate = gate_factory(fake.url, env)
+    gate = gate_factory(fake.url, shared_env(redis_url))
     quick = {"X-Fake-Token-Interval": "0.01", "X-Fake-Tokens": "3"}
+    job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "3"}  # 0.3 s
 
-    def timed(model: str) -> int:
+    def timed(model: str, headers: dict[str, str] = quick) -> int:
         started = time.monotonic()
-        status, _, body = generate(gate, model, headers=quick, timeout=20)
-        assert time.monotonic() - started < 5, "took too long"
+        status, _, body = generate(gate, model, headers=headers, timeout=30)
         assert status != 500, body
+        assert time.monotonic() - started < 10, "took too long"
         return status
 
     assert timed("m1") == 200
-    with redis_server.paused():
-        with ThreadPoolExecutor(4) as pool:
-            during = list(pool.map(timed, ["m1"] * 8))
-        assert during == [200] * 8
-        # Only this process's own slots: still one job of m1 at a time here.
-        assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+    with ThreadPoolExecutor(6) as pool:
+        # One job runs and five wait in Redis when it stops answering mid-traffic.
+        busy = [pool.submit(timed, "m1", job) for _ in range(6)]
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        time.sleep(0.2)
+        with redis_server.paused():
+            started = time.monotonic()
+            during = list(pool.map(timed, ["m1"] * 6))
+            assert [f.result() for f in busy] == [200] * 6
+            assert time.monotonic() - started < 15
+        assert during == [200] * 6
     deadline = time.monotonic() + 15
     while "slots are shared again" not in gate.logs() and time.monotonic() < deadline:
         timed("m1")
@@ -330,7 +336,37 @@ def test_a_paused_redis_falls_back_and_recovers(
     assert "Redis unreachable" in logs
     assert "slots are shared again" in logs
     assert "Traceback" not in logs
-    # Shared again: the job is admitted through Redis.
-    assert timed("m1") == 200
+    # Shared again: jobs are admitted through Redis.
     with redis.Redis.from_url(redis_url) as client:
-        assert int(client.hget("gate:wq:stats", "admitted") or 0) >= 2
+        before = int(client.hget("gate:wq:stats", "admitted") or 0)
+        assert timed("m1") == 200
+        assert int(client.hget("gate:wq:stats", "admitted") or 0) == before + 1
+
+
+def test_leaving_or_timing_out_while_waiting_frees_everything(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str
+) -> None:
+    env = shared_env(redis_url, GATE_QUEUE_TIMEOUT="0.5", GATE_QUEUE_LEASE="30")
+    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(generate, one, "m1", prompt="first", headers=SLOW)
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        sock = open_stream(two, "m1", "gone", {})
+        time.sleep(0.2)  # it waits for the slot, in Redis
+        sock.close()
+        late = requests.post(two.url + "/api/generate", json={"model": "m1", "prompt": "late"})
+        assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
+        assert running.result()[0] == 200
+    seen = [r["json"]["prompt"] for r in fake.stats()["requests"] if r["path"] == "/api/generate"]
+    assert "gone" not in seen and "late" not in seen
+    # Nothing leaked in Redis: a job on either gate runs at once.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        totals = status_json(one)["totals"]
+        if totals["running"] == 0 and totals["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert (totals["running"], totals["waiting"]) == (0, 0)
+    for gate in (one, two):
+        status, headers, _ = generate(gate, "m1", headers={"X-Fake-Tokens": "1"})
+        assert status == 200 and float(headers["x-gate-queue-wait"]) < 0.5
