@@ -115,10 +115,11 @@ class SharedSlot:
 
 
 class _Waiter:
-    __slots__ = ("event", "started", "error")
+    __slots__ = ("event", "queued", "started", "error")
 
     def __init__(self) -> None:
         self.event = gevent.event.Event()
+        self.queued = False  # the submit script has answered "waiting"
         self.started = False
         self.error: BaseException | None = None
 
@@ -321,6 +322,7 @@ class SharedWorkQueue:
             )
             raise error
 
+        waiter.queued = True
         self._poke.set()
         callback: Callable[[Any], None] | None = None
         if client_gone is not None:
@@ -424,7 +426,8 @@ class SharedWorkQueue:
         now = self._clock()
         renew: list[str] = []
         if now >= self._next_renew:
-            renew = [*self._running, *self._waiters]
+            # Not the jobs whose submit has not answered yet: Redis may not know them.
+            renew = [*self._running, *(i for i, w in self._waiters.items() if w.queued)]
             self._next_renew = now + self.lease / 3
         elif not self._waiters or now < self._last_tick + TICK:
             return
@@ -463,6 +466,7 @@ class SharedWorkQueue:
                 exc,
                 PROBE_EVERY,
             )
+        self._start_pump()  # it probes Redis until it answers
         # Jobs waiting in Redis wait again, locally.
         waiting = list(self._waiters.items())
         self._waiters.clear()
