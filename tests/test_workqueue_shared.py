@@ -16,15 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import gevent
+import hypothesis.strategies as st
 import pytest
 import redis
 import requests
+from hypothesis import given
+from hypothesis import settings as examples
 
+from errors import ClientShareFull, QueueFull
 from fakeollama import FakeOllama
 from settings import Settings
 from tests.redis_support import RedisServer
 from tests.support import Gate
 from tests.test_workqueue_gate import generate, open_stream
+from workqueue.core import Scheduler
 from workqueue.gate import Slot
 from workqueue.scripts import RedisScheduler, lane_of
 from workqueue.shared import SharedSlot, SharedWorkQueue
@@ -168,6 +173,69 @@ def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
     assert s.submit("a", M1, "c", "o").outcome == "running"
     assert s.tick(["a"]) == []
     assert s.finish("a") == "running"
+
+
+Event = tuple[str, int, int, int]  # (submit | finish, model or job index, client, ms later)
+
+
+@examples(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["submit", "submit", "finish"]),
+            st.sampled_from([0, 0, 0, 1, 1, 2, 3]),  # m1 most, the admin lane least
+            st.integers(0, 2),
+            st.sampled_from([0, 0, 10, 400, 1100]),  # switch_after is 1000 ms
+        ),
+        min_size=4,
+        max_size=40,
+    ),
+    st.integers(1, 2),
+    st.integers(1, 2),
+)
+def test_the_lua_rules_decide_as_core_does(
+    redis_server: RedisServer, events: list[Event], concurrency: int, max_active: int
+) -> None:
+    """Random submits and finishes: the same outcomes and the same jobs started as core.py."""
+    options = dict(
+        concurrency=concurrency,
+        max_active_models=max_active,
+        queue_max=6,
+        queue_max_per_client=3,
+        switch_after=1000.0,  # core in ms, like the scripts
+        admin_concurrency=1,
+    )
+    core = Scheduler(**options, queue_timeout=10**9)  # type: ignore[arg-type]
+    with redis_server.client() as client:
+        prefix = f"h{time.monotonic_ns()}:"
+        lua = RedisScheduler(client, **{**options, "switch_after": 1.0}, lease=10**6, prefix=prefix)  # type: ignore[arg-type]
+        now = 1000
+        live: list[str] = []
+        for n, (kind, index, who, later) in enumerate(events):
+            now += later
+            if kind == "submit":
+                job, model = f"j{n}", ["m1", "m2", "m3", "admin"][index]
+                admin = model == "admin"
+                try:
+                    expected = core.submit(job, model, f"c{who}", now, admin=admin).value
+                except ClientShareFull:
+                    expected = "client_share"
+                except QueueFull:
+                    expected = "queue_full"
+                decision = lua.submit(job, lane_of(model, admin), f"c{who}", "o", now_ms=now)
+                assert decision.outcome == expected, (n, events)
+                if expected in ("running", "waiting"):
+                    live.append(job)
+            elif live:
+                job = live.pop(0 if index < 2 else index % len(live))  # mostly the oldest
+                started = set(core.finish(job, now))
+                lua.finish(job, now_ms=now)
+                raw = client.lrange(f"{prefix}wake:o", 0, -1)
+                client.delete(f"{prefix}wake:o")
+                assert {i.decode() for i in raw} == started, (n, events)  # type: ignore[union-attr]
+            assert lua.snapshot(now_ms=now)["totals"]["active_models"] == sorted(
+                core.snapshot(now)["totals"]["active_models"]
+            )
 
 
 # The gevent layer in this process (unpatched sockets block, but briefly)
