@@ -338,6 +338,28 @@ def test_the_queue_bound_is_global(fake: FakeOllama, gate_factory: Factory, redi
         assert [f.result()[0] for f in busy] == [200, 200, 200]
 
 
+def test_clients_take_turns_across_gates(
+    fake: FakeOllama, gate_factory: Factory, redis_url: str
+) -> None:
+    env = shared_env(redis_url, GATE_QUEUE_MAX_PER_CLIENT="50")
+    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "3"}  # 0.3 s a job
+    with ThreadPoolExecutor(9) as pool:
+        flood = [
+            pool.submit(generate, one, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
+        ]
+        fake.wait_for(lambda s: len(s["requests"]) >= 1)
+        time.sleep(0.2)  # the flood's first job runs, the rest wait in Redis
+        lone = pool.submit(generate, two, "m1", prompt="lone", headers=job, source="127.0.0.2")
+        assert lone.result()[0] == 200
+        assert all(f.result()[0] == 200 for f in flood)
+    order = [r["json"]["prompt"] for r in fake.stats()["requests"] if r["model"] == "m1:latest"]
+    # One slot for both gates: the flood's running job, at most one more of its turn,
+    # then the lone client, never beside them.
+    assert order.index("lone") <= 2, order
+    assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+
+
 def status_json(gate: Gate) -> dict[str, Any]:
     """The shared queue's state, read from Redis as every gate sees it."""
     url = gate.env["GATE_STORAGE_URI"]
