@@ -26,6 +26,7 @@ from hypothesis import settings as examples
 from errors import ClientShareFull, QueueFull
 from fakeollama import FakeOllama
 from settings import Settings
+from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
 from tests.support import Gate
 from tests.test_workqueue_gate import generate, open_stream
@@ -271,6 +272,12 @@ def test_fallback_shows_in_the_snapshot_and_ends(redis_server: RedisServer, redi
 Factory = Callable[..., Gate]
 
 
+@pytest.fixture
+def gates(gate_factory: Factory) -> Iterator[Factory]:
+    """gate_factory, but gates stop with SIGQUIT: no test leaves a stream to finish."""
+    yield from quick_gates(gate_factory)
+
+
 def shared_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = {
         "GATE_STORAGE_URI": redis_url,
@@ -292,10 +299,10 @@ def flood(gates: list[Gate], jobs: list[tuple[str, str]], headers: dict[str, str
 
 
 def test_two_gates_share_slots_and_the_model_cap(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str
+    fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
     env = shared_env(redis_url, GATE_MODEL_CONCURRENCY="2", GATE_SWITCH_AFTER="0.5")
-    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    one, two = gates(fake.url, env), gates(fake.url, env)
     fast = {"X-Fake-Token-Interval": "0.02", "X-Fake-Tokens": "5"}
     # Jobs alternate gates, and models every two jobs: each gate sends both models.
     jobs = [(["m1", "m2"][(i // 2) % 2], f"p{i}") for i in range(24)]
@@ -311,18 +318,18 @@ def test_two_gates_share_slots_and_the_model_cap(
 
 
 def test_one_gate_with_two_workers_shares_slots(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str
+    fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
-    gate = gate_factory(fake.url, shared_env(redis_url, GATE_WORKERS="2"))
+    gate = gates(fake.url, shared_env(redis_url, GATE_WORKERS="2"))
     fast = {"X-Fake-Token-Interval": "0.02", "X-Fake-Tokens": "5"}
     assert flood([gate], [("m1", f"p{i}") for i in range(16)], fast) == [200] * 16
     assert fake.stats()["max_in_flight"]["m1:latest"] == 1
     assert len(gate.worker_pids()) == 2
 
 
-def test_the_queue_bound_is_global(fake: FakeOllama, gate_factory: Factory, redis_url: str) -> None:
+def test_the_queue_bound_is_global(fake: FakeOllama, gates: Factory, redis_url: str) -> None:
     env = shared_env(redis_url, GATE_QUEUE_MAX="2")
-    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    one, two = gates(fake.url, env), gates(fake.url, env)
     with ThreadPoolExecutor(3) as pool:
         busy = [
             pool.submit(generate, gate, "m1", prompt=f"p{i}", headers=SLOW)
@@ -338,11 +345,9 @@ def test_the_queue_bound_is_global(fake: FakeOllama, gate_factory: Factory, redi
         assert [f.result()[0] for f in busy] == [200, 200, 200]
 
 
-def test_clients_take_turns_across_gates(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str
-) -> None:
+def test_clients_take_turns_across_gates(fake: FakeOllama, gates: Factory, redis_url: str) -> None:
     env = shared_env(redis_url, GATE_QUEUE_MAX_PER_CLIENT="50")
-    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    one, two = gates(fake.url, env), gates(fake.url, env)
     job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "3"}  # 0.3 s a job
     with ThreadPoolExecutor(9) as pool:
         flood = [
@@ -369,10 +374,10 @@ def status_json(gate: Gate) -> dict[str, Any]:
 
 
 def test_a_killed_gates_slot_comes_back_within_the_lease(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str
+    fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
     env = shared_env(redis_url, GATE_QUEUE_LEASE="2", GATE_QUEUE_TIMEOUT="30")
-    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    one, two = gates(fake.url, env), gates(fake.url, env)
     long = {"X-Fake-Token-Interval": "0.5", "X-Fake-Tokens": "60"}  # 30 s if left alone
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(generate, one, "m1", prompt="held", headers=long, timeout=60)
@@ -394,9 +399,9 @@ def test_a_killed_gates_slot_comes_back_within_the_lease(
 
 
 def test_a_paused_redis_falls_back_and_recovers(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str, redis_server: RedisServer
+    fake: FakeOllama, gates: Factory, redis_url: str, redis_server: RedisServer
 ) -> None:
-    gate = gate_factory(fake.url, shared_env(redis_url))
+    gate = gates(fake.url, shared_env(redis_url))
     quick = {"X-Fake-Token-Interval": "0.01", "X-Fake-Tokens": "3"}
     job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "3"}  # 0.3 s
 
@@ -435,10 +440,10 @@ def test_a_paused_redis_falls_back_and_recovers(
 
 
 def test_leaving_or_timing_out_while_waiting_frees_everything(
-    fake: FakeOllama, gate_factory: Factory, redis_url: str
+    fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
     env = shared_env(redis_url, GATE_QUEUE_TIMEOUT="0.5", GATE_QUEUE_LEASE="30")
-    one, two = gate_factory(fake.url, env), gate_factory(fake.url, env)
+    one, two = gates(fake.url, env), gates(fake.url, env)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(generate, one, "m1", prompt="first", headers=SLOW)
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
