@@ -317,6 +317,22 @@ def test_two_gates_share_slots_and_the_model_cap(
         assert "Traceback" not in gate.logs()
 
 
+def test_four_models_over_two_gates_never_overflow_vram_for_two(
+    fake: FakeOllama, gates: Factory, redis_url: str
+) -> None:
+    fake.configure(vram=2, on_overflow="crash", load_time=0.05, token_interval=0.01, tokens=4)
+    env = shared_env(
+        redis_url, GATE_MAX_ACTIVE_MODELS="2", GATE_MODEL_CONCURRENCY="2", GATE_SWITCH_AFTER="0.5"
+    )
+    one, two = gates(fake.url, env), gates(fake.url, env)
+    jobs = [(f"m{1 + (i // 2) % 4}", f"p{i}") for i in range(32)]
+    assert flood([one, two], jobs, {}) == [200] * 32
+    stats = fake.stats()
+    assert stats["crashes"] == 0
+    assert stats["max_models_in_flight"] <= 2
+    assert max(stats["max_in_flight"].values()) <= 2
+
+
 def test_one_gate_with_two_workers_shares_slots(
     fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
