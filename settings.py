@@ -162,6 +162,7 @@ class Settings:
     queue_timeout: float = 300.0
     switch_after: float = 10.0
     admin_concurrency: int = 1
+    queue_lease: float = 15.0  # seconds a shared slot outlives its process (docs/SHARED_QUEUE.md)
     max_body: int = 64 * 1024 * 1024
     status_access: str = "public"
 
@@ -205,6 +206,7 @@ class Settings:
         read("GATE_QUEUE_TIMEOUT", "queue_timeout", validate_pos_float)
         read("GATE_SWITCH_AFTER", "switch_after", validate_non_neg_float)
         read("GATE_ADMIN_CONCURRENCY", "admin_concurrency", validate_pos_int)
+        read("GATE_QUEUE_LEASE", "queue_lease", validate_pos_float)
         read("GATE_MAX_BODY", "max_body", validate_pos_int)
         read("GATE_STATUS_ACCESS", "status_access", validate_access)
         settings = cls(**values)

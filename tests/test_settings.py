@@ -38,6 +38,7 @@ def test_values_are_parsed() -> None:
             "GATE_LIMIT_LIGHT": "OFF",
             "GATE_STATUS_ACCESS": "Local",
             "GATE_SWITCH_AFTER": "0",
+            "GATE_QUEUE_LEASE": "2.5",
         }
     )
     assert s.upstream == "http://gpu-box:11434"
@@ -48,6 +49,7 @@ def test_values_are_parsed() -> None:
     assert s.limit_light == "off"
     assert s.status_access == "local"
     assert s.switch_after == 0
+    assert s.queue_lease == 2.5
 
 
 def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
@@ -71,6 +73,7 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
         ("GATE_MODEL_CONCURRENCY_OVERRIDES", "llama3.2", "model=n"),
         ("GATE_MODEL_CONCURRENCY_OVERRIDES", "llama3.2=0", "1 or more"),
         ("GATE_SWITCH_AFTER", "-1", "0 or more"),
+        ("GATE_QUEUE_LEASE", "0", "above 0"),
         ("GATE_STATUS_ACCESS", "everyone", "public, admin, local"),
         ("GATE_STORAGE_URI", "mongodb://x", "redis://"),
         ("GATE_TRUSTED_PROXIES", "-1", "0 or more"),

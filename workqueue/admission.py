@@ -12,6 +12,7 @@ from proxy.disconnect import ClientDisconnected, ClientWatch
 from settings import Settings
 
 from .gate import ClientGone, WorkQueue
+from .shared import SharedWorkQueue, is_shared
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +26,16 @@ ADMIN_MODEL = "admin"
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Put every inference, embed and admin job through one WorkQueue."""
-    queue = WorkQueue.from_settings(settings)
+    queue = (SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(settings)
     app.extensions["gate.workqueue"] = queue
     app.extensions["gate.admit"] = _admitter(queue)
     # Run on SIGTERM (graceful.py): waiting and new jobs get 503, running ones finish.
     app.extensions.setdefault("gate.shutdown", []).append(queue.close)
 
 
-def _admitter(queue: WorkQueue) -> Callable[[Call, ClientWatch], Callable[[], None] | None]:
+def _admitter(
+    queue: WorkQueue | SharedWorkQueue,
+) -> Callable[[Call, ClientWatch], Callable[[], None] | None]:
     def admit(call: Call, watch: ClientWatch) -> Callable[[], None] | None:
         """Block until ``call`` may run; return what frees its slot (None: not queued)."""
         if call.cls == "admin":

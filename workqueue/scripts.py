@@ -1,0 +1,437 @@
+"""The work queue's rules as Lua scripts on one Redis: shared by every worker and host.
+
+``RedisScheduler`` applies the rules of ``core.Scheduler`` to state kept in Redis, each
+event one atomic script, so gates on many hosts admit jobs as if they were one. It does
+no waiting itself (``shared.SharedWorkQueue`` does, with gevent); tests drive it
+directly against a real redis-server.
+
+Time is Redis's own (``TIME`` inside the scripts), so hosts' clocks never disagree
+about leases or waits; tests may pass ``now_ms`` instead. Keys are built inside the
+scripts, so this needs one Redis (or a primary), not Redis Cluster. docs/SHARED_QUEUE.md
+describes the keys and scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from endpoints import normalize_model
+
+# Every key of the work queue starts with this; tests use their own prefix.
+KEY_PREFIX = "gate:wq:"
+# A lease renewed every LEASE / 3 seconds survives two missed renewals.
+DEFAULT_LEASE = 15.0
+
+# Shared helpers. ARGV[1..7] are the same for every script (see RedisScheduler._argv);
+# KEYS[1] is the key prefix. Lanes are "m:<model>" or "a" (the admin lane).
+_PRELUDE = r"""
+local P = KEYS[1]
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local LEASE = tonumber(ARGV[2])
+local CONC = tonumber(ARGV[3])
+local MAX_ACTIVE = tonumber(ARGV[4])
+local ADMIN_SLOTS = tonumber(ARGV[5])
+local SWITCH_AFTER = tonumber(ARGV[6])
+local OVERRIDES = {}
+for model, n in string.gmatch(ARGV[7], '([^\t\n]+)\t(%d+)') do
+  OVERRIDES['m:' .. model] = tonumber(n)
+end
+
+local function slots(lane)
+  if lane == 'a' then return ADMIN_SLOTS end
+  return OVERRIDES[lane] or CONC
+end
+
+local function oldest_queued()
+  -- The model lane without a place whose oldest job has waited longest.
+  local queued = redis.call('ZRANGE', P .. 'queued', 0, -1)
+  for _, lane in ipairs(queued) do
+    if redis.call('SISMEMBER', P .. 'active', lane) == 0 then return lane end
+  end
+  return nil
+end
+
+local function switch_target()
+  local lane = oldest_queued()
+  if not lane then return nil end
+  local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0)
+  if #first == 0 then return nil end
+  local sub = tonumber(redis.call('HGET', P .. 'job:' .. first[1], 'sub'))
+  local slice = tonumber(redis.call('GET', P .. 'slice') or '0')
+  if math.max(sub, slice) + SWITCH_AFTER <= now then return lane end
+  return nil
+end
+
+local function refresh_queued(lane)
+  if lane == 'a' then return end
+  local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', P .. 'queued', lane)
+  else
+    redis.call('ZADD', P .. 'queued', first[2], lane)
+  end
+end
+
+local function dequeue(id, lane, client)
+  redis.call('ZREM', P .. 'wait', id)
+  redis.call('ZREM', P .. 'q:' .. lane, id)
+  local cq = P .. 'cq:' .. lane .. '\0' .. client
+  redis.call('LREM', cq, 1, id)
+  if redis.call('LLEN', cq) == 0 then
+    redis.call('LREM', P .. 'turns:' .. lane, 0, client)
+  end
+  refresh_queued(lane)
+  if redis.call('HINCRBY', P .. 'cw', client, -1) <= 0 then
+    redis.call('HDEL', P .. 'cw', client)
+  end
+end
+
+local function start(id, lane, notify)
+  local job = P .. 'job:' .. id
+  redis.call('HSET', job, 'state', 'r')
+  redis.call('SADD', P .. 'run:' .. lane, id)
+  if lane ~= 'a' then redis.call('SADD', P .. 'active', lane) end
+  redis.call('ZADD', P .. 'leases', now + LEASE, id)
+  redis.call('HINCRBY', P .. 'stats', 'admitted', 1)
+  if notify then
+    local wake = P .. 'wake:' .. redis.call('HGET', job, 'owner')
+    redis.call('RPUSH', wake, id)
+    redis.call('PEXPIRE', wake, LEASE)
+  end
+end
+
+local function fill(lane)
+  -- Start lane's waiting jobs up to its slots, clients in turn (round-robin).
+  local turns = P .. 'turns:' .. lane
+  while redis.call('SCARD', P .. 'run:' .. lane) < slots(lane) do
+    local client = redis.call('LINDEX', turns, 0)
+    if not client then return end
+    local cq = P .. 'cq:' .. lane .. '\0' .. client
+    local id = redis.call('LINDEX', cq, 0)
+    dequeue(id, lane, client)
+    if redis.call('LLEN', cq) > 0 then
+      redis.call('LREM', turns, 1, client)
+      redis.call('RPUSH', turns, client)
+    end
+    start(id, lane, true)
+  end
+end
+
+local function pump()
+  fill('a')
+  while true do
+    local target = switch_target()
+    if not target then
+      -- Affinity: running models take their own waiting jobs first.
+      for _, lane in ipairs(redis.call('SMEMBERS', P .. 'active')) do fill(lane) end
+    end
+    -- A model holds its place while it has running jobs (kept through the fill above,
+    -- so a model that just drained takes its own waiting jobs before any other model).
+    for _, lane in ipairs(redis.call('SMEMBERS', P .. 'active')) do
+      if redis.call('SCARD', P .. 'run:' .. lane) == 0 then
+        redis.call('SREM', P .. 'active', lane)
+      end
+    end
+    if redis.call('SCARD', P .. 'active') >= MAX_ACTIVE then return end
+    local chosen = target or oldest_queued()
+    if not chosen then return end
+    redis.call('SET', P .. 'slice', now)
+    redis.call('HINCRBY', P .. 'stats', 'activations', 1)
+    if target then redis.call('HINCRBY', P .. 'stats', 'forced_switches', 1) end
+    fill(chosen)
+  end
+end
+
+local function remove(id)
+  -- Forget a job however it ended; return what it was: 'running', 'waiting' or 'none'.
+  local job = P .. 'job:' .. id
+  local fields = redis.call('HMGET', job, 'lane', 'client', 'state')
+  local lane, client, state = fields[1], fields[2], fields[3]
+  redis.call('ZREM', P .. 'leases', id)
+  if not lane then return 'none' end
+  redis.call('DEL', job)
+  if state == 'w' then
+    dequeue(id, lane, client)
+    return 'waiting'
+  end
+  -- The lane keeps its place until the next pump (see there).
+  redis.call('SREM', P .. 'run:' .. lane, id)
+  return 'running'
+end
+
+local function reap()
+  -- Jobs whose lease lapsed: their process died or lost Redis for a whole lease.
+  local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(expired) do
+    if remove(id) ~= 'none' then redis.call('HINCRBY', P .. 'stats', 'reaped', 1) end
+  end
+  return #expired
+end
+
+local function can_start(lane)
+  if redis.call('ZCARD', P .. 'q:' .. lane) > 0 then return false end
+  local running = redis.call('SCARD', P .. 'run:' .. lane)
+  if lane == 'a' then return running < ADMIN_SLOTS end
+  if switch_target() then return false end
+  if redis.call('SISMEMBER', P .. 'active', lane) == 1 then return running < slots(lane) end
+  return redis.call('SCARD', P .. 'active') < MAX_ACTIVE
+end
+"""
+
+# ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client.
+# Returns {'running'} | {'waiting'} | {'client_share', lane_waiting} | {'queue_full', waiting}.
+_SUBMIT = (
+    _PRELUDE
+    + r"""
+local id, lane, client, owner = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local queue_max, per_client = tonumber(ARGV[12]), tonumber(ARGV[13])
+if reap() > 0 then pump() end
+if redis.call('EXISTS', P .. 'job:' .. id) == 1 then return redis.error_reply('job exists') end
+local job = P .. 'job:' .. id
+if can_start(lane) then
+  redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now, 'state', 'w')
+  if lane ~= 'a' and redis.call('SISMEMBER', P .. 'active', lane) == 0 then
+    redis.call('SET', P .. 'slice', now)
+    redis.call('HINCRBY', P .. 'stats', 'activations', 1)
+  end
+  start(id, lane, false)  -- it runs at once: its owner needs no wake-up
+  return {'running'}
+end
+if tonumber(redis.call('HGET', P .. 'cw', client) or '0') >= per_client then
+  redis.call('HINCRBY', P .. 'stats', 'client_share', 1)
+  return {'client_share', redis.call('ZCARD', P .. 'q:' .. lane)}
+end
+if redis.call('ZCARD', P .. 'wait') >= queue_max then
+  redis.call('HINCRBY', P .. 'stats', 'queue_full', 1)
+  return {'queue_full', redis.call('ZCARD', P .. 'wait')}
+end
+local seq = redis.call('INCR', P .. 'seq')
+redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now, 'state', 'w')
+redis.call('ZADD', P .. 'wait', seq, id)
+redis.call('ZADD', P .. 'q:' .. lane, seq, id)
+local cq = P .. 'cq:' .. lane .. '\0' .. client
+if redis.call('RPUSH', cq, id) == 1 then redis.call('RPUSH', P .. 'turns:' .. lane, client) end
+refresh_queued(lane)
+redis.call('HINCRBY', P .. 'cw', client, 1)
+redis.call('ZADD', P .. 'leases', now + LEASE, id)
+return {'waiting'}
+"""
+)
+
+# ARGV[8]: job id. Returns what the job was: 'running', 'waiting' or 'none'.
+_FINISH = (
+    _PRELUDE
+    + r"""
+local was = remove(ARGV[8])
+reap()
+pump()
+return was
+"""
+)
+
+# ARGV[8..]: ids whose leases to renew. Reaps, applies due switches, and returns the
+# ids that Redis no longer knows (their leases lapsed).
+_TICK = (
+    _PRELUDE
+    + r"""
+local missing = {}
+for i = 8, #ARGV do
+  if redis.call('ZSCORE', P .. 'leases', ARGV[i]) then
+    redis.call('ZADD', P .. 'leases', now + LEASE, ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
+end
+reap()
+pump()
+return missing
+"""
+)
+
+# Plain data for the status page, as JSON.
+_SNAPSHOT = (
+    _PRELUDE
+    + r"""
+if reap() > 0 then pump() end
+local lanes = {}
+local function lane_of(lane)
+  if not lanes[lane] then
+    lanes[lane] = {
+      running = redis.call('SCARD', P .. 'run:' .. lane),
+      waiting = redis.call('ZCARD', P .. 'q:' .. lane),
+      slots = slots(lane),
+      clients_waiting = redis.call('LLEN', P .. 'turns:' .. lane),
+      active = redis.call('SISMEMBER', P .. 'active', lane) == 1,
+      oldest_wait = 0,
+    }
+    local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0)
+    if #first > 0 then
+      local sub = tonumber(redis.call('HGET', P .. 'job:' .. first[1], 'sub') or now)
+      lanes[lane].oldest_wait = (now - sub) / 1000
+    end
+  end
+end
+lane_of('a')
+for _, lane in ipairs(redis.call('SMEMBERS', P .. 'active')) do lane_of(lane) end
+for _, lane in ipairs(redis.call('ZRANGE', P .. 'queued', 0, -1)) do lane_of(lane) end
+local target = switch_target()
+local stats = redis.call('HGETALL', P .. 'stats')
+return cjson.encode({
+  lanes = lanes,
+  waiting = redis.call('ZCARD', P .. 'wait'),
+  active = redis.call('SMEMBERS', P .. 'active'),
+  clients = redis.call('HGETALL', P .. 'cw'),
+  target = target or false,
+  stats = stats,
+})
+"""
+)
+
+
+def lane_of(model: str, admin: bool) -> str:
+    """The lane key of a job: ``m:<model>`` for a model, ``a`` for the admin lane."""
+    return "a" if admin else "m:" + normalize_model(model)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The submit script's answer: running, waiting, client_share or queue_full."""
+
+    outcome: str
+    waiting: int = 0
+
+
+class RedisScheduler:
+    """The scheduling rules applied atomically to state in Redis (one script per event)."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        concurrency: int = 1,
+        overrides: Mapping[str, int] | None = None,
+        max_active_models: int = 1,
+        queue_max: int = 512,
+        queue_max_per_client: int = 32,
+        switch_after: float = 10.0,
+        admin_concurrency: int = 1,
+        lease: float = DEFAULT_LEASE,
+        prefix: str = KEY_PREFIX,
+    ) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be above 0, not {lease!r}")
+        self.client = client
+        self.prefix = prefix
+        self.lease = float(lease)
+        self.queue_max = queue_max
+        self.queue_max_per_client = queue_max_per_client
+        self.concurrency = concurrency
+        self.overrides = {normalize_model(m): n for m, n in (overrides or {}).items()}
+        self.admin_concurrency = admin_concurrency
+        self._config = [
+            str(int(self.lease * 1000)),
+            str(concurrency),
+            str(max_active_models),
+            str(admin_concurrency),
+            str(int(switch_after * 1000)),
+            "\n".join(f"{m}\t{n}" for m, n in sorted(self.overrides.items())),
+        ]
+        self._submit = client.register_script(_SUBMIT)
+        self._finish = client.register_script(_FINISH)
+        self._tick = client.register_script(_TICK)
+        self._snapshot = client.register_script(_SNAPSHOT)
+
+    def slots(self, lane: str) -> int:
+        if lane == "a":
+            return self.admin_concurrency
+        return self.overrides.get(lane[2:], self.concurrency)
+
+    def wake_key(self, owner: str) -> str:
+        """The list where the scripts push the ids of ``owner``'s jobs as they start."""
+        return f"{self.prefix}wake:{owner}"
+
+    def _argv(self, now_ms: int | None, *extra: str) -> list[str]:
+        return ["" if now_ms is None else str(now_ms), *self._config, *extra]
+
+    def submit(
+        self, job_id: str, lane: str, client: str, owner: str, *, now_ms: int | None = None
+    ) -> Decision:
+        """Add a job: it runs at once, waits, or is turned away (client share, queue full)."""
+        args = self._argv(
+            now_ms,
+            job_id,
+            lane,
+            client,
+            owner,
+            str(self.queue_max),
+            str(self.queue_max_per_client),
+        )
+        reply = self._submit(keys=[self.prefix], args=args)
+        outcome = _text(reply[0])
+        return Decision(outcome, int(reply[1]) if len(reply) > 1 else 0)
+
+    def finish(self, job_id: str, *, now_ms: int | None = None) -> str:
+        """End a job (released, cancelled); return 'running', 'waiting' or 'none'."""
+        return _text(self._finish(keys=[self.prefix], args=self._argv(now_ms, job_id)))
+
+    def tick(self, renew: Iterable[str] = (), *, now_ms: int | None = None) -> list[str]:
+        """Renew leases, drop lapsed jobs, start what the rules allow; return unknown ids."""
+        missing = self._tick(keys=[self.prefix], args=self._argv(now_ms, *renew))
+        return [_text(m) for m in missing]
+
+    def snapshot(self, *, now_ms: int | None = None) -> dict[str, Any]:
+        """The shared state, for the status page."""
+        raw = json.loads(self._snapshot(keys=[self.prefix], args=self._argv(now_ms)))
+        stats = _pairs(raw["stats"])
+        models = {}
+        admin = None
+        for lane, data in raw["lanes"].items() if isinstance(raw["lanes"], dict) else ():
+            if lane == "a":
+                admin = data
+                admin.pop("active", None)
+            else:
+                models[lane[2:]] = data
+        return {
+            "models": dict(sorted(models.items())),
+            "admin": admin,
+            "clients": {k: {"waiting": int(v)} for k, v in _pairs(raw["clients"]).items()},
+            "totals": {
+                "running": sum(d["running"] for d in raw["lanes"].values())
+                if isinstance(raw["lanes"], dict)
+                else 0,
+                "waiting": raw["waiting"],
+                "active_models": sorted(m[2:] for m in raw["active"] or []),
+                "admitted": int(stats.get("admitted", 0)),
+                "rejected": {
+                    "queue_full": int(stats.get("queue_full", 0)),
+                    "client_share": int(stats.get("client_share", 0)),
+                },
+                "reaped": int(stats.get("reaped", 0)),
+                "activations": int(stats.get("activations", 0)),
+                "forced_switches": int(stats.get("forced_switches", 0)),
+            },
+            "switch": {
+                "pending": bool(raw["target"]),
+                "target": raw["target"][2:] if raw["target"] else None,
+            },
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    """A Redis flat [k, v, k, v] reply (cjson may give {} for an empty one) as a dict."""
+    if not isinstance(flat, list):
+        return {}
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}

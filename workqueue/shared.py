@@ -1,0 +1,487 @@
+"""The work queue shared by every worker and host through Redis, with a local fallback.
+
+``SharedWorkQueue`` has ``WorkQueue``'s API. Each event (submit, finish, tick) is one Lua
+script (``scripts.RedisScheduler``) on the shared state; a job that must wait parks its
+greenlet on an event. One greenlet per process, the pump, blocks on the process's wake
+list (BLMPOP, at most WAKE_BLOCK seconds) where the scripts push the ids of its jobs as
+they start, and every TICK seconds, while anything waits, runs the tick script, which
+renews this process's leases, drops lapsed ones and applies switches that fell due.
+
+When Redis fails or answers slower than STORAGE_TIMEOUT, admission falls back to an
+in-process ``WorkQueue`` (this process's own slots, as with one worker) and the pump
+probes Redis every PROBE_EVERY seconds until it answers again. docs/SHARED_QUEUE.md has
+the algorithm and its failure modes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+from gevent.greenlet import Greenlet
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
+
+from .core import DEFAULT_JOB_SECONDS, EWMA_WEIGHT
+from .gate import ClientGone, WorkQueue
+from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
+
+logger = logging.getLogger(__name__)
+
+# Seconds Redis may take to answer one call before it counts as down (as the limiter's).
+STORAGE_TIMEOUT = 0.5
+# While Redis is down, try it again this often.
+PROBE_EVERY = 2.0
+# The pump's BLMPOP blocks this long at most, and ticks this often while jobs wait.
+WAKE_BLOCK = 0.2
+TICK = 0.2
+
+
+class RedisDown(Exception):
+    """Redis failed or was too slow: admit this job with the process's own slots."""
+
+
+class SharedSlot:
+    """A running job's hold on a shared slot; ``release()`` it on every path."""
+
+    __slots__ = ("_queue", "job_id", "model", "client", "admin", "waited", "_released", "_t0")
+
+    def __init__(
+        self,
+        queue: SharedWorkQueue,
+        job_id: str,
+        model: str,
+        client: str,
+        admin: bool,
+        waited: float,
+    ) -> None:
+        self._queue = queue
+        self.job_id = job_id
+        self.model = model
+        self.client = client
+        self.admin = admin
+        self.waited = waited
+        self._released = False
+        self._t0 = time.monotonic()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Free the slot in Redis; never raises (a lapsed lease frees it anyway)."""
+        if self._released:
+            return
+        self._released = True
+        self._queue._note_hold(time.monotonic() - self._t0)
+        self._queue._finish(self.job_id)
+
+    def __enter__(self) -> SharedSlot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # As gate.Slot: a safety net, run as a hub callback (Redis I/O cannot run here).
+        if not getattr(self, "_released", True):
+            self._released = True
+            logger.warning("work queue: a shared slot for %s was never released", self.model)
+            try:
+                gevent.get_hub().loop.run_callback(self._queue._spawn_finish, self.job_id)
+            except Exception:  # interpreter shutting down: the lease frees it
+                pass
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"<SharedSlot {self.job_id} {self.model} {self.client} {state}>"
+
+
+class _Waiter:
+    __slots__ = ("event", "queued", "started", "error")
+
+    def __init__(self) -> None:
+        self.event = gevent.event.Event()
+        self.queued = False  # the submit script has answered "waiting"
+        self.started = False
+        self.error: BaseException | None = None
+
+
+def is_shared(settings: Any) -> bool:
+    """Whether the gate's storage is a Redis, so the work queue is shared through it."""
+    return not str(settings.storage_uri).startswith("memory://")
+
+
+def redis_client(uri: str, timeout: float = STORAGE_TIMEOUT) -> redis.Redis:
+    """A client with short timeouts and no retries: a dead Redis costs one timeout."""
+    return redis.Redis.from_url(
+        uri,
+        socket_timeout=timeout,
+        socket_connect_timeout=STORAGE_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class SharedWorkQueue:
+    """Slots, the active-model cap, queue bounds and client turns shared through Redis."""
+
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        client: redis.Redis | None = None,
+        lease: float | None = None,
+        prefix: str = KEY_PREFIX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        uri = settings.storage_uri
+        self._redis = client if client is not None else redis_client(uri)
+        # The pump's BLMPOP holds its own connection for up to WAKE_BLOCK.
+        self._blocking = redis_client(uri, WAKE_BLOCK + STORAGE_TIMEOUT)
+        if lease is None:
+            lease = getattr(settings, "queue_lease", DEFAULT_LEASE)
+        self._sched = RedisScheduler(
+            self._redis,
+            concurrency=settings.model_concurrency,
+            overrides=settings.model_concurrency_overrides,
+            max_active_models=settings.max_active_models,
+            queue_max=settings.queue_max,
+            queue_max_per_client=settings.queue_max_per_client,
+            switch_after=settings.switch_after,
+            admin_concurrency=settings.admin_concurrency,
+            lease=lease,
+            prefix=prefix,
+        )
+        self.lease = float(lease)
+        self.queue_timeout = float(settings.queue_timeout)
+        self._local = WorkQueue.from_settings(settings)
+        self._clock = clock
+        self._owner: str | None = None
+        self._ids = itertools.count(1)
+        self._waiters: dict[str, _Waiter] = {}
+        self._running: set[str] = set()
+        self._down_since: float | None = None
+        self._closed = False
+        self._pump: Greenlet | None = None
+        self._poke = gevent.event.Event()
+        self._next_renew = 0.0
+        self._last_tick = 0.0
+        # Jobs left in Redis while it was out of reach: finished once it answers again.
+        self._orphans: set[str] = set()
+        self._avg_seconds: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SharedWorkQueue:
+        """A shared work queue on ``settings.storage_uri`` (a redis:// URL)."""
+        return cls(settings)
+
+    @property
+    def fallback(self) -> bool:
+        """Whether admission uses this process's own slots because Redis failed."""
+        return self._down_since is not None
+
+    @property
+    def scheduler(self) -> RedisScheduler:
+        return self._sched
+
+    @property
+    def owner(self) -> str:
+        # Made on first use, in the worker: a process forked later gets its own.
+        if self._owner is None:
+            host = socket.gethostname()
+            self._owner = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+        return self._owner
+
+    def acquire(
+        self,
+        model: str,
+        client: str,
+        *,
+        admin: bool = False,
+        client_gone: gevent.event.Event | None = None,
+    ) -> Any:
+        """Block this greenlet until the job may run and return its slot (see WorkQueue)."""
+        if self._closed:
+            raise ShuttingDown("the gate is shutting down", retry_after=1.0)
+        if client_gone is not None and client_gone.is_set():
+            raise ClientGone()
+        self._start_pump()
+        submitted = self._clock()
+        if not self.fallback:
+            try:
+                return self._acquire_shared(model, client, admin, client_gone, submitted)
+            except RedisDown:
+                pass  # admitted below, with this process's own slots
+        slot = self._local.acquire(model, client, admin=admin, client_gone=client_gone)
+        slot.waited = self._clock() - submitted
+        return slot
+
+    def snapshot(self) -> dict[str, Any]:
+        """The shared state, or this process's own while falling back."""
+        if not self.fallback:
+            try:
+                snap = self._sched.snapshot()
+            except redis.RedisError as exc:
+                self._went_down(exc)
+            else:
+                snap.update(
+                    shared=True,
+                    fallback=False,
+                    closed=self._closed,
+                    process={"waiting": len(self._waiters), "running": len(self._running)},
+                    retry_after=self._estimate(snap["totals"]["waiting"], 1),
+                )
+                return snap
+        snap = self._local.snapshot()
+        snap.update(shared=False, fallback=True)
+        return snap
+
+    def retry_after(self, model: str | None = None, *, admin: bool = False) -> float:
+        """Seconds a turned-away client should wait (estimated from this process's view)."""
+        if self.fallback:
+            return self._local.retry_after(model, admin=admin)
+        return self._estimate(len(self._waiters), 1)
+
+    def idle(self) -> bool:
+        """Whether this process holds no shared slot and has no job waiting, here or locally."""
+        return not self._waiters and not self._running and self._local.idle()
+
+    def close(self) -> None:
+        """Fail every waiting job with ShuttingDown; held slots stay valid until released."""
+        if self._closed:
+            return
+        self._closed = True
+        waiting = list(self._waiters.items())
+        self._waiters.clear()
+        for job_id, waiter in waiting:
+            waiter.error = ShuttingDown("the gate is shutting down", retry_after=1.0)
+            waiter.event.set()
+            self._spawn_finish(job_id)
+        self._local.close()
+        self._poke.set()
+        if waiting:
+            logger.info("work queue: closed, %s waiting jobs turned away", len(waiting))
+
+    # Shared admission
+
+    def _acquire_shared(
+        self,
+        model: str,
+        client: str,
+        admin: bool,
+        client_gone: gevent.event.Event | None,
+        submitted: float,
+    ) -> SharedSlot:
+        job_id = f"{self.owner}:{next(self._ids)}"
+        lane = lane_of(model, admin)
+        # Registered before the script runs: the pump may see the wake-up first.
+        waiter = self._waiters[job_id] = _Waiter()
+        try:
+            decision = self._sched.submit(job_id, lane, client, self.owner)
+        except redis.RedisError as exc:
+            self._waiters.pop(job_id, None)
+            self._went_down(exc)
+            raise RedisDown() from exc
+        except BaseException:
+            self._waiters.pop(job_id, None)
+            raise
+        if decision.outcome == "running":
+            self._waiters.pop(job_id, None)
+            self._running.add(job_id)
+            return SharedSlot(self, job_id, model, client, admin, 0.0)
+        if decision.outcome != "waiting":
+            self._waiters.pop(job_id, None)
+            slots = self._sched.slots(lane)
+            if decision.outcome == "client_share":
+                limit = self._sched.queue_max_per_client
+                error: GateError = ClientShareFull(
+                    f"too many waiting requests from this client (limit {limit})",
+                    retry_after=self._estimate(decision.waiting, slots),
+                )
+            else:
+                error = QueueFull(retry_after=self._estimate(decision.waiting, slots))
+            logger.info(
+                "work queue: turned away a job for %s from %s: %s", model, client, error.code
+            )
+            raise error
+
+        waiter.queued = True
+        self._poke.set()
+        callback: Callable[[Any], None] | None = None
+        if client_gone is not None:
+
+            def callback(_event: Any) -> None:
+                waiter.event.set()
+
+            client_gone.rawlink(callback)
+        try:
+            waiter.event.wait(max(0.0, submitted + self.queue_timeout - self._clock()))
+        except BaseException:
+            # Killed or timed out from outside while waiting: leave no trace behind.
+            self._waiters.pop(job_id, None)
+            self._running.discard(job_id)
+            self._spawn_finish(job_id)
+            raise
+        finally:
+            if client_gone is not None and callback is not None:
+                client_gone.unlink(callback)
+
+        if waiter.error is not None:
+            raise waiter.error
+        if not waiter.started:
+            # Timed out or the client left: take the job out (or give back the slot it got
+            # in the meantime, before its wake-up arrived).
+            self._waiters.pop(job_id, None)
+            self._finish(job_id)
+            if client_gone is not None and client_gone.is_set():
+                raise ClientGone()
+            logger.info("work queue: a job for %s timed out waiting", model)
+            raise QueueTimeout(
+                f"no slot became free within {self.queue_timeout:g} s; try again later",
+                retry_after=self._estimate(len(self._waiters), self._sched.slots(lane)),
+            )
+        if client_gone is not None and client_gone.is_set():
+            self._finish(job_id)
+            raise ClientGone()
+        return SharedSlot(self, job_id, model, client, admin, self._clock() - submitted)
+
+    def _finish(self, job_id: str) -> None:
+        """End a job in Redis; a failure only means its lease frees it later."""
+        self._running.discard(job_id)
+        if self.fallback:
+            self._orphans.add(job_id)  # finished when Redis answers, else its lease lapses
+            return
+        try:
+            self._sched.finish(job_id)
+        except redis.RedisError as exc:
+            self._orphans.add(job_id)
+            self._went_down(exc)
+
+    def _spawn_finish(self, job_id: str) -> None:
+        gevent.spawn(self._finish, job_id)
+
+    # The pump: wake-ups, ticks, lease renewal, probing
+
+    def _start_pump(self) -> None:
+        if self._pump is None or self._pump.dead:
+            self._pump = gevent.spawn(self._run_pump)
+
+    def _run_pump(self) -> None:
+        while not self._closed:
+            try:
+                if self.fallback:
+                    self._probe()
+                elif self._waiters:
+                    self._wait_for_wakeups()
+                    self._tick()
+                elif self._running:
+                    self._poke.wait(min(self.lease / 3, max(0.0, self._next_renew - self._clock())))
+                    self._poke.clear()
+                    self._tick()
+                else:
+                    self._poke.wait(self.lease / 3)
+                    self._poke.clear()
+            except redis.RedisError as exc:
+                self._went_down(exc)
+            except Exception:
+                # A bug here would strand every waiter; log it and keep the pump alive.
+                logger.exception("work queue: pump failed")
+                gevent.sleep(0.1)
+
+    def _wait_for_wakeups(self) -> None:
+        key = self._sched.wake_key(self.owner)
+        # BLMPOP (Redis 7): every id waiting in the list in one round trip.
+        reply: Any = self._blocking.blmpop(WAKE_BLOCK, 1, key, direction="LEFT", count=1000)
+        if not reply:
+            return
+        for raw in reply[1]:
+            job_id = raw.decode()
+            waiter = self._waiters.pop(job_id, None)
+            if waiter is None:
+                # Its greenlet gave up (client gone, timeout) after the job started.
+                self._spawn_finish(job_id)
+                continue
+            waiter.started = True
+            self._running.add(job_id)
+            waiter.event.set()
+
+    def _tick(self) -> None:
+        now = self._clock()
+        renew: list[str] = []
+        if now >= self._next_renew:
+            # Not the jobs whose submit has not answered yet: Redis may not know them.
+            renew = [*self._running, *(i for i, w in self._waiters.items() if w.queued)]
+            self._next_renew = now + self.lease / 3
+        elif not self._waiters or now < self._last_tick + TICK:
+            return
+        self._last_tick = now
+        missing = self._sched.tick(renew)
+        for job_id in missing:
+            # Redis forgot the job: its lease lapsed (Redis was out of reach for a lease,
+            # or restarted empty). A waiter is admitted locally; a running job runs on.
+            if job_id in self._running:
+                self._running.discard(job_id)
+                logger.warning("work queue: the lease of running job %s lapsed", job_id)
+            waiter = self._waiters.pop(job_id, None)
+            if waiter is not None:
+                waiter.error = RedisDown()
+                waiter.event.set()
+
+    def _probe(self) -> None:
+        gevent.sleep(PROBE_EVERY)
+        try:
+            self._redis.ping()
+        except redis.RedisError:
+            return
+        logger.warning("work queue: Redis answers again; slots are shared again")
+        self._down_since = None
+        self._next_renew = 0.0
+        orphans, self._orphans = self._orphans, set()
+        for job_id in orphans:
+            self._finish(job_id)
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = self._clock()
+            logger.warning(
+                "work queue: Redis unreachable (%s); admitting with this process's own "
+                "slots and trying Redis again every %ss",
+                exc,
+                PROBE_EVERY,
+            )
+        self._start_pump()  # it probes Redis until it answers
+        # Jobs waiting in Redis wait again, locally.
+        waiting = list(self._waiters.items())
+        self._waiters.clear()
+        for job_id, waiter in waiting:
+            self._orphans.add(job_id)
+            waiter.error = RedisDown()
+            waiter.event.set()
+        self._poke.set()
+
+    # Estimates
+
+    def _note_hold(self, seconds: float) -> None:
+        avg = self._avg_seconds
+        self._avg_seconds = seconds if avg is None else avg + EWMA_WEIGHT * (seconds - avg)
+
+    def _estimate(self, waiting: int, slots: int) -> float:
+        seconds = (self._avg_seconds or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
+        return min(max(seconds, 1.0), max(1.0, self.queue_timeout))
