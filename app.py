@@ -8,6 +8,7 @@ from flask import Flask
 
 import errors
 import proxy
+import status
 from settings import Settings
 
 
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gate.settings"] = settings
     errors.init_app(app)
     proxy.init_app(app, settings)
+    status.init_app(app, settings)
     return app
 
 

@@ -1,0 +1,172 @@
+"""The status extension: the Board fed by signals, the upstream probe and the once-a-second sampler.
+
+Nothing starts at import or in ``init_app``: gunicorn's master builds no app
+(preload_app is off), and a worker starts the two background greenlets, the
+sampler and the /api/ps poller, on its first request. Outside a gevent worker
+(the Flask test client, ``flask run``) nothing runs in the background: the
+history stays empty and /gate/healthz still probes on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from typing import Any
+
+import gevent
+import gevent.monkey
+from flask import Flask, current_app, g, has_request_context, request
+
+from endpoints import QUEUED_CLASSES, ROUTES
+from settings import Settings
+from signals import call_finished, call_rejected
+
+from .board import Board, reason_of
+from .metrics import Metrics
+from .probe import UpstreamProbe
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "gate.status"
+
+#: The endpoint class of each proxy rule, for rejections that come before a Call exists.
+_RULE_CLASSES = {rule: cls for rule, _methods, cls, _model in ROUTES}
+_RULE_CLASSES["/<path:path>"] = "light"
+
+
+class Status:
+    """What ``app.extensions["gate.status"]`` holds for one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.board = Board(time.time(), time.monotonic())
+        self.metrics = Metrics()
+        self.probe = UpstreamProbe(settings.upstream)
+        self.started_wall = time.time()
+        self.pid = os.getpid()
+        self._background: list[gevent.Greenlet] = []
+
+    # Background work
+
+    def ensure_started(self) -> None:
+        """Start the sampler and the /api/ps poller once, in a gevent worker only."""
+        if self._background or not gevent.monkey.is_module_patched("socket"):
+            return
+        self.pid = os.getpid()
+        # A weak reference: the extension never keeps the app (Flask's extension guide).
+        app = weakref.ref(current_app._get_current_object())  # type: ignore[attr-defined]
+        self._background = [gevent.spawn(self._sample_forever, app), gevent.spawn(self.probe.run)]
+        logger.debug("status: sampler and upstream probe started in worker %s", self.pid)
+
+    def _sample_forever(self, app_ref: weakref.ref[Flask]) -> None:
+        """Sample the work queue once a second into the Board's history."""
+        next_at = time.monotonic()
+        while True:
+            app = app_ref()
+            if app is None:
+                return
+            try:
+                self.board.sample(time.time(), _snapshot(app.extensions.get("gate.workqueue")))
+            except Exception:  # a bug here must not stop the history
+                logger.exception("status: sampling failed")
+            del app
+            next_at += 1.0
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (a blocked loop): skip the missed samples
+                next_at = time.monotonic() + 1.0
+                delay = 1.0
+            gevent.sleep(delay)
+
+    # Documents
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return _snapshot(current_app.extensions.get("gate.workqueue"))
+
+    def worker(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "workers": self.settings.workers,
+            "started": round(self.started_wall, 3),
+            "uptime": round(time.time() - self.started_wall, 1),
+            "access": self.settings.status_access,
+            "sampling": bool(self._background),
+        }
+
+    def document(self, *, history: bool = True) -> dict[str, Any]:
+        return self.board.document(
+            time.monotonic(),
+            time.time(),
+            snapshot=self.snapshot(),
+            upstream=self.probe.state(),
+            worker=self.worker(),
+            history=history,
+        )
+
+
+def _snapshot(workqueue: Any) -> dict[str, Any] | None:
+    if workqueue is None:
+        return None
+    try:
+        snap = workqueue.snapshot()
+    except Exception:
+        logger.exception("status: the work queue's snapshot failed")
+        return None
+    return snap if isinstance(snap, dict) else None
+
+
+def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
+    ext: Status | None = sender.extensions.get(EXTENSION)
+    if ext is None or call is None:
+        return
+    ext.board.finished(
+        time.monotonic(),
+        model=call.model,
+        client=call.client,
+        queued=call.cls in QUEUED_CLASSES,
+        waited=call.waited,
+        prompt_tokens=call.prompt_tokens,
+        completion_tokens=call.completion_tokens,
+    )
+    ext.metrics.call_finished(call)
+
+
+def _on_rejected(
+    sender: Flask,
+    error: Any = None,
+    call: Any = None,
+    cls: str | None = None,
+    **_: Any,
+) -> None:
+    ext: Status | None = sender.extensions.get(EXTENSION)
+    if ext is None or error is None:
+        return
+    if has_request_context() and request.blueprint == "status":
+        return  # the gate's own endpoints (a 401 for a scraper without a key): not API traffic
+    status, reason = reason_of(error)
+    ext.board.rejected(time.monotonic(), status, reason)
+    ext.metrics.call_rejected(status, reason, cls or _class_of(call))
+
+
+def _class_of(call: Any) -> str | None:
+    """The endpoint class of a refused request: its Call's, the limiter's, or its route's."""
+    if call is not None:
+        return str(call.cls)
+    if not has_request_context():
+        return None
+    cls = g.get("gate_class")
+    if cls:
+        return str(cls)
+    rule = request.url_rule
+    return _RULE_CLASSES.get(rule.rule) if rule is not None else None
+
+
+def init_app(app: Flask, settings: Settings) -> Status:
+    """Install the extension and subscribe to the call signals of ``app``."""
+    ext = Status(settings)
+    app.extensions[EXTENSION] = ext
+    call_finished.connect(_on_finished, sender=app)
+    call_rejected.connect(_on_rejected, sender=app)
+    app.before_request(ext.ensure_started)
+    return ext
