@@ -1,0 +1,73 @@
+"""Take docs/status.png: the status page, 1280 px wide, under `make demo`'s load.
+
+Starts what `make demo` starts (the simulator, the gate, a few clients asking
+four models), lets the load run so the charts fill, and saves a full-page
+screenshot from Debian's headless Chromium. Everything stays on 127.0.0.1.
+
+    .venv/bin/python scripts/status_screenshot.py [--seconds 120] [--out docs/status.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import demo  # noqa: E402 - scripts/demo.py, found through the path above
+
+from tests.chromium import chromium, full_page_screenshot, missing  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=120, help="load before the shot")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "status.png"))
+    args = parser.parse_args()
+    if missing():
+        raise SystemExit(missing())
+
+    sim, sim_url = demo.start_simulator()
+    port = free_port()
+    gate = demo.start_gate(sim_url, port)
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    stats: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=demo.client, args=(url, f"client-{i}", stop, stats), daemon=True)
+        for i in range(args.clients)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        with chromium(args.width, 900) as driver:
+            driver.get(url + "/gate/status")
+            deadline = time.monotonic() + args.seconds
+            while time.monotonic() < deadline:
+                time.sleep(5)
+                print(f"{deadline - time.monotonic():4.0f}s left; answers {stats}", flush=True)
+            full_page_screenshot(driver, args.out, args.width)
+        print(f"saved {args.out}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for proc in (gate, sim):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
