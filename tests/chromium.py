@@ -66,11 +66,12 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
 
 
 def full_page_screenshot(driver: Any, path: str, width: int) -> None:
-    """Resize the window to the page's full height and save a PNG of it."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, int(height) + 10)
-    # The window's outer size includes no chrome in headless mode; the viewport is exact.
+    """Size the viewport to ``width`` by the page's full height and save a PNG of it."""
+    # set_window_size sets the outer size: add what the window takes around the viewport.
+    outer = driver.get_window_size()
     inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
-    if inner[0] != width:
-        driver.set_window_size(width + (width - inner[0]), int(height) + 10)
+    extra_w, extra_h = outer["width"] - inner[0], outer["height"] - inner[1]
+    driver.set_window_size(width + extra_w, 600 + extra_h)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width + extra_w, int(height) + extra_h)
     driver.save_screenshot(path)

@@ -147,13 +147,17 @@ def test_healthz_is_cheap_for_the_upstream(gate: Gate, fake: FakeOllama) -> None
 
 def test_background_sampling_and_api_ps_polling(gate: Gate, fake: FakeOllama) -> None:
     requests.post(gate.url + "/api/generate", json={"model": "m3", "prompt": "x"}, timeout=10)
+
+    def loaded(doc: dict[str, Any]) -> list[str]:
+        return [m["name"] for m in doc["upstream"]["loaded"]]
+
+    # The poller asks /api/ps every 5 s: the model shows up within one round.
     doc = wait_until(
-        lambda: (d := status(gate))["upstream"]["loaded"] and len(d["history"]["t"]) >= 2 and d,
+        lambda: "m3:latest" in loaded(d := status(gate)) and len(d["history"]["t"]) >= 2 and d,
         timeout=12,
         interval=0.3,
     )
     assert doc["worker"]["sampling"] is True
-    assert "m3:latest" in [m["name"] for m in doc["upstream"]["loaded"]]
     assert doc["models"]["m3:latest"]["loaded"] is True
     # Page views never reach the upstream: only the one poller asks /api/ps.
     before = len([r for r in fake.stats()["requests"] if r["path"] == "/api/ps"])

@@ -235,12 +235,18 @@
 
   // -- charts ---------------------------------------------------------------------------
 
-  function niceMax(v) {
-    if (!(v > 0)) return 1;
-    var p = Math.pow(10, Math.floor(Math.log10(v)));
+  // A step for four grid lines that is 1, 2, 2.5 or 5 times a power of ten.
+  function niceStep(max) {
+    var raw = max > 0 ? max / 4 : 0.25;
+    var p = Math.pow(10, Math.floor(Math.log10(raw)));
     var steps = [1, 2, 2.5, 5, 10];
-    for (var i = 0; i < steps.length; i++) if (v <= steps[i] * p) return steps[i] * p;
+    for (var i = 0; i < steps.length; i++) if (raw <= steps[i] * p) return steps[i] * p;
     return 10 * p;
+  }
+
+  function tickLabel(v, step) {
+    var digits = step >= 1 ? 0 : Math.min(3, Math.ceil(-Math.log10(step) + 0.01));
+    return step >= 1 ? String(Math.round(v)) : String(Number(v.toFixed(digits)));
   }
 
   // Draw series (arrays aligned with t; null breaks a line) over the last `window` seconds.
@@ -252,7 +258,8 @@
     var pw = W - left - right, ph = H - top - bottom;
     var max = 0;
     series.forEach(function (s) { s.data.forEach(function (v) { if (v !== null && v > max) max = v; }); });
-    max = niceMax(max);
+    var step = niceStep(max);
+    max = step * 4;
     var x = function (ts) { return left + pw * (1 - (now - ts) / window); };
     var y = function (v) { return top + ph * (1 - v / max); };
     var root = svg("svg", { viewBox: "0 0 " + W + " " + H });
@@ -260,9 +267,7 @@
       var gy = top + ph * g / 4;
       root.appendChild(svg("line", { x1: left, x2: W - right, y1: gy, y2: gy, "class": "grid" }));
       var label = svg("text", { x: left - 6, y: gy + 4, "text-anchor": "end", "class": "axis" });
-      var val = max * (1 - g / 4);
-      label.textContent = (max < 4 ? String(Number(val.toFixed(2))) : String(Math.round(val))) +
-        (g === 0 && unit ? unit : "");
+      label.textContent = tickLabel(max - step * g, step) + (g === 0 && unit ? unit : "");
       root.appendChild(label);
     }
     [[window, "-15 min"], [window * 2 / 3, "-10"], [window / 3, "-5"], [0, "now"]].forEach(function (tick) {
