@@ -9,6 +9,7 @@ from flask import Flask
 import errors
 import proxy
 import status
+import workqueue
 from settings import Settings
 
 
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gate.settings"] = settings
     errors.init_app(app)
     proxy.init_app(app, settings)
+    workqueue.init_app(app, settings)
     status.init_app(app, settings)
     return app
 

@@ -21,8 +21,9 @@ from .relay import Relay, stream_kind
 from .upstream import Upstream
 
 # The work queue's hook: called before the upstream is opened, blocks until the call
-# may run (or raises a GateError), and returns the function that frees its slot.
-Admit = Callable[[Call, ClientWatch], Callable[[], None]]
+# may run (or raises a GateError), and returns the function that frees its slot (None
+# when the call is not queued).
+Admit = Callable[[Call, ClientWatch], Callable[[], None] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     out_headers = [(k, v) for k, v in resp.headers if k.lower() not in skip]
     if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
         out_headers.append(("X-Accel-Buffering", "no"))
-    if admit is not None and cls != LIGHT:
+    if release is not None:
         out_headers.append(("X-Gate-Queue-Wait", f"{call.waited:.3f}"))
     relay = Relay(app, resp, watch, call, on_close=release)
     return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)

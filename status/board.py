@@ -169,7 +169,7 @@ class Board:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> None:
-        """A forwarded call ended (``queued``: it went through the work queue)."""
+        """A forwarded call ended (``queued``: an inference or embed job, queued per model)."""
         self.requests += 1
         self.tokens_in += prompt_tokens
         self.tokens_out += completion_tokens

@@ -19,7 +19,7 @@ import gevent
 import gevent.monkey
 from flask import Flask, current_app, g, has_request_context, request
 
-from endpoints import QUEUED_CLASSES, ROUTES
+from endpoints import ROUTES
 from settings import Settings
 from signals import call_finished, call_rejected
 
@@ -34,6 +34,8 @@ EXTENSION = "gate.status"
 #: The endpoint class of each proxy rule, for rejections that come before a Call exists.
 _RULE_CLASSES = {rule: cls for rule, _methods, cls, _model in ROUTES}
 _RULE_CLASSES["/<path:path>"] = "light"
+#: Jobs that run per model (admin jobs take their own lane, keyed by no model).
+MODEL_CLASSES = frozenset({"inference", "embed"})
 
 
 class Status:
@@ -124,7 +126,7 @@ def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
         time.monotonic(),
         model=call.model,
         client=call.client,
-        queued=call.cls in QUEUED_CLASSES,
+        queued=call.cls in MODEL_CLASSES,
         waited=call.waited,
         prompt_tokens=call.prompt_tokens,
         completion_tokens=call.completion_tokens,

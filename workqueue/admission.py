@@ -1,0 +1,51 @@
+"""The work queue in the request path: the proxy's admission hook and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import Flask
+
+from proxy.call import Call
+from proxy.disconnect import ClientDisconnected, ClientWatch
+from settings import Settings
+
+from .gate import ClientGone, WorkQueue
+
+logger = logging.getLogger(__name__)
+
+# Admin jobs that take the admin lane (issue 4): the long-running model transfers.
+# copy, delete and blob transfers are quick or bounded by the client's own upload,
+# so they go straight through.
+ADMIN_QUEUED = frozenset({"/api/pull", "/api/push", "/api/create"})
+# Jobs of an admin lane are keyed by this name in place of a model.
+ADMIN_MODEL = "admin"
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Put every inference, embed and admin job through one WorkQueue."""
+    queue = WorkQueue.from_settings(settings)
+    app.extensions["gate.workqueue"] = queue
+    app.extensions["gate.admit"] = _admitter(queue)
+
+
+def _admitter(queue: WorkQueue) -> Callable[[Call, ClientWatch], Callable[[], None] | None]:
+    def admit(call: Call, watch: ClientWatch) -> Callable[[], None] | None:
+        """Block until ``call`` may run; return what frees its slot (None: not queued)."""
+        if call.cls == "admin":
+            if call.path not in ADMIN_QUEUED:
+                return None
+            model, admin = ADMIN_MODEL, True
+        elif call.cls in ("inference", "embed") and call.model:
+            model, admin = call.model, False
+        else:
+            return None
+        try:
+            slot = queue.acquire(model, call.client, admin=admin, client_gone=watch.gone)
+        except ClientGone:
+            raise ClientDisconnected("client left while its job waited") from None
+        call.waited = slot.waited
+        return slot.release
+
+    return admit
