@@ -45,6 +45,7 @@ format: dev-install
 
 ## bench: the benchmarks of docs/BENCHMARKS.md
 bench: dev-install
+	@bash scripts/system-deps.sh bench
 	$(PY) bench/proxy_overhead.py
 
 system-deps:

@@ -113,6 +113,8 @@ def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
 
 def read_body() -> bytes:
     """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length."""
+    if request.content_length is None and "HTTP_TRANSFER_ENCODING" not in request.environ:
+        return b""  # no body announced: nothing to read (most GETs)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if limit is None:
         return request.get_data(cache=True)

@@ -13,6 +13,10 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# `scripts/system-deps.sh bench`: also the load generator of the benchmarks.
+if [ "${1:-}" = bench ]; then
+  command -v wrk >/dev/null || need+=(wrk)
+fi
 
 if ((${#need[@]} == 0)); then
   exit 0

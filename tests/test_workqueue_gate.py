@@ -220,7 +220,11 @@ def test_disconnect_mid_stream_frees_the_slot_at_once(
     slow = {"X-Fake-Token-Interval": "0.5", "X-Fake-Tokens": "40"}  # 20 s if left alone
     sock = open_stream(gate, "m1", "leaver", slow)
     sock.settimeout(10)
-    assert b'"response"' in sock.recv(65536)
+    received = b""
+    while b'"response"' not in received:  # headers, then the first token
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(generate, gate, "m1", prompt="next", headers={"X-Fake-Tokens": "1"})
         time.sleep(0.3)
