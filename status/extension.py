@@ -1,10 +1,12 @@
 """The status extension: the Board fed by signals, the upstream probe and the once-a-second sampler.
 
 Nothing starts at import or in ``init_app``: gunicorn's master builds no app
-(preload_app is off), and a worker starts the two background greenlets, the
-sampler and the /api/ps poller, on its first request. Outside a gevent worker
-(the Flask test client, ``flask run``) nothing runs in the background: the
-history stays empty and /gate/healthz still probes on demand.
+(preload_app is off). A worker starts the sampler greenlet on its first request
+(it only reads the work queue), and the /api/ps poller on the first request for
+one of the status endpoints, so an upstream sees no probe from a gate nobody
+watches; the poller stops again after POLL_IDLE seconds without such a request.
+Outside a gevent worker (the Flask test client, ``flask run``) nothing runs in
+the background: the history stays empty and /gate/healthz probes on demand.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .probe import UpstreamProbe
 logger = logging.getLogger(__name__)
 
 EXTENSION = "gate.status"
+#: The /api/ps poller stops after this many seconds without a status request.
+POLL_IDLE = 900.0
 
 #: The endpoint class of each proxy rule, for rejections that come before a Call exists.
 _RULE_CLASSES = {rule: cls for rule, _methods, cls, _model in ROUTES}
@@ -48,19 +52,30 @@ class Status:
         self.probe = UpstreamProbe(settings.upstream)
         self.started_wall = time.time()
         self.pid = os.getpid()
-        self._background: list[gevent.Greenlet] = []
+        self._sampler: gevent.Greenlet | None = None
+        self._poller: gevent.Greenlet | None = None
 
     # Background work
 
     def ensure_started(self) -> None:
-        """Start the sampler and the /api/ps poller once, in a gevent worker only."""
-        if self._background or not gevent.monkey.is_module_patched("socket"):
+        """Start the sampler once, in a gevent worker only (before_request of every request)."""
+        if self._sampler is not None or not gevent.monkey.is_module_patched("socket"):
             return
         self.pid = os.getpid()
         # A weak reference: the extension never keeps the app (Flask's extension guide).
         app = weakref.ref(current_app._get_current_object())  # type: ignore[attr-defined]
-        self._background = [gevent.spawn(self._sample_forever, app), gevent.spawn(self.probe.run)]
-        logger.debug("status: sampler and upstream probe started in worker %s", self.pid)
+        self._sampler = gevent.spawn(self._sample_forever, app)
+        logger.debug("status: sampler started in worker %s", self.pid)
+
+    def watched(self) -> None:
+        """A status endpoint was asked for: keep the /api/ps poller running (start it if needed)."""
+        self.probe.touch()
+        if self._poller is not None and not self._poller.dead:
+            return
+        if not gevent.monkey.is_module_patched("socket"):
+            return
+        self._poller = gevent.spawn(self.probe.run, POLL_IDLE)
+        logger.debug("status: upstream poller started in worker %s", self.pid)
 
     def _sample_forever(self, app_ref: weakref.ref[Flask]) -> None:
         """Sample the work queue once a second into the Board's history."""
@@ -93,7 +108,8 @@ class Status:
             "started": round(self.started_wall, 3),
             "uptime": round(time.time() - self.started_wall, 1),
             "access": self.settings.status_access,
-            "sampling": bool(self._background),
+            "sampling": self._sampler is not None,
+            "polling": self._poller is not None and not self._poller.dead,
         }
 
     def document(self, *, history: bool = True) -> dict[str, Any]:

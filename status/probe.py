@@ -68,6 +68,7 @@ class UpstreamProbe:
         self.loaded: list[dict[str, Any]] = []
         self.loaded_checked_wall: float | None = None
         self.probes = 0
+        self.used = clock()  # when a status endpoint was last asked for
         self._inflight: gevent.event.AsyncResult | None = None
 
     # Asking
@@ -154,9 +155,13 @@ class UpstreamProbe:
             result.set(bool(self.healthy))
         return healthy
 
-    def run(self) -> None:
-        """Poll /api/ps for ever (the one background greenlet of the upstream probe)."""
-        while True:
+    def touch(self) -> None:
+        """Someone looked at the status: the poller keeps going."""
+        self.used = self._clock()
+
+    def run(self, idle: float = float("inf")) -> None:
+        """Poll /api/ps until nobody has looked for ``idle`` seconds (the one poller greenlet)."""
+        while self._clock() - self.used < idle:
             try:
                 if self.version is None:
                     self.probe("/api/version")
@@ -164,6 +169,7 @@ class UpstreamProbe:
             except Exception:  # a bug here must not stop the polling
                 logger.exception("upstream probe failed")
             gevent.sleep(self.ps_interval if self.healthy else self.ps_interval_down)
+        logger.debug("upstream poller stops: no status request for %.0f s", idle)
 
     def state(self) -> dict[str, Any]:
         """The cached answers, as status.json's ``upstream`` object."""

@@ -30,6 +30,8 @@ READ = ["GET", "HEAD"]
 OTHER = ["POST", "PUT", "PATCH", "DELETE"]
 PATHS = ("/gate/status", "/gate/status.json", "/gate/healthz", "/metrics")
 NO_STORE = {"Cache-Control": "no-store"}
+# Requests that mean someone is watching: they keep the upstream poller running.
+WATCHED = frozenset({"status.page", "status.status_json", "status.healthz", "status.metrics"})
 
 
 def _ext() -> Status:
@@ -49,6 +51,8 @@ def guard() -> None:
         trusted_proxies=ext.settings.trusted_proxies,
         loopback_ok=request.endpoint == "status.healthz",
     )
+    if request.endpoint in WATCHED:
+        ext.watched()
 
 
 def _json(doc: Any, status: int = 200) -> Response:

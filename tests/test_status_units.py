@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -427,3 +428,13 @@ def test_probe_reads_loaded_models_from_api_ps(fake: FakeOllama) -> None:
     probe = UpstreamProbe(fake.url)
     assert probe.probe("/api/ps") is True
     assert [m["name"] for m in probe.state()["loaded"]] == ["m2:latest"]
+
+
+def test_poller_stops_when_nobody_watches(fake: FakeOllama) -> None:
+    probe = UpstreamProbe(fake.url, ps_interval=0.02)
+    probe.touch()
+    started = time.monotonic()
+    probe.run(idle=0.3)  # returns once no status request came for 0.3 s
+    assert 0.3 <= time.monotonic() - started < 3
+    assert probe.probes >= 3 and probe.healthy is True
+    assert probe.state()["loaded_checked"] is not None
