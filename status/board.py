@@ -23,6 +23,8 @@ HISTORY_SECONDS = 900
 RATE_SECONDS = 60
 #: Window of the "recent" rejection counts.
 RECENT_SECONDS = 900
+#: The history's "wait" is the mean queue wait of the jobs that ended in this many seconds.
+WAIT_SECONDS = 10
 #: At most this many clients are listed (the busiest first), so a crowd keeps the page small.
 MAX_CLIENTS = 200
 
@@ -74,7 +76,7 @@ class Sample:
     waiting: int | None  # None: no work queue
     running: int | None
     oldest_wait: float | None  # the longest current wait of any job, seconds
-    wait: float | None  # mean queue wait of the jobs that ended in that second
+    wait: float | None  # mean queue wait of the jobs that ended in the last WAIT_SECONDS
 
 
 @functools.lru_cache(maxsize=4096)
@@ -155,6 +157,8 @@ class Board:
         self.history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
         self._wait_sum = 0.0
         self._wait_count = 0
+        # (sum, count) of the queue waits of the jobs that ended in each of the last samples
+        self._recent_waits: deque[tuple[float, int]] = deque(maxlen=WAIT_SECONDS)
 
     # What happened
 
@@ -209,8 +213,10 @@ class Board:
                 ),
                 default=0.0,
             )
-        wait = self._wait_sum / self._wait_count if self._wait_count else None
+        self._recent_waits.append((self._wait_sum, self._wait_count))
         self._wait_sum, self._wait_count = 0.0, 0
+        count = sum(n for _, n in self._recent_waits)
+        wait = sum(total for total, _ in self._recent_waits) / count if count else None
         sample = Sample(wall, waiting, running, oldest, wait)
         self.history.append(sample)
         return sample

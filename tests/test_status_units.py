@@ -438,3 +438,15 @@ def test_poller_stops_when_nobody_watches(fake: FakeOllama) -> None:
     assert 0.3 <= time.monotonic() - started < 3
     assert probe.probes >= 3 and probe.healthy is True
     assert probe.state()["loaded_checked"] is not None
+
+
+def test_history_wait_is_the_mean_of_the_last_ten_seconds() -> None:
+    board = Board(0.0, 0.0)
+    for waited in (1.0, 3.0):
+        board.finished(
+            0.5, model="m", client="c", queued=True, waited=waited, prompt_tokens=0,
+            completion_tokens=0,
+        )  # fmt: skip
+    waits = [board.sample(float(second), None).wait for second in range(12)]
+    assert waits[:10] == [2.0] * 10  # the two jobs count for ten seconds
+    assert waits[10:] == [None, None]

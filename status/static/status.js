@@ -236,21 +236,22 @@
   // -- charts ---------------------------------------------------------------------------
 
   // A step for four grid lines that is 1, 2, 2.5 or 5 times a power of ten.
-  function niceStep(max) {
+  function niceStep(max, whole) {
     var raw = max > 0 ? max / 4 : 0.25;
+    if (whole) raw = Math.max(raw, 1);  // counts: whole-number grid lines
     var p = Math.pow(10, Math.floor(Math.log10(raw)));
-    var steps = [1, 2, 2.5, 5, 10];
+    var steps = whole ? [1, 2, 3, 5, 10] : [1, 2, 2.5, 5, 10];
     for (var i = 0; i < steps.length; i++) if (raw <= steps[i] * p) return steps[i] * p;
     return 10 * p;
   }
 
-  function tickLabel(v, step) {
-    var digits = step >= 1 ? 0 : Math.min(3, Math.ceil(-Math.log10(step) + 0.01));
-    return step >= 1 ? String(Math.round(v)) : String(Number(v.toFixed(digits)));
+  function tickLabel(v) {
+    return String(Number(v.toFixed(3)));
   }
 
   // Draw series (arrays aligned with t; null breaks a line) over the last `window` seconds.
-  function chart(id, t, series, window, now, unit) {
+  // A series with `join` draws across its gaps (no job ended in the last seconds).
+  function chart(id, t, series, window, now, unit, whole) {
     var box = $(id);
     var W = Math.max(200, Math.round(box.clientWidth || 600));
     var H = Math.max(100, Math.round(box.clientHeight || 170));
@@ -258,7 +259,7 @@
     var pw = W - left - right, ph = H - top - bottom;
     var max = 0;
     series.forEach(function (s) { s.data.forEach(function (v) { if (v !== null && v > max) max = v; }); });
-    var step = niceStep(max);
+    var step = niceStep(max, whole);
     max = step * 4;
     var x = function (ts) { return left + pw * (1 - (now - ts) / window); };
     var y = function (v) { return top + ph * (1 - v / max); };
@@ -267,7 +268,7 @@
       var gy = top + ph * g / 4;
       root.appendChild(svg("line", { x1: left, x2: W - right, y1: gy, y2: gy, "class": "grid" }));
       var label = svg("text", { x: left - 6, y: gy + 4, "text-anchor": "end", "class": "axis" });
-      label.textContent = tickLabel(max - step * g, step) + (g === 0 && unit ? unit : "");
+      label.textContent = tickLabel(max - step * g) + (g === 0 && unit ? unit : "");
       root.appendChild(label);
     }
     [[window, "-15 min"], [window * 2 / 3, "-10"], [window / 3, "-5"], [0, "now"]].forEach(function (tick) {
@@ -283,7 +284,10 @@
       var d = "", pen = false, area = "", first = null, lastX = null;
       for (var i = 0; i < t.length; i++) {
         var v = s.data[i];
-        if (v === null || v === undefined || now - t[i] > window) { pen = false; continue; }
+        if (v === null || v === undefined || now - t[i] > window) {
+          if (!s.join) pen = false;
+          continue;
+        }
         var px = x(t[i]).toFixed(1), py = y(v).toFixed(1);
         d += (pen ? "L" : "M") + px + " " + py;
         if (s.area) {
@@ -311,11 +315,11 @@
     chart("chart-depth", h.t, [
       { data: h.waiting, cls: "a", area: true },
       { data: h.running, cls: "b" },
-    ], h.window, now, "");
+    ], h.window, now, "", true);
     chart("chart-wait", h.t, [
       { data: h.oldest_wait, cls: "a", area: true },
-      { data: h.wait, cls: "b" },
-    ], h.window, now, " s");
+      { data: h.wait, cls: "b", join: true },
+    ], h.window, now, " s", false);
   }
 
   // -- polling --------------------------------------------------------------------------
