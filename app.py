@@ -7,6 +7,7 @@ import os
 from flask import Flask
 
 import errors
+import limiter
 import proxy
 import status
 import workqueue
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["gate.settings"] = settings
     errors.init_app(app)
+    limiter.init_app(app, settings)
     proxy.init_app(app, settings)
     workqueue.init_app(app, settings)
     status.init_app(app, settings)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from endpoints import normalize_model
+from limiter.keys import load_keys
+from limiter.policy import normalize_limit
 
 T = TypeVar("T")
 
@@ -102,10 +104,18 @@ def validate_access(value: str) -> str:
 
 
 def validate_limit(value: str) -> str:
+    # limiter.policy speaks the limits library's grammar without importing it (see there).
+    return normalize_limit(value)
+
+
+def validate_token_budget(value: str) -> int:
     value = value.strip()
-    if not value:
-        raise ValueError("must be a rate limit such as '60/minute;5/second', or 'off'")
-    return "off" if value.lower() == "off" else value
+    if value.lower() == "off":
+        return 0
+    try:
+        return validate_non_neg_int(value)
+    except ValueError:
+        raise ValueError("must be a whole number of tokens per minute, or 'off'") from None
 
 
 def validate_storage(value: str) -> str:
@@ -118,6 +128,14 @@ def validate_storage(value: str) -> str:
 
 def validate_path(value: str) -> str | None:
     return value.strip() or None
+
+
+def validate_keys_file(value: str) -> str | None:
+    """The keys file's path, once the file has been read and checked (errors name file and line)."""
+    path = validate_path(value)
+    if path is not None:
+        load_keys(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,7 @@ class Settings:
     limit_light: str = "3000/minute;100/second"
     storage_uri: str = "memory://"
     api_keys_file: str | None = None
+    anon_tokens_per_minute: int = 0  # token budget of each client without an API key; 0: none
     trusted_proxies: int = 0
     model_concurrency: int = 1
     model_concurrency_overrides: Mapping[str, int] = field(default_factory=dict)
@@ -175,7 +194,8 @@ class Settings:
         read("GATE_LIMIT_ADMIN", "limit_admin", validate_limit)
         read("GATE_LIMIT_LIGHT", "limit_light", validate_limit)
         read("GATE_STORAGE_URI", "storage_uri", validate_storage)
-        read("GATE_API_KEYS_FILE", "api_keys_file", validate_path)
+        read("GATE_API_KEYS_FILE", "api_keys_file", validate_keys_file)
+        read("GATE_ANON_TOKENS_PER_MINUTE", "anon_tokens_per_minute", validate_token_budget)
         read("GATE_TRUSTED_PROXIES", "trusted_proxies", validate_non_neg_int)
         read("GATE_MODEL_CONCURRENCY", "model_concurrency", validate_pos_int)
         read("GATE_MODEL_CONCURRENCY_OVERRIDES", "model_concurrency_overrides", validate_overrides)

@@ -82,8 +82,13 @@ def _named_in_connection(value: str | None) -> set[str]:
 
 
 def forward_headers() -> dict[str, str]:
-    """The client's request headers minus hop-by-hop ones."""
+    """The client's request headers minus hop-by-hop ones and those the gate consumed.
+
+    ``g.gate_consumed_headers`` names headers meant for the gate itself (the API
+    key, when the limiter checked it): they never reach the upstream.
+    """
     skip = REQUEST_SKIP | _named_in_connection(request.headers.get("Connection"))
+    skip |= g.get("gate_consumed_headers", frozenset())
     return {k: v for k, v in request.headers.items() if k.lower() not in skip}
 
 
@@ -229,6 +234,8 @@ def _view(cls: EndpointClass, needs_model: bool, stream_body: bool = False) -> A
 
 # One view function per endpoint class and body kind, so the limiter can decorate a class.
 _views: dict[tuple[EndpointClass, bool, bool], Any] = {}
+#: The endpoint class of each endpoint this blueprint registers ("proxy.inference_model": ...).
+ENDPOINT_CLASSES: dict[str, EndpointClass] = {f"{bp.name}.light_other": LIGHT}
 for _rule, _methods, _cls, _needs_model in ROUTES:
     _stream = _rule.startswith("/api/blobs/")
     _key = (_cls, _needs_model, _stream)
@@ -237,6 +244,7 @@ for _rule, _methods, _cls, _needs_model in ROUTES:
         _views[_key] = _view(_cls, _needs_model, _stream)
         _views[_key].__name__ = _name
     bp.add_url_rule(_rule, view_func=_views[_key], methods=list(_methods))
+    ENDPOINT_CLASSES[f"{bp.name}.{_views[_key].__name__}"] = _cls
 
 # Anything else Ollama serves is forwarded as light (DESIGN.md, endpoint classes).
 _other = _view(LIGHT, False)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fakeollama import FakeOllama
+from tests.redis_support import RedisServer, start_redis
 from tests.support import Gate, start_gate
 
 
@@ -74,3 +75,11 @@ def gate_factory(tmp_path: Path) -> Iterator[Callable[..., Gate]]:
     yield factory
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session (tests flush it); see tests/redis_support.py."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.max_body == 67108864
     assert s.status_access == "public"
     assert s.workers == 1
+    assert s.anon_tokens_per_minute == 0
 
 
 def test_values_are_parsed() -> None:
@@ -73,6 +75,11 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
         ("GATE_STORAGE_URI", "mongodb://x", "redis://"),
         ("GATE_TRUSTED_PROXIES", "-1", "0 or more"),
         ("GATE_MAX_BODY", "big", "must be a number"),
+        ("GATE_LIMIT_INFERENCE", "60/minit", "unknown period 'minit'"),
+        ("GATE_LIMIT_LIGHT", "fast", "cannot read 'fast'"),
+        ("OLLAMA_RATE_LIMIT", "0/minute", "1 or more"),
+        ("GATE_ANON_TOKENS_PER_MINUTE", "lots", "whole number of tokens"),
+        ("GATE_API_KEYS_FILE", "/nonexistent/keys.toml", "cannot read the keys file"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
@@ -109,6 +116,54 @@ def test_gunicorn_config_imports_nothing_gevent_patches() -> None:
     code = (
         "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
         "bad = [m for m in ('app', 'flask', 'ssl', 'geventhttpclient', 'urllib3') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_limits_and_token_budget_are_parsed() -> None:
+    s = Settings.from_env(
+        {"GATE_LIMIT_INFERENCE": " 10 per minute; 2/second ", "GATE_ANON_TOKENS_PER_MINUTE": "5000"}
+    )
+    assert (s.limit_inference, s.anon_tokens_per_minute) == ("10 per minute; 2/second", 5000)
+    assert Settings.from_env({"GATE_ANON_TOKENS_PER_MINUTE": "off"}).anon_tokens_per_minute == 0
+
+
+def test_a_malformed_keys_file_is_named_with_its_line(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey_sha256 = "' + "0" * 64 + '"\nrole = "root"\n')
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"GATE_API_KEYS_FILE": str(keys)})
+    assert str(info.value).startswith(f"GATE_API_KEYS_FILE={str(keys)!r}: {keys} line 3: ")
+    assert 'role must be "user" or "admin"' in str(info.value)
+
+
+def test_gunicorn_refuses_to_start_with_a_bad_limit_or_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text("[keys.alice]\nkey_sha256 = 42\n")
+    for env, says in [
+        ({"GATE_LIMIT_EMBED": "lots"}, "GATE_LIMIT_EMBED='lots': cannot read 'lots'"),
+        ({"GATE_API_KEYS_FILE": str(keys)}, f"{keys} line 2: [keys.alice]: key_sha256 must be"),
+    ]:
+        proc = subprocess.run(
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "GATE_BIND": f"127.0.0.1:{free_port()}", **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode != 0
+        assert says in proc.stdout + proc.stderr
+
+
+def test_settings_import_nothing_gevent_patches() -> None:
+    # gunicorn's master imports settings in on_starting (and with it limiter.keys and
+    # limiter.policy): ssl or socket imported there would reach the workers unpatched.
+    code = (
+        "import sys, settings; "
+        "bad = [m for m in ('ssl', 'socket', 'flask', 'limits', 'redis', 'gevent', 'asyncio') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

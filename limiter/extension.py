@@ -1,0 +1,372 @@
+"""The limiter's Flask wiring: client identity, API keys, per-class limits, token budgets, headers.
+
+A request to a forwarded endpoint goes through, in order:
+
+1. ``_identify`` (before_request): who the client is. With GATE_API_KEYS_FILE, the
+   key its Bearer secret matches (401 without one, 403 for an admin endpoint with a
+   user key); otherwise its address, X-Forwarded-For trusted for
+   GATE_TRUSTED_PROXIES hops by ProxyFix. Sets ``g.gate_client`` for every layer.
+2. Flask-Limiter's check (before_request): the limits of the endpoint's class, per
+   key overrides applied, counted per client and class in a moving window.
+3. ``_check_budget`` (before_request): 429 while the client's token budget is spent.
+4. ``_add_headers`` (after_request): the limit headers, on answers and rejections.
+
+Token counts arrive through the ``call_finished`` signal when an answer ends.
+The gate's own endpoints (/gate/*, /metrics) are in no class and never limited here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import Counter
+from typing import Any, cast
+
+from flask import Flask, Response, current_app, g, request
+from flask_limiter import Limit, Limiter, RateLimitExceeded
+from limits import RateLimitItem, parse_many
+from limits.storage import Storage, storage_from_string
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import errors
+from endpoints import ADMIN, CLASSES, EMBED, INFERENCE, EndpointClass
+from errors import Forbidden, RateLimited, Unauthorized
+from proxy.call import Call
+from proxy.views import ENDPOINT_CLASSES
+from settings import Settings, SettingsError
+from signals import call_finished
+
+from .budget import WINDOW, BudgetState, TokenBudgets
+from .fastpath import RejectCache, static_routes
+from .headers import TOKENS, Quota, limit_headers, policy_name, retry_after
+from .identity import client_address, presented_secret
+from .keys import ApiKey, Keyring, load_keys
+from .policy import OFF
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "gate.limiter"
+# Answers of these classes cost tokens, so they count against (and wait for) budgets.
+TOKEN_CLASSES = frozenset({INFERENCE, EMBED})
+# Seconds a Redis may take to connect or answer before it counts as down and limits
+# fall back to this process's memory: a paused Redis never holds a request longer.
+STORAGE_TIMEOUT = 0.5
+# Storage keys are gate/<client>/<class>/...; two gates on one Redis share them.
+KEY_PREFIX = "gate"
+
+
+class _QuietBreaches(logging.Filter):
+    """Drop Flask-Limiter's INFO line per rejected request: a flood would fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ratelimit ")
+
+
+_QUIET_BREACHES = _QuietBreaches()
+# RFC 6750: a 401 says which scheme the gate expects.
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ollama-gate"'}
+
+
+@functools.lru_cache(maxsize=256)
+def _items(limit: str) -> tuple[RateLimitItem, ...]:
+    return tuple(parse_many(limit))
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """redis-py options: short timeouts and no retries, so a dead Redis costs one timeout."""
+    if uri.startswith("memory://"):
+        return {}
+    return {
+        "socket_timeout": STORAGE_TIMEOUT,
+        "socket_connect_timeout": STORAGE_TIMEOUT,
+        # redis-py 6+ retries 3 times with backoff by default: seconds per call on a dead server.
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+class GateLimiter:
+    """The limiter extension: ``init_app`` installs it at app.extensions[EXTENSION]."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.keyring: Keyring | None = (
+            load_keys(settings.api_keys_file) if settings.api_keys_file else None
+        )
+        self.defaults: dict[EndpointClass, str] = {
+            cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
+        }
+        self.anon_tokens_per_minute = settings.anon_tokens_per_minute
+        self.storage_uri = settings.storage_uri
+        self.trusted_proxies = settings.trusted_proxies
+        self._check_limit_strings(settings)
+        overrides = (
+            [v for key in self.keyring.keys for v in key.limits.values()] if self.keyring else []
+        )
+        # With every class off (and no key turning one on) Flask-Limiter is not installed at all.
+        self.enabled = any(v != OFF for v in [*self.defaults.values(), *overrides])
+        self.limiter = Limiter(
+            key_func=self._limit_key,
+            default_limits=[
+                Limit(
+                    self._limit_string, key_function=self._limit_key, scope=self._scope, shared=True
+                )
+            ],
+            strategy="moving-window",
+            storage_uri=settings.storage_uri,
+            storage_options=cast(dict[str, str | int], storage_options(settings.storage_uri)),
+            key_prefix=KEY_PREFIX,
+            headers_enabled=False,  # written by _add_headers, with the IETF fields too
+            in_memory_fallback_enabled=True,
+            swallow_errors=True,
+            enabled=self.enabled,
+        )
+        self.budgets = TokenBudgets(None)
+        self.rejections: Counter[str] = Counter()  # 429s per class, for the status page
+        self.cache: RejectCache | None = None
+
+    def _check_limit_strings(self, settings: Settings) -> None:
+        """Parse every limit string with the limits library itself: fail at boot, not later."""
+        strings = {f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES}
+        for key in self.keyring.keys if self.keyring else ():
+            for cls, value in key.limits.items():
+                strings[f"{settings.api_keys_file} [keys.{key.name}] limit_{cls}"] = value
+        for where, value in strings.items():
+            if value != OFF:
+                try:
+                    _items(value)
+                except ValueError as exc:
+                    raise SettingsError(f"{where}={value!r}: {exc}") from None
+
+    def init_app(self, app: Flask) -> None:
+        if self.enabled or self._any_budget():
+            self.cache = RejectCache(app.wsgi_app, self.keyring, self.rejections)
+            app.wsgi_app = self.cache  # type: ignore[method-assign]
+        if self.trusted_proxies:
+            # REMOTE_ADDR becomes the address that many proxies back in X-Forwarded-For;
+            # with 0 trusted proxies a client-sent X-Forwarded-For changes nothing.
+            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=self.trusted_proxies)  # type: ignore[method-assign]
+        app.before_request(self._identify)
+        storage: Storage | None = None
+        if self.enabled:
+            self.limiter.init_app(app)  # its before_request runs after _identify
+            storage = self.limiter.storage
+            logging.getLogger("flask-limiter").addFilter(_QUIET_BREACHES)
+        elif self._any_budget() and not self.storage_uri.startswith("memory://"):
+            storage = cast(
+                Storage, storage_from_string(self.storage_uri, **storage_options(self.storage_uri))
+            )
+        if storage is not None and not storage.check():
+            logger.warning(
+                "rate-limit storage %s does not answer; limits count in memory until it does",
+                _redacted(self.storage_uri),
+            )
+        self.budgets = TokenBudgets(storage)
+        app.before_request(self._check_budget)
+        app.after_request(self._add_headers)
+        app.register_error_handler(RateLimitExceeded, self._rate_limited)
+        call_finished.connect(_spend_tokens)
+        app.extensions[EXTENSION] = self
+        # The status page's "admin" access checks keys with the same keyring.
+        app.extensions["gate.keys"] = self.keyring
+
+    # -- who the client is -------------------------------------------------------------
+
+    def _identify(self) -> None:
+        """Set g.gate_client; on forwarded endpoints, demand a valid key when keys are on."""
+        if self.cache is not None and not self.cache.routes:
+            # Built on the first request: the proxy's routes are registered after this extension.
+            self.cache.routes = static_routes(current_app.url_map.iter_rules(), ENDPOINT_CLASSES)
+        cls = ENDPOINT_CLASSES.get(request.endpoint or "")
+        key: ApiKey | None = None
+        if self.keyring is not None:
+            found = presented_secret(
+                request.headers.get("Authorization"), request.headers.get("X-Api-Key")
+            )
+            if found is not None:
+                key = self.keyring.lookup(found[0])
+                if key is not None:
+                    # The secret is the gate's, not Ollama's: proxy.forward_headers drops it.
+                    g.gate_consumed_headers = frozenset({found[1]})
+            if cls is not None and request.method != "OPTIONS":
+                if found is None:
+                    raise Unauthorized(
+                        "missing API key: send Authorization: Bearer <key>", headers=_CHALLENGE
+                    )
+                if key is None:
+                    logger.info("unknown API key from %s on %s", request.remote_addr, request.path)
+                    raise Unauthorized("invalid API key", headers=_CHALLENGE)
+                if cls == ADMIN and not key.is_admin:
+                    raise Forbidden(
+                        f"API key {key.name!r} has role user; {request.path} needs role admin"
+                    )
+        if key is not None:
+            g.gate_key = key
+            g.gate_client = key.name
+            g.gate_limit_key = f"key:{key.name}"
+        else:
+            g.gate_client = client_address(request.remote_addr)
+            g.gate_limit_key = f"ip:{g.gate_client}"
+        if cls is not None:
+            g.gate_class = cls
+
+    def _limit_key(self) -> str:
+        return cast(str, g.gate_limit_key)
+
+    def _scope(self, endpoint: str) -> str:
+        # Shared per class: /api/generate and /v1/chat/completions draw on one bucket.
+        return cast(str, g.gate_class)
+
+    def limit_for(self, cls: EndpointClass, key: ApiKey | None) -> str:
+        """The limit string for ``cls`` and ``key`` (its override, else the class default)."""
+        if key is not None and cls in key.limits:
+            return key.limits[cls]
+        return self.defaults[cls]
+
+    def _limit_string(self) -> str:
+        cls: EndpointClass | None = g.get("gate_class")
+        if cls is None or request.method == "OPTIONS":
+            return ""
+        value = self.limit_for(cls, g.get("gate_key"))
+        return "" if value == OFF else value
+
+    # -- token budgets -------------------------------------------------------------------
+
+    def budget_for(self, key: ApiKey | None) -> int | None:
+        """Tokens per minute a client may spend: its key's budget, or the anonymous one."""
+        if self.keyring is not None:
+            return key.tokens_per_minute if key is not None else None
+        return self.anon_tokens_per_minute or None
+
+    def _any_budget(self) -> bool:
+        if self.keyring is not None:
+            return any(key.tokens_per_minute for key in self.keyring.keys)
+        return bool(self.anon_tokens_per_minute)
+
+    def _budget_state(self) -> BudgetState | None:
+        if g.get("gate_class") not in TOKEN_CLASSES or request.method == "OPTIONS":
+            return None
+        budget = self.budget_for(g.get("gate_key"))
+        if budget is None:
+            return None
+        return self.budgets.state(g.gate_limit_key, budget)
+
+    def _check_budget(self) -> None:
+        state = self._budget_state()
+        if state is None:
+            return
+        g.gate_budget = state
+        if state.spent:
+            raise self._reject(f"token budget spent: {state.limit} tokens per minute")
+
+    def spend(self, call: Call) -> None:
+        """Count a finished call's tokens against its client's budget."""
+        if call.cls not in TOKEN_CLASSES or call.tokens <= 0:
+            return
+        if self.keyring is not None:
+            key = self.keyring.by_name.get(call.client)
+            if key is None or not key.tokens_per_minute:
+                return
+            self.budgets.spend(f"key:{key.name}", call.tokens)
+        elif self.anon_tokens_per_minute:
+            self.budgets.spend(f"ip:{call.client}", call.tokens)
+
+    # -- responses ----------------------------------------------------------------------
+
+    def quotas(self) -> list[Quota]:
+        """Every limit on the current request, as it stands after this request."""
+        cls: EndpointClass | None = g.get("gate_class")
+        if cls is None:
+            return []
+        quotas: list[Quota] = []
+        names: list[str] = []
+        if self.enabled:
+            evaluated = self.limiter.current_limits
+            limit = self._limit_string()
+            if evaluated and limit:
+                # After a breach Flask-Limiter stops evaluating; read the rest of the class's
+                # limits under the same storage key arguments.
+                args = evaluated[0].request_args
+                seen = {(rl.limit.amount, rl.limit.get_expiry()): rl for rl in evaluated}
+                for item in _items(limit):
+                    rl = seen.get((item.amount, item.get_expiry()))
+                    stats = (
+                        rl.window
+                        if rl is not None
+                        else self.limiter.limiter.get_window_stats(item, *args)
+                    )
+                    name = policy_name(cls, item.get_expiry(), names)
+                    names.append(name)
+                    quotas.append(Quota(name, item.amount, item.get_expiry(), stats[1], stats[0]))
+        state = g.get("gate_budget") or self._budget_state()
+        if state is not None:
+            quotas.append(
+                Quota(
+                    policy_name("tokens", WINDOW, names),
+                    state.limit,
+                    WINDOW,
+                    state.remaining,
+                    state.reset,
+                    TOKENS,
+                )
+            )
+        return quotas
+
+    def _reject(self, message: str) -> RateLimited:
+        """The 429 for the current request; its client's class stays blocked until it frees."""
+        cls: EndpointClass = g.gate_class
+        g.gate_rate_limited = True
+        quotas = g.gate_quotas = self.quotas()
+        now = time.time()
+        wait = retry_after(quotas, now) if quotas else 1
+        self.rejections[cls] += 1
+        exhausted = [q.reset for q in quotas if q.exhausted]
+        if self.cache is not None and exhausted:
+            self.cache.block(g.gate_limit_key, cls, max(exhausted), message, quotas)
+        return RateLimited(f"{message}; retry in {wait}s")
+
+    def _rate_limited(self, exc: RateLimitExceeded) -> Response:
+        """Flask-Limiter's 429 in the contract's shape (Ollama's JSON, OpenAI's under /v1)."""
+        cls = g.get("gate_class") or "these"
+        return errors.render(
+            self._reject(f"rate limit exceeded: {exc.limit.limit} for {cls} requests")
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """What the status page shows of the limiter: rejections per class, storage health."""
+        return {
+            "rejected": {cls: self.rejections[cls] for cls in CLASSES},
+            "storage": _redacted(self.storage_uri),
+            # Flask-Limiter has no public flag for "storage down, counting in memory".
+            "storage_fallback": bool(self.enabled and self.limiter._storage_dead)
+            or self.budgets.falling_back,
+        }
+
+    def _add_headers(self, response: Response) -> Response:
+        if g.get("gate_class") is None:
+            return response
+        try:
+            quotas = g.get("gate_quotas")
+            if quotas is None:
+                quotas = self.quotas()
+        except Exception as exc:  # the storage died since the check: answer without headers
+            logger.warning("limit headers left out: rate-limit storage failed: %s", exc)
+            return response
+        headers = limit_headers(quotas, time.time(), rejected=g.get("gate_rate_limited", False))
+        for name, value in headers.items():
+            response.headers[name] = value
+        return response
+
+
+def _spend_tokens(sender: Flask, call: Call, **_: Any) -> None:
+    limiter: GateLimiter | None = sender.extensions.get(EXTENSION)
+    if limiter is not None:
+        limiter.spend(call)
+
+
+def _redacted(uri: str) -> str:
+    """A storage URI without its password, for logs."""
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}"
