@@ -192,10 +192,10 @@ class Board:
         self._wait_sum += waited
         self._wait_count += 1
 
-    def rejected(self, now: float, status: int, reason: str) -> None:
-        """The gate answered a request with an error of its own."""
-        self.total_rejections[(status, reason)] += 1
-        self.recent_rejections.add(now, (status, reason))
+    def rejected(self, now: float, status: int, reason: str, count: int = 1) -> None:
+        """The gate answered ``count`` requests with an error of its own."""
+        self.total_rejections[(status, reason)] += count
+        self.recent_rejections.add(now, (status, reason), count)
 
     def sample(self, wall: float, snapshot: Mapping[str, Any] | None) -> Sample:
         """Record one second of history from the work queue's snapshot (None: no queue)."""

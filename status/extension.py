@@ -32,6 +32,8 @@ from .probe import UpstreamProbe
 logger = logging.getLogger(__name__)
 
 EXTENSION = "gate.status"
+LIMITER = "gate.limiter"
+RATE_LIMITED = "rate_limit_exceeded"
 #: The /api/ps poller stops after this many seconds without a status request.
 POLL_IDLE = 900.0
 
@@ -54,6 +56,11 @@ class Status:
         self.pid = os.getpid()
         self._sampler: gevent.Greenlet | None = None
         self._poller: gevent.Greenlet | None = None
+        # The limiter's 429s per class: through call_rejected, and in the limiter's own
+        # counts at the last reconcile() (see there).
+        self._limited: dict[str, int] = {}
+        self._limited_seen: dict[str, int] = {}
+        self._limiter_seen: dict[str, int] = {}
 
     # Background work
 
@@ -85,6 +92,7 @@ class Status:
             if app is None:
                 return
             try:
+                self.reconcile(app.extensions.get(LIMITER))
                 self.board.sample(time.time(), _snapshot(app.extensions.get("gate.workqueue")))
             except Exception:  # a bug here must not stop the history
                 logger.exception("status: sampling failed")
@@ -96,10 +104,59 @@ class Status:
                 delay = 1.0
             gevent.sleep(delay)
 
+    # The limiter's fast path
+
+    def rejected(self, status: int, reason: str, cls: str | None) -> None:
+        """Count a refusal that came through call_rejected."""
+        self.board.rejected(time.monotonic(), status, reason)
+        self.metrics.call_rejected(status, reason, cls)
+        if status == 429 and reason == RATE_LIMITED and cls:
+            self._limited[cls] = self._limited.get(cls, 0) + 1
+
+    def reconcile(self, limiter: Any) -> None:
+        """Count the 429s the limiter answered before Flask saw the request.
+
+        Once a client is over a limit, the limiter's WSGI fast path (limiter.fastpath)
+        repeats the 429 without Flask, so no call_rejected is sent for it; the
+        limiter counts every 429 per class in ``stats()["rejected"]``. What it
+        counted beyond the 429s that came through the signal came through the fast
+        path. Runs once a second (sampler) and before each status.json and scrape.
+        """
+        if limiter is None or not hasattr(limiter, "stats"):
+            return
+        try:
+            counts = limiter.stats()["rejected"]
+        except Exception:
+            logger.exception("status: the limiter's stats failed")
+            return
+        now = time.monotonic()
+        for cls, total in counts.items():
+            signalled = self._limited.get(cls, 0)
+            fast = (total - self._limiter_seen.get(cls, 0)) - (
+                signalled - self._limited_seen.get(cls, 0)
+            )
+            if fast > 0:
+                self.board.rejected(now, 429, RATE_LIMITED, fast)
+                self.metrics.call_rejected(429, RATE_LIMITED, cls, fast)
+            self._limiter_seen[cls] = total
+            self._limited_seen[cls] = signalled
+
     # Documents
 
     def snapshot(self) -> dict[str, Any] | None:
         return _snapshot(current_app.extensions.get("gate.workqueue"))
+
+    def limiter(self) -> dict[str, Any] | None:
+        """The limiter's own view (storage, fallback), after counting its fast-path 429s."""
+        limiter = current_app.extensions.get(LIMITER)
+        self.reconcile(limiter)
+        if limiter is None or not hasattr(limiter, "stats"):
+            return None
+        try:
+            stats = limiter.stats()
+        except Exception:
+            return None
+        return {"storage": stats.get("storage"), "storage_fallback": stats.get("storage_fallback")}
 
     def worker(self) -> dict[str, Any]:
         return {
@@ -113,7 +170,8 @@ class Status:
         }
 
     def document(self, *, history: bool = True) -> dict[str, Any]:
-        return self.board.document(
+        limiter = self.limiter()
+        doc = self.board.document(
             time.monotonic(),
             time.time(),
             snapshot=self.snapshot(),
@@ -121,6 +179,8 @@ class Status:
             worker=self.worker(),
             history=history,
         )
+        doc["limiter"] = limiter
+        return doc
 
 
 def _snapshot(workqueue: Any) -> dict[str, Any] | None:
@@ -163,8 +223,7 @@ def _on_rejected(
     if has_request_context() and request.blueprint == "status":
         return  # the gate's own endpoints (a 401 for a scraper without a key): not API traffic
     status, reason = reason_of(error)
-    ext.board.rejected(time.monotonic(), status, reason)
-    ext.metrics.call_rejected(status, reason, cls or _class_of(call))
+    ext.rejected(status, reason, cls or _class_of(call))
 
 
 def _class_of(call: Any) -> str | None:

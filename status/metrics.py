@@ -91,8 +91,8 @@ class Metrics:
         if call.completion_tokens:
             self.tokens.labels(model, "out").inc(call.completion_tokens)
 
-    def call_rejected(self, status: int, reason: str, cls: str | None) -> None:
-        self.rejections.labels(str(status), reason, cls or "none").inc()
+    def call_rejected(self, status: int, reason: str, cls: str | None, count: int = 1) -> None:
+        self.rejections.labels(str(status), reason, cls or "none").inc(count)
 
     def exposition(self, snapshot: Mapping[str, Any] | None, upstream: Mapping[str, Any]) -> bytes:
         """The text exposition, with the gauges read from ``snapshot`` and ``upstream``."""

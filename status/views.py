@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import access
-from .extension import EXTENSION, Status
+from .extension import EXTENSION, LIMITER, Status
 from .metrics import CONTENT_TYPE
 
 bp = Blueprint(
@@ -91,6 +91,7 @@ def healthz() -> Response:
 def metrics() -> Response:
     """Prometheus text format, this worker's registry only."""
     ext = _ext()
+    ext.reconcile(current_app.extensions.get(LIMITER))
     body = ext.metrics.exposition(ext.snapshot(), ext.probe.state())
     return Response(body, headers={**NO_STORE, "Content-Type": CONTENT_TYPE})
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from hashlib import sha256
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,6 +121,47 @@ def test_metrics_gauges_follow_the_queue(queued_gate: Gate) -> None:
     assert total(metric_samples(queued_gate), "gate_jobs_admitted_total", model="m1:latest") >= 3
 
 
+def test_refusals_are_counted_by_status_and_reason(
+    fake: FakeOllama, gate_factory: Callable[..., Gate]
+) -> None:
+    gate = gate_factory(
+        fake.url,
+        {"GATE_LIMIT_EMBED": "2/minute", "GATE_MODEL_CONCURRENCY": "1", "GATE_QUEUE_MAX": "1"},
+    )
+    # The limiter: two embeds pass, the third gets Flask-Limiter's 429, and the rest the
+    # limiter's fast path, which answers before Flask (no signal): all four are counted.
+    codes = [
+        requests.post(
+            gate.url + "/api/embed", json={"model": "nomic-embed-text", "input": "x"}, timeout=10
+        ).status_code
+        for _ in range(6)
+    ]
+    assert codes == [200, 200, 429, 429, 429, 429]
+    # The work queue: one job runs, one waits, the next finds the queue full.
+    with Load(gate, 1):
+        wait_until(lambda: status(gate, history="0")["queue"]["running"] == 1)
+        with Load(gate, 1):
+            wait_until(lambda: status(gate, history="0")["queue"]["waiting"] == 1)
+            full = requests.post(
+                gate.url + "/api/generate", json={"model": "m1", "prompt": "x"}, timeout=10
+            )
+            assert full.status_code == 503
+
+    doc = status(gate, history="0")
+    assert doc["rejections"]["recent"] == {
+        "429": {"rate_limit_exceeded": 4},
+        "503": {"queue_full": 1},
+    }
+    assert doc["rejections"]["total"] == doc["rejections"]["recent"]
+    assert doc["limiter"] == {"storage": "memory://", "storage_fallback": False}
+    samples = metric_samples(gate)
+    assert total(samples, "gate_rejections_total", status="429", **{"class": "embed"}) == 4
+    assert (
+        total(samples, "gate_rejections_total", reason="queue_full", **{"class": "inference"}) == 1
+    )
+    assert total(samples, "gate_queue_rejected_total", reason="queue_full") == 1
+
+
 def test_healthz_follows_the_upstream(gate: Gate, fake: FakeOllama) -> None:
     def health() -> int:
         return requests.get(gate.url + "/gate/healthz", timeout=10).status_code
@@ -180,6 +223,57 @@ def test_local_access_over_real_sockets(
     assert resp.status_code == 403
     assert "loopback" in resp.json()["error"]
     assert requests.get(gate.url + "/metrics", headers=forwarded, timeout=5).status_code == 403
+
+
+def test_local_access_behind_a_trusted_proxy(
+    fake: FakeOllama, gate_factory: Callable[..., Gate]
+) -> None:
+    # GATE_TRUSTED_PROXIES=1: the limiter's ProxyFix takes the client from X-Forwarded-For,
+    # as behind deploy/nginx.conf, so a remote client through the proxy is not local.
+    gate = gate_factory(fake.url, {"GATE_STATUS_ACCESS": "local", "GATE_TRUSTED_PROXIES": "1"})
+
+    def get(path: str, client: str) -> int:
+        headers = {"X-Forwarded-For": client}
+        return requests.get(gate.url + path, headers=headers, timeout=5).status_code
+
+    assert get("/gate/status.json", "127.0.0.1") == 200
+    assert get("/gate/status.json", "203.0.113.9") == 403
+    assert get("/metrics", "2001:db8::1") == 403
+    assert get("/gate/healthz", "203.0.113.9") == 403
+    assert get("/gate/healthz", "::1") == 200
+
+
+def test_admin_access_with_api_keys(
+    fake: FakeOllama, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[keys.ops]\nkey_sha256 = "{sha256(b"ops-secret").hexdigest()}"\nrole = "admin"\n'
+        f'[keys.alice]\nkey_sha256 = "{sha256(b"alice-secret").hexdigest()}"\nrole = "user"\n'
+    )
+    gate = gate_factory(fake.url, {"GATE_STATUS_ACCESS": "admin", "GATE_API_KEYS_FILE": str(keys)})
+
+    def get(path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(gate.url + path, timeout=5, **kwargs)
+
+    anonymous = get("/gate/status")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["WWW-Authenticate"].startswith("Basic")  # a browser asks
+    assert get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert get("/metrics", headers={"Authorization": "Bearer alice-secret"}).status_code == 403
+    assert get("/metrics", headers={"Authorization": "Bearer ops-secret"}).status_code == 200
+    assert get("/gate/status", auth=("anyone", "ops-secret")).status_code == 200
+    assert get("/gate/status.json", headers={"X-Api-Key": "ops-secret"}).status_code == 200
+    assert get("/gate/healthz").status_code == 200  # loopback needs no key
+    # The keys name the clients on the page.
+    requests.post(
+        gate.url + "/api/generate",
+        json={"model": "m1", "prompt": "x"},
+        headers={"Authorization": "Bearer alice-secret"},
+        timeout=10,
+    )
+    doc = get("/gate/status.json", auth=("", "ops-secret")).json()
+    assert doc["clients"]["alice"]["jobs_per_minute"] == 1.0
 
 
 def test_admin_access_without_keys_refuses_and_says_why(
