@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -57,3 +59,22 @@ class Load:
     def __exit__(self, *_: object) -> None:
         for t in self.threads:
             t.join(60)
+
+
+@dataclass
+class Answer:
+    """What a response said, without its connection (a kept Response holds the socket
+    open, and gunicorn then waits its whole graceful timeout for it at teardown)."""
+
+    status: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def fetch(url: str, method: str = "GET", **kwargs: Any) -> Answer:
+    kwargs.setdefault("timeout", 10)
+    with requests.request(method, url, **kwargs) as resp:
+        return Answer(resp.status_code, dict(resp.headers), resp.text)

@@ -17,7 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakeollama import FakeOllama
-from tests.status_support import Load, wait_until
+from tests.status_support import Answer, Load, fetch, wait_until
 from tests.support import Gate
 
 
@@ -80,12 +80,12 @@ def test_status_json_shows_running_and_waiting_jobs_then_zero(queued_gate: Gate)
 def test_metrics_counters_move_with_traffic(gate: Gate) -> None:
     before = metric_samples(gate)
     for _ in range(3):
-        resp = requests.post(
-            gate.url + "/api/generate", json={"model": "m2", "prompt": "hi"}, timeout=10
+        resp = fetch(
+            gate.url + "/api/generate", "POST", json={"model": "m2", "prompt": "hi"}, timeout=10
         )
-        assert resp.status_code == 200
-    bad = requests.post(gate.url + "/api/chat", data=b"{", timeout=5)
-    assert bad.status_code == 400
+        assert resp.status == 200
+    bad = fetch(gate.url + "/api/chat", "POST", data=b"{", timeout=5)
+    assert bad.status == 400
     after = metric_samples(gate)
 
     def moved(name: str, **labels: str) -> float:
@@ -131,9 +131,12 @@ def test_refusals_are_counted_by_status_and_reason(
     # The limiter: two embeds pass, the third gets Flask-Limiter's 429, and the rest the
     # limiter's fast path, which answers before Flask (no signal): all four are counted.
     codes = [
-        requests.post(
-            gate.url + "/api/embed", json={"model": "nomic-embed-text", "input": "x"}, timeout=10
-        ).status_code
+        fetch(
+            gate.url + "/api/embed",
+            "POST",
+            json={"model": "nomic-embed-text", "input": "x"},
+            timeout=10,
+        ).status
         for _ in range(6)
     ]
     assert codes == [200, 200, 429, 429, 429, 429]
@@ -142,10 +145,10 @@ def test_refusals_are_counted_by_status_and_reason(
         wait_until(lambda: status(gate, history="0")["queue"]["running"] == 1)
         with Load(gate, 1):
             wait_until(lambda: status(gate, history="0")["queue"]["waiting"] == 1)
-            full = requests.post(
-                gate.url + "/api/generate", json={"model": "m1", "prompt": "x"}, timeout=10
+            full = fetch(
+                gate.url + "/api/generate", "POST", json={"model": "m1", "prompt": "x"}, timeout=10
             )
-            assert full.status_code == 503
+            assert full.status == 503
 
     doc = status(gate, history="0")
     assert doc["rejections"]["recent"] == {
@@ -164,13 +167,13 @@ def test_refusals_are_counted_by_status_and_reason(
 
 def test_healthz_follows_the_upstream(gate: Gate, fake: FakeOllama) -> None:
     def health() -> int:
-        return requests.get(gate.url + "/gate/healthz", timeout=10).status_code
+        return fetch(gate.url + "/gate/healthz", timeout=10).status
 
     assert health() == 200
     fake.stop()
     try:
         wait_until(lambda: health() == 503, timeout=5, interval=0.2)
-        body = requests.get(gate.url + "/gate/healthz", timeout=10).json()
+        body = fetch(gate.url + "/gate/healthz", timeout=10).json()
         assert body["status"] == "unavailable" and "refused" in body["error"]
         assert status(gate)["upstream"]["healthy"] is False  # the page reads the same cache
     finally:
@@ -180,7 +183,7 @@ def test_healthz_follows_the_upstream(gate: Gate, fake: FakeOllama) -> None:
 
 def test_healthz_is_cheap_for_the_upstream(gate: Gate, fake: FakeOllama) -> None:
     started = time.monotonic()
-    answers = [requests.get(gate.url + "/gate/healthz", timeout=5).status_code for _ in range(40)]
+    answers = [fetch(gate.url + "/gate/healthz", timeout=5).status for _ in range(40)]
     elapsed = time.monotonic() - started
     assert answers == [200] * 40
     probes = [r for r in fake.stats()["requests"] if r["path"] == "/api/version"]
@@ -189,7 +192,7 @@ def test_healthz_is_cheap_for_the_upstream(gate: Gate, fake: FakeOllama) -> None
 
 
 def test_background_sampling_and_api_ps_polling(gate: Gate, fake: FakeOllama) -> None:
-    requests.post(gate.url + "/api/generate", json={"model": "m3", "prompt": "x"}, timeout=10)
+    fetch(gate.url + "/api/generate", "POST", json={"model": "m3", "prompt": "x"}, timeout=10)
 
     def loaded(doc: dict[str, Any]) -> list[str]:
         return [m["name"] for m in doc["upstream"]["loaded"]]
@@ -205,8 +208,8 @@ def test_background_sampling_and_api_ps_polling(gate: Gate, fake: FakeOllama) ->
     # Page views never reach the upstream: only the one poller asks /api/ps.
     before = len([r for r in fake.stats()["requests"] if r["path"] == "/api/ps"])
     for _ in range(20):
-        requests.get(gate.url + "/gate/status.json", timeout=5)
-        requests.get(gate.url + "/gate/status", timeout=5)
+        fetch(gate.url + "/gate/status.json", timeout=5)
+        fetch(gate.url + "/gate/status", timeout=5)
     after = len([r for r in fake.stats()["requests"] if r["path"] == "/api/ps"])
     assert after - before <= 1
 
@@ -216,13 +219,13 @@ def test_local_access_over_real_sockets(
 ) -> None:
     gate = gate_factory(fake.url, {"GATE_STATUS_ACCESS": "local"})
     for path in ("/gate/status", "/gate/status.json", "/gate/healthz", "/metrics"):
-        assert requests.get(gate.url + path, timeout=5).status_code == 200, path
+        assert fetch(gate.url + path, timeout=5).status == 200, path
     # Through a proxy the gate does not trust (GATE_TRUSTED_PROXIES=0) nobody is local.
     forwarded = {"X-Forwarded-For": "203.0.113.9"}
-    resp = requests.get(gate.url + "/gate/status.json", headers=forwarded, timeout=5)
-    assert resp.status_code == 403
+    resp = fetch(gate.url + "/gate/status.json", headers=forwarded, timeout=5)
+    assert resp.status == 403
     assert "loopback" in resp.json()["error"]
-    assert requests.get(gate.url + "/metrics", headers=forwarded, timeout=5).status_code == 403
+    assert fetch(gate.url + "/metrics", headers=forwarded, timeout=5).status == 403
 
 
 def test_local_access_behind_a_trusted_proxy(
@@ -234,7 +237,7 @@ def test_local_access_behind_a_trusted_proxy(
 
     def get(path: str, client: str) -> int:
         headers = {"X-Forwarded-For": client}
-        return requests.get(gate.url + path, headers=headers, timeout=5).status_code
+        return fetch(gate.url + path, headers=headers, timeout=5).status
 
     assert get("/gate/status.json", "127.0.0.1") == 200
     assert get("/gate/status.json", "203.0.113.9") == 403
@@ -253,21 +256,22 @@ def test_admin_access_with_api_keys(
     )
     gate = gate_factory(fake.url, {"GATE_STATUS_ACCESS": "admin", "GATE_API_KEYS_FILE": str(keys)})
 
-    def get(path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(gate.url + path, timeout=5, **kwargs)
+    def get(path: str, **kwargs: Any) -> Answer:
+        return fetch(gate.url + path, timeout=5, **kwargs)
 
     anonymous = get("/gate/status")
-    assert anonymous.status_code == 401
+    assert anonymous.status == 401
     assert anonymous.headers["WWW-Authenticate"].startswith("Basic")  # a browser asks
-    assert get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert get("/metrics", headers={"Authorization": "Bearer alice-secret"}).status_code == 403
-    assert get("/metrics", headers={"Authorization": "Bearer ops-secret"}).status_code == 200
-    assert get("/gate/status", auth=("anyone", "ops-secret")).status_code == 200
-    assert get("/gate/status.json", headers={"X-Api-Key": "ops-secret"}).status_code == 200
-    assert get("/gate/healthz").status_code == 200  # loopback needs no key
+    assert get("/metrics", headers={"Authorization": "Bearer nope"}).status == 401
+    assert get("/metrics", headers={"Authorization": "Bearer alice-secret"}).status == 403
+    assert get("/metrics", headers={"Authorization": "Bearer ops-secret"}).status == 200
+    assert get("/gate/status", auth=("anyone", "ops-secret")).status == 200
+    assert get("/gate/status.json", headers={"X-Api-Key": "ops-secret"}).status == 200
+    assert get("/gate/healthz").status == 200  # loopback needs no key
     # The keys name the clients on the page.
-    requests.post(
+    fetch(
         gate.url + "/api/generate",
+        "POST",
         json={"model": "m1", "prompt": "x"},
         headers={"Authorization": "Bearer alice-secret"},
         timeout=10,
@@ -280,8 +284,8 @@ def test_admin_access_without_keys_refuses_and_says_why(
     fake: FakeOllama, gate_factory: Callable[..., Gate]
 ) -> None:
     gate = gate_factory(fake.url, {"GATE_STATUS_ACCESS": "admin"})
-    resp = requests.get(gate.url + "/gate/status.json", timeout=5)
-    assert resp.status_code == 401
+    resp = fetch(gate.url + "/gate/status.json", timeout=5)
+    assert resp.status == 401
     assert "GATE_API_KEYS_FILE" in resp.json()["error"]
-    assert requests.get(gate.url + "/metrics", timeout=5).status_code == 401
-    assert requests.get(gate.url + "/gate/healthz", timeout=5).status_code == 200  # loopback
+    assert fetch(gate.url + "/metrics", timeout=5).status == 401
+    assert fetch(gate.url + "/gate/healthz", timeout=5).status == 200  # loopback
