@@ -115,6 +115,10 @@
       items.push(["", "Switching to " + q.switch.target + " (waited " + secs(q.switch.waited) + "): " +
         ((q.switch.draining || []).join(", ") || "nothing") + " draining."]);
     }
+    if (doc.limiter && doc.limiter.storage_fallback) {
+      items.push(["bad", "Rate-limit storage " + doc.limiter.storage +
+        " does not answer: limits count in this worker's memory until it does."]);
+    }
     if ((w.workers || workers) > 1) {
       items.push(["", "This page shows worker " + w.pid + " only, one of " + w.workers +
         " workers: each keeps its own queue and counts."]);
