@@ -26,7 +26,8 @@ preload_app = False
 # The gevent worker's heartbeat does not depend on requests finishing, so a long
 # generation never trips this; it only catches a worker that stopped scheduling.
 timeout = 60
-# On SIGTERM, running streams get this long to finish before the worker exits.
+# On SIGTERM, running streams get this long to finish before the worker exits
+# (post_worker_init below: new and waiting jobs get 503 meanwhile).
 graceful_timeout = int(os.environ.get("GATE_GRACEFUL_TIMEOUT", "120"))
 # Idle keep-alive connections from clients or nginx stay open this long.
 keepalive = 75
@@ -111,3 +112,13 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
         Settings.from_env(os.environ)
     except SettingsError as exc:
         raise SystemExit(f"ollama-gate: invalid setting: {exc}") from None
+
+
+def post_worker_init(worker):
+    """Make SIGTERM graceful for the gate: 503 for new jobs, streams finish (graceful.py).
+
+    Imported here, in the worker, after gevent has patched the standard library.
+    """
+    import graceful
+
+    graceful.install(worker)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fakeollama import FakeOllama
+from tests.nginx_support import Nginx, start_nginx
 from tests.redis_support import RedisServer, start_redis
 from tests.support import Gate, start_gate
 
@@ -83,3 +84,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[[Gate], Nginx]]:
+    """Start nginx with deploy/nginx.conf in front of a gate; stopped after the test."""
+    started: list[Nginx] = []
+
+    def factory(gate: Gate) -> Nginx:
+        server = start_nginx(f"127.0.0.1:{gate.port}", tmp_path)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

@@ -28,6 +28,8 @@ def init_app(app: Flask, settings: Settings) -> None:
     queue = WorkQueue.from_settings(settings)
     app.extensions["gate.workqueue"] = queue
     app.extensions["gate.admit"] = _admitter(queue)
+    # Run on SIGTERM (graceful.py): waiting and new jobs get 503, running ones finish.
+    app.extensions.setdefault("gate.shutdown", []).append(queue.close)
 
 
 def _admitter(queue: WorkQueue) -> Callable[[Call, ClientWatch], Callable[[], None] | None]:

@@ -1,0 +1,203 @@
+"""The gate behind the shipped nginx site file (deploy/nginx.conf), with GATE_TRUSTED_PROXIES=1.
+
+Clients connect to nginx from two loopback source addresses (127.0.0.1 and
+127.0.0.2), so nginx sees two real peers and appends each one's address to
+X-Forwarded-For, as it does for clients on a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from fakeollama import FakeOllama
+from tests.nginx_support import Nginx
+from tests.support import Gate
+
+GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+ONE, TWO = "127.0.0.1", "127.0.0.2"
+MIB = 1024 * 1024
+
+
+def connect(nginx: Nginx, source: str) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection(
+        "127.0.0.1", nginx.port, timeout=10, source_address=(source, 0)
+    )
+
+
+def post(
+    nginx: Nginx, path: str, body: Any, source: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """POST JSON to nginx from ``source`` on a fresh connection; return status and body."""
+    conn = connect(nginx, source)
+    try:
+        conn.request(
+            "POST",
+            path,
+            json.dumps(body),
+            {"Content-Type": "application/json", **(headers or {})},
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def limited(
+    fake: FakeOllama,
+    gate_factory: Callable[..., Gate],
+    nginx_factory: Callable[[Gate], Nginx],
+) -> Nginx:
+    """nginx in front of a gate that admits two generations per client a minute."""
+    gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_LIMIT_INFERENCE": "2/minute"})
+    return nginx_factory(gate)
+
+
+@pytest.fixture
+def proxied(
+    fake: FakeOllama,
+    gate_factory: Callable[..., Gate],
+    nginx_factory: Callable[[Gate], Nginx],
+) -> Nginx:
+    """nginx in front of a gate without limits."""
+    return nginx_factory(gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1"}))
+
+
+def test_two_client_addresses_get_separate_buckets(limited: Nginx, fake: FakeOllama) -> None:
+    assert [post(limited, "/api/generate", GEN, ONE)[0] for _ in range(2)] == [200, 200]
+    status, body = post(limited, "/api/generate", GEN, ONE)
+    assert status == 429, body
+    # The second address has its own bucket: the first one's spent limit does not touch it.
+    assert [post(limited, "/api/generate", GEN, TWO)[0] for _ in range(2)] == [200, 200]
+    assert post(limited, "/api/generate", GEN, TWO)[0] == 429
+    assert len([r for r in fake.stats()["requests"] if r["path"] == "/api/generate"]) == 4
+
+
+def test_a_spoofed_forwarded_for_does_not_change_the_bucket(
+    limited: Nginx, fake: FakeOllama
+) -> None:
+    assert [post(limited, "/api/generate", GEN, ONE)[0] for _ in range(2)] == [200, 200]
+    # nginx appends the real peer after whatever the client wrote; the gate, trusting
+    # one hop, takes the last entry: still 127.0.0.1, still spent.
+    for spoofed in (TWO, "198.51.100.7", f"198.51.100.7, {TWO}"):
+        status, body = post(limited, "/api/generate", GEN, ONE, {"X-Forwarded-For": spoofed})
+        assert status == 429, (spoofed, body)
+    # And a client cannot spend another's bucket by naming it.
+    status, _ = post(limited, "/api/generate", GEN, TWO, {"X-Forwarded-For": ONE})
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [("/api/chat", CHAT), ("/v1/chat/completions", {**CHAT, "stream": True})],
+)
+def test_streams_arrive_incrementally_through_nginx(
+    proxied: Nginx, fake: FakeOllama, path: str, body: dict[str, Any]
+) -> None:
+    conn = connect(proxied, ONE)
+    slow = {"X-Fake-Tokens": "8", "X-Fake-Token-Interval": "0.2"}
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **slow})
+    response = conn.getresponse()
+    assert response.status == 200
+    arrivals: list[tuple[float, bytes]] = []
+    while line := response.readline():
+        if line.strip():
+            arrivals.append((time.monotonic(), line))
+    conn.close()
+    # Eight tokens 0.2 s apart: relayed unbuffered, the first piece comes well over a
+    # second before the last; buffered anywhere, they come together.
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert last - first > 1.0, [round(t - first, 3) for t, _ in arrivals]
+    if path == "/api/chat":
+        assert json.loads(arrivals[-1][1])["done"] is True
+    else:
+        assert arrivals[-1][1].strip() == b"data: [DONE]"
+
+
+def chunks(size: int, seed: bytes) -> Iterator[bytes]:
+    block = hashlib.sha256(seed).digest() * (MIB // 32)
+    for i in range(size // MIB):
+        yield i.to_bytes(8, "big") + block[8:]
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_blob_upload_passes_through_nginx(proxied: Nginx, fake: FakeOllama, framing: str) -> None:
+    # 8 MiB: over nginx's default client_max_body_size (1 MiB) and body buffer.
+    size = 8 * MIB
+    hasher = hashlib.sha256()
+    for chunk in chunks(size, framing.encode()):
+        hasher.update(chunk)
+    digest = "sha256:" + hasher.hexdigest()
+    data: Any = chunks(size, framing.encode())
+    if framing == "content-length":
+        data = b"".join(data)
+    r = requests.post(f"{proxied.url}/api/blobs/{digest}", data=data, timeout=30)
+    assert r.status_code == 201, r.text
+    assert fake.stats()["blobs"][digest] == size
+    r = requests.head(f"{proxied.url}/api/blobs/{digest}", timeout=10)
+    assert r.status_code == 200
+
+
+def test_client_disconnect_through_nginx_reaches_upstream(proxied: Nginx, fake: FakeOllama) -> None:
+    payload = json.dumps(CHAT).encode()
+    sock = socket.create_connection(("127.0.0.1", proxied.port), timeout=10)
+    try:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+            b"X-Fake-Tokens: 100\r\nX-Fake-Token-Interval: 0.1\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        got = b""
+        while b'"tok1 "' not in got:
+            piece = sock.recv(65536)
+            assert piece, got
+            got += piece
+        assert got.startswith(b"HTTP/1.1 200 ")
+    finally:
+        sock.close()
+    closed_at = time.monotonic()
+    stats = fake.wait_for(lambda s: s["disconnects"] == 1, timeout=5)
+    delay = stats["disconnect_times"][0] - closed_at
+    print(f"\nupstream saw the client leave through nginx {delay * 1000:.0f} ms later")
+    assert delay < 1.0
+    assert stats["completed"] == 0
+
+
+def test_sigterm_behind_nginx(
+    fake: FakeOllama,
+    gate_factory: Callable[..., Gate],
+    nginx_factory: Callable[[Gate], Nginx],
+) -> None:
+    """A stream through nginx finishes; nginx's idle keep-alive pool does not hold the worker."""
+    gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_GRACEFUL_TIMEOUT": "60"})
+    nginx = nginx_factory(gate)
+    for _ in range(3):  # leaves idle connections in nginx's pool to the gate
+        assert requests.get(nginx.url + "/api/version", timeout=10).ok
+    conn = connect(nginx, ONE)
+    slow = {"X-Fake-Tokens": "15", "X-Fake-Token-Interval": "0.1"}
+    conn.request(
+        "POST", "/api/chat", json.dumps(CHAT), {"Content-Type": "application/json", **slow}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.readline())["done"] is False
+    gate.proc.send_signal(signal.SIGTERM)
+    lines = [json.loads(line) for line in iter(response.readline, b"") if line.strip()]
+    conn.close()
+    assert lines[-1]["done"] is True
+    # Well inside the 60 s grace that idle connections would otherwise use up.
+    assert gate.proc.wait(20) == 0, gate.logs()
+    assert "Worker graceful timeout" not in gate.logs()
+    assert requests.get(nginx.url + "/api/version", timeout=10).status_code == 502
