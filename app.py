@@ -9,6 +9,7 @@ from flask import Flask
 import errors
 import limiter
 import proxy
+import status
 import workqueue
 from settings import Settings
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter.init_app(app, settings)
     proxy.init_app(app, settings)
     workqueue.init_app(app, settings)
+    status.init_app(app, settings)
     return app
 
 

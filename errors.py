@@ -11,8 +11,10 @@ import json
 import math
 from collections.abc import Mapping
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
+
+from signals import call_rejected
 
 # Ollama's own text for a full queue (server/sched.go, ErrMaxQueue), so clients
 # that match on it keep working.
@@ -129,8 +131,20 @@ def error_body(
     return json.dumps(payload).encode()
 
 
+def announce(exc: GateError | HTTPException) -> None:
+    """Send call_rejected for an error the gate answers itself (the status page counts them)."""
+    if call_rejected.receivers:
+        call_rejected.send(
+            current_app._get_current_object(),  # type: ignore[attr-defined]
+            error=exc,
+            path=request.path,
+            call=g.get("gate_call"),
+        )
+
+
 def render(exc: GateError) -> Response:
     """Render a GateError as the contract's JSON response."""
+    announce(exc)
     body = error_body(
         exc.status, exc.message, request.path, openai_type=exc.openai_type, code=exc.code
     )
@@ -143,6 +157,7 @@ def render(exc: GateError) -> Response:
 
 def render_http_exception(exc: HTTPException) -> Response:
     """Werkzeug's own errors (405, 413 from MAX_CONTENT_LENGTH) in the contract's shape."""
+    announce(exc)
     status = exc.code or 500
     message = exc.description or exc.name
     if status == 413:

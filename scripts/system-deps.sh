@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system programs the test-suite drives, when missing: curl, node/npm
-# (ollama-js), redis-server, nginx and chromium. Debian/Ubuntu (apt-get); needs root
-# or sudo. Each test starts its own instances on loopback; no system service is used.
+# (ollama-js), redis-server, nginx, chromium and chromedriver (the status page's browser
+# test). Debian/Ubuntu (apt-get); needs root or sudo. Each test starts its own instances
+# on loopback; no system service is used.
 set -euo pipefail
 
 need=()
@@ -11,6 +12,7 @@ command -v npm >/dev/null || need+=(npm)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # `scripts/system-deps.sh bench`: also the load generator of the benchmarks.
 if [ "${1:-}" = bench ]; then
   command -v wrk >/dev/null || need+=(wrk)

@@ -1,0 +1,249 @@
+"""The status extension: the Board fed by signals, the upstream probe and the once-a-second sampler.
+
+Nothing starts at import or in ``init_app``: gunicorn's master builds no app
+(preload_app is off). A worker starts the sampler greenlet on its first request
+(it only reads the work queue), and the /api/ps poller on the first request for
+one of the status endpoints, so an upstream sees no probe from a gate nobody
+watches; the poller stops again after POLL_IDLE seconds without such a request.
+Outside a gevent worker (the Flask test client, ``flask run``) nothing runs in
+the background: the history stays empty and /gate/healthz probes on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from typing import Any
+
+import gevent
+import gevent.monkey
+from flask import Flask, current_app, g, has_request_context, request
+
+from endpoints import ROUTES
+from settings import Settings
+from signals import call_finished, call_rejected
+
+from .board import Board, reason_of
+from .metrics import Metrics
+from .probe import UpstreamProbe
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "gate.status"
+LIMITER = "gate.limiter"
+RATE_LIMITED = "rate_limit_exceeded"
+#: The /api/ps poller stops after this many seconds without a status request.
+POLL_IDLE = 900.0
+
+#: The endpoint class of each proxy rule, for rejections that come before a Call exists.
+_RULE_CLASSES = {rule: cls for rule, _methods, cls, _model in ROUTES}
+_RULE_CLASSES["/<path:path>"] = "light"
+#: Jobs that run per model (admin jobs take their own lane, keyed by no model).
+MODEL_CLASSES = frozenset({"inference", "embed"})
+
+
+class Status:
+    """What ``app.extensions["gate.status"]`` holds for one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.board = Board(time.time(), time.monotonic())
+        self.metrics = Metrics()
+        self.probe = UpstreamProbe(settings.upstream)
+        self.started_wall = time.time()
+        self.pid = os.getpid()
+        self._sampler: gevent.Greenlet | None = None
+        self._poller: gevent.Greenlet | None = None
+        # The limiter's 429s per class: through call_rejected, and in the limiter's own
+        # counts at the last reconcile() (see there).
+        self._limited: dict[str, int] = {}
+        self._limited_seen: dict[str, int] = {}
+        self._limiter_seen: dict[str, int] = {}
+
+    # Background work
+
+    def ensure_started(self) -> None:
+        """Start the sampler once, in a gevent worker only (before_request of every request)."""
+        if self._sampler is not None or not gevent.monkey.is_module_patched("socket"):
+            return
+        self.pid = os.getpid()
+        # A weak reference: the extension never keeps the app (Flask's extension guide).
+        app = weakref.ref(current_app._get_current_object())  # type: ignore[attr-defined]
+        self._sampler = gevent.spawn(self._sample_forever, app)
+        logger.debug("status: sampler started in worker %s", self.pid)
+
+    def watched(self) -> None:
+        """A status endpoint was asked for: keep the /api/ps poller running (start it if needed)."""
+        self.probe.touch()
+        if self._poller is not None and not self._poller.dead:
+            return
+        if not gevent.monkey.is_module_patched("socket"):
+            return
+        self._poller = gevent.spawn(self.probe.run, POLL_IDLE)
+        logger.debug("status: upstream poller started in worker %s", self.pid)
+
+    def _sample_forever(self, app_ref: weakref.ref[Flask]) -> None:
+        """Sample the work queue once a second into the Board's history."""
+        next_at = time.monotonic()
+        while True:
+            app = app_ref()
+            if app is None:
+                return
+            try:
+                self.reconcile(app.extensions.get(LIMITER))
+                self.board.sample(time.time(), _snapshot(app.extensions.get("gate.workqueue")))
+            except Exception:  # a bug here must not stop the history
+                logger.exception("status: sampling failed")
+            del app
+            next_at += 1.0
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (a blocked loop): skip the missed samples
+                next_at = time.monotonic() + 1.0
+                delay = 1.0
+            gevent.sleep(delay)
+
+    # The limiter's fast path
+
+    def rejected(self, status: int, reason: str, cls: str | None) -> None:
+        """Count a refusal that came through call_rejected."""
+        self.board.rejected(time.monotonic(), status, reason)
+        self.metrics.call_rejected(status, reason, cls)
+        if status == 429 and reason == RATE_LIMITED and cls:
+            self._limited[cls] = self._limited.get(cls, 0) + 1
+
+    def reconcile(self, limiter: Any) -> None:
+        """Count the 429s the limiter answered before Flask saw the request.
+
+        Once a client is over a limit, the limiter's WSGI fast path (limiter.fastpath)
+        repeats the 429 without Flask, so no call_rejected is sent for it; the
+        limiter counts every 429 per class in ``stats()["rejected"]``. What it
+        counted beyond the 429s that came through the signal came through the fast
+        path. Runs once a second (sampler) and before each status.json and scrape.
+        """
+        if limiter is None or not hasattr(limiter, "stats"):
+            return
+        try:
+            counts = limiter.stats()["rejected"]
+        except Exception:
+            logger.exception("status: the limiter's stats failed")
+            return
+        now = time.monotonic()
+        for cls, total in counts.items():
+            signalled = self._limited.get(cls, 0)
+            fast = (total - self._limiter_seen.get(cls, 0)) - (
+                signalled - self._limited_seen.get(cls, 0)
+            )
+            if fast > 0:
+                self.board.rejected(now, 429, RATE_LIMITED, fast)
+                self.metrics.call_rejected(429, RATE_LIMITED, cls, fast)
+            self._limiter_seen[cls] = total
+            self._limited_seen[cls] = signalled
+
+    # Documents
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return _snapshot(current_app.extensions.get("gate.workqueue"))
+
+    def limiter(self) -> dict[str, Any] | None:
+        """The limiter's own view (storage, fallback), after counting its fast-path 429s."""
+        limiter = current_app.extensions.get(LIMITER)
+        self.reconcile(limiter)
+        if limiter is None or not hasattr(limiter, "stats"):
+            return None
+        try:
+            stats = limiter.stats()
+        except Exception:
+            return None
+        return {"storage": stats.get("storage"), "storage_fallback": stats.get("storage_fallback")}
+
+    def worker(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "workers": self.settings.workers,
+            "started": round(self.started_wall, 3),
+            "uptime": round(time.time() - self.started_wall, 1),
+            "access": self.settings.status_access,
+            "sampling": self._sampler is not None,
+            "polling": self._poller is not None and not self._poller.dead,
+        }
+
+    def document(self, *, history: bool = True) -> dict[str, Any]:
+        limiter = self.limiter()
+        doc = self.board.document(
+            time.monotonic(),
+            time.time(),
+            snapshot=self.snapshot(),
+            upstream=self.probe.state(),
+            worker=self.worker(),
+            history=history,
+        )
+        doc["limiter"] = limiter
+        return doc
+
+
+def _snapshot(workqueue: Any) -> dict[str, Any] | None:
+    if workqueue is None:
+        return None
+    try:
+        snap = workqueue.snapshot()
+    except Exception:
+        logger.exception("status: the work queue's snapshot failed")
+        return None
+    return snap if isinstance(snap, dict) else None
+
+
+def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
+    ext: Status | None = sender.extensions.get(EXTENSION)
+    if ext is None or call is None:
+        return
+    ext.board.finished(
+        time.monotonic(),
+        model=call.model,
+        client=call.client,
+        queued=call.cls in MODEL_CLASSES,
+        waited=call.waited,
+        prompt_tokens=call.prompt_tokens,
+        completion_tokens=call.completion_tokens,
+    )
+    ext.metrics.call_finished(call)
+
+
+def _on_rejected(
+    sender: Flask,
+    error: Any = None,
+    call: Any = None,
+    cls: str | None = None,
+    **_: Any,
+) -> None:
+    ext: Status | None = sender.extensions.get(EXTENSION)
+    if ext is None or error is None:
+        return
+    if has_request_context() and request.blueprint == "status":
+        return  # the gate's own endpoints (a 401 for a scraper without a key): not API traffic
+    status, reason = reason_of(error)
+    ext.rejected(status, reason, cls or _class_of(call))
+
+
+def _class_of(call: Any) -> str | None:
+    """The endpoint class of a refused request: its Call's, the limiter's, or its route's."""
+    if call is not None:
+        return str(call.cls)
+    if not has_request_context():
+        return None
+    cls = g.get("gate_class")
+    if cls:
+        return str(cls)
+    rule = request.url_rule
+    return _RULE_CLASSES.get(rule.rule) if rule is not None else None
+
+
+def init_app(app: Flask, settings: Settings) -> Status:
+    """Install the extension and subscribe to the call signals of ``app``."""
+    ext = Status(settings)
+    app.extensions[EXTENSION] = ext
+    call_finished.connect(_on_finished, sender=app)
+    call_rejected.connect(_on_rejected, sender=app)
+    app.before_request(ext.ensure_started)
+    return ext

@@ -1,0 +1,201 @@
+"""The upstream's health and loaded models, asked for by one greenlet and cached.
+
+Page views and scrapes only read the cache. ``/gate/healthz`` refreshes it when
+it is older than ``max_age`` (one probe at a time; callers that arrive during a
+probe wait for its answer), so a load balancer calling every second costs the
+upstream at most one ``GET /api/version`` a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.event
+
+logger = logging.getLogger(__name__)
+
+#: Connect and read timeout of one probe: health checks must answer quickly.
+TIMEOUT = 2.0
+#: Seconds between two /api/ps polls while the upstream answers, and while it does not.
+PS_INTERVAL = 5.0
+PS_INTERVAL_DOWN = 2.0
+#: /gate/healthz probes again once the cached answer is older than this.
+MAX_AGE = 1.0
+
+
+class ProbeFailed(Exception):
+    """The upstream did not answer a probe with 200."""
+
+
+class UpstreamProbe:
+    """Cached answers of one Ollama server to GET /api/version and GET /api/ps."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = TIMEOUT,
+        ps_interval: float = PS_INTERVAL,
+        ps_interval_down: float = PS_INTERVAL_DOWN,
+        max_age: float = MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.ps_interval = ps_interval
+        self.ps_interval_down = ps_interval_down
+        self.max_age = max_age
+        self._clock = clock
+        self.healthy: bool | None = None  # None: not asked yet
+        self.checked: float | None = None  # monotonic time of the last answer (or failure)
+        self.checked_wall: float | None = None
+        self.latency: float | None = None
+        self.error: str | None = None
+        self.version: str | None = None
+        self.loaded: list[dict[str, Any]] = []
+        self.loaded_checked_wall: float | None = None
+        self.probes = 0
+        self.used = clock()  # when a status endpoint was last asked for
+        self._inflight: gevent.event.AsyncResult | None = None
+
+    # Asking
+
+    def get(self, path: str) -> Any:
+        """GET ``path`` from the upstream on a fresh connection; its JSON, or ProbeFailed.
+
+        A fresh connection per probe (at most one a second) so that a pooled
+        keep-alive socket the upstream closed long ago never reads as "down".
+        """
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout)
+        try:
+            # gevent.Timeout bounds the whole exchange, not just each socket operation.
+            with gevent.Timeout(self.timeout * 2, ProbeFailed("no answer in time")):
+                conn.request("GET", self._prefix + path, headers={"Accept": "application/json"})
+                resp = conn.getresponse()
+                body = resp.read(1 << 20)
+        except ProbeFailed:
+            raise
+        except TimeoutError:
+            raise ProbeFailed("no answer in time") from None
+        except ConnectionRefusedError:
+            raise ProbeFailed("connection refused") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ProbeFailed(f"{type(exc).__name__}: {exc}"[:200]) from None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise ProbeFailed(f"GET {path} answered {resp.status}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ProbeFailed(f"GET {path} answered with no JSON") from None
+
+    def probe(self, path: str = "/api/version") -> bool:
+        """Ask the upstream now and record the answer; True when it answered."""
+        self.probes += 1
+        started = self._clock()
+        try:
+            data = self.get(path)
+        except ProbeFailed as exc:
+            if self.healthy is not False:
+                logger.warning("upstream %s does not answer: %s", self.url, exc)
+            self._record(False, started, str(exc))
+            return False
+        if self.healthy is False:
+            logger.info("upstream %s answers again", self.url)
+        self._record(True, started, None)
+        if isinstance(data, dict):
+            if path.endswith("/version") and isinstance(data.get("version"), str):
+                self.version = data["version"]
+            if path.endswith("/ps"):
+                self.loaded = [_loaded(m) for m in data.get("models") or () if isinstance(m, dict)]
+                self.loaded_checked_wall = time.time()
+        return True
+
+    def _record(self, healthy: bool, started: float, error: str | None) -> None:
+        now = self._clock()
+        self.healthy = healthy
+        self.checked = now
+        self.checked_wall = time.time()
+        self.latency = now - started if healthy else None
+        self.error = error
+
+    def fresh(self) -> bool:
+        """Whether the cached answer is younger than ``max_age``."""
+        return self.checked is not None and self._clock() - self.checked <= self.max_age
+
+    def check(self) -> bool:
+        """Health for /gate/healthz: the cached answer if fresh, else one new probe at a time."""
+        if self.fresh():
+            return bool(self.healthy)
+        inflight = self._inflight
+        if inflight is not None:
+            with contextlib.suppress(gevent.Timeout):
+                return bool(inflight.get(timeout=self.timeout * 2 + 1))
+            return False
+        result = self._inflight = gevent.event.AsyncResult()
+        try:
+            healthy = self.probe("/api/version")
+        finally:
+            self._inflight = None
+            result.set(bool(self.healthy))
+        return healthy
+
+    def touch(self) -> None:
+        """Someone looked at the status: the poller keeps going."""
+        self.used = self._clock()
+
+    def run(self, idle: float = float("inf")) -> None:
+        """Poll /api/ps until nobody has looked for ``idle`` seconds (the one poller greenlet)."""
+        while self._clock() - self.used < idle:
+            try:
+                if self.version is None:
+                    self.probe("/api/version")
+                self.probe("/api/ps")
+            except Exception:  # a bug here must not stop the polling
+                logger.exception("upstream probe failed")
+            gevent.sleep(self.ps_interval if self.healthy else self.ps_interval_down)
+        logger.debug("upstream poller stops: no status request for %.0f s", idle)
+
+    def state(self) -> dict[str, Any]:
+        """The cached answers, as status.json's ``upstream`` object."""
+        age = None if self.checked is None else self._clock() - self.checked
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "checked": None if self.checked_wall is None else round(self.checked_wall, 3),
+            "age": None if age is None else round(age, 3),
+            "latency": None if self.latency is None else round(self.latency, 4),
+            "error": self.error,
+            "version": self.version,
+            "loaded": list(self.loaded),
+            "loaded_checked": (
+                None if self.loaded_checked_wall is None else round(self.loaded_checked_wall, 3)
+            ),
+        }
+
+
+def _loaded(model: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one /api/ps entry the page shows."""
+    name = model.get("model") or model.get("name") or ""
+    return {
+        "name": str(name),
+        "size": model.get("size"),
+        "size_vram": model.get("size_vram"),
+        "expires_at": model.get("expires_at"),
+        "context_length": model.get("context_length"),
+    }

@@ -1,0 +1,377 @@
+// Ollama Gate status page: polls status.json once a second and redraws. No framework, no build.
+// Model and client names come from clients: they only ever go into textContent, never innerHTML.
+(function () {
+  "use strict";
+
+  var POLL_MS = 1000;
+  var SVG = "http://www.w3.org/2000/svg";
+  var script = document.currentScript;
+  var workers = Number((script && script.dataset.workers) || 1);
+  var failures = 0;
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    if (attrs) {
+      Object.keys(attrs).forEach(function (k) {
+        if (k === "text") node.textContent = attrs[k];
+        else if (k === "className") node.className = attrs[k];
+        else node.setAttribute(k, attrs[k]);
+      });
+    }
+    (children || []).forEach(function (c) { if (c) node.appendChild(c); });
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS(SVG, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  }
+
+  function setText(id, text) {
+    var node = $(id);
+    if (node && node.textContent !== text) node.textContent = text;
+  }
+
+  function num(v, digits) {
+    if (v === null || v === undefined) return "–";
+    var d = digits === undefined ? 0 : digits;
+    return Number(v).toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: 0 });
+  }
+
+  function rate(v) {
+    if (v === null || v === undefined) return "–";
+    if (v >= 100) return num(v, 0);
+    return num(v, 1);
+  }
+
+  function secs(v) {
+    if (v === null || v === undefined) return "–";
+    if (v < 0.001) return "0 s";
+    if (v < 10) return v.toFixed(v < 1 ? 2 : 1) + " s";
+    if (v < 90) return Math.round(v) + " s";
+    var whole = Math.round(v), m = Math.floor(whole / 60), s = whole % 60;
+    if (m < 60) return m + "m " + (s < 10 ? "0" : "") + s + "s";
+    return Math.floor(m / 60) + "h " + (m % 60) + "m";
+  }
+
+  function bytes(v) {
+    if (!v && v !== 0) return "–";
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return v.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+
+  function sumValues(obj) {
+    var total = 0;
+    Object.keys(obj || {}).forEach(function (k) { total += obj[k]; });
+    return total;
+  }
+
+  function cell(text, cls) { return el("td", { text: text, className: cls || "" }); }
+
+  function fill(tableId, rows, columns, emptyText) {
+    var tbody = $(tableId).tBodies[0];
+    var fresh = document.createElement("tbody");
+    if (!rows.length) {
+      fresh.appendChild(el("tr", { className: "empty" }, [el("td", { text: emptyText, colspan: String(columns) })]));
+    }
+    rows.forEach(function (r) { fresh.appendChild(r); });
+    tbody.parentNode.replaceChild(fresh, tbody);
+  }
+
+  // -- sections -------------------------------------------------------------------------
+
+  function renderTop(doc) {
+    var up = doc.upstream || {};
+    var pill = $("upstream");
+    if (up.healthy === true) {
+      pill.className = "pill pill-ok";
+      pill.textContent = "upstream up" + (up.version ? " · Ollama " + up.version : "") +
+        (up.latency !== null && up.latency !== undefined ? " · " + Math.round(up.latency * 1000) + " ms" : "");
+    } else if (up.healthy === false) {
+      pill.className = "pill pill-bad";
+      pill.textContent = "upstream down · " + (up.error || "no answer");
+    } else {
+      pill.className = "pill pill-unknown";
+      pill.textContent = "upstream not probed yet";
+    }
+    pill.title = up.url || "";
+    var w = doc.worker || {};
+    setText("worker", "worker pid " + w.pid + (w.workers > 1 ? " (one of " + w.workers + ")" : "") +
+      " · up " + secs(w.uptime) + " · access " + w.access);
+  }
+
+  function renderBanners(doc) {
+    var box = $("banners");
+    var items = [];
+    var q = doc.queue;
+    var w = doc.worker || {};
+    if (!q) items.push(["", "The work queue is not installed: running and waiting jobs are not known."]);
+    if (q && q.closed) items.push(["bad", "The gate is shutting down: new jobs are turned away."]);
+    if (q && q.switch && q.switch.pending) {
+      items.push(["", "Switching to " + q.switch.target + " (waited " + secs(q.switch.waited) + "): " +
+        ((q.switch.draining || []).join(", ") || "nothing") + " draining."]);
+    }
+    if (doc.limiter && doc.limiter.storage_fallback) {
+      items.push(["bad", "Rate-limit storage " + doc.limiter.storage +
+        " does not answer: limits count in this worker's memory until it does."]);
+    }
+    if ((w.workers || workers) > 1) {
+      items.push(["", "This page shows worker " + w.pid + " only, one of " + w.workers +
+        " workers: each keeps its own queue and counts."]);
+    }
+    if (failures > 2) items.push(["bad", "status.json does not answer: the figures below are stale."]);
+    var key = JSON.stringify(items);
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.textContent = "";
+    items.forEach(function (it) { box.appendChild(el("p", { className: "banner " + it[0], text: it[1] })); });
+  }
+
+  function renderTiles(doc) {
+    var q = doc.queue;
+    var models = doc.models || {};
+    var slots = 0;
+    Object.keys(models).forEach(function (m) { if (models[m].active) slots += models[m].slots || 0; });
+    setText("total-running", q ? num(q.running) : "–");
+    setText("total-running-sub", q ? (slots ? "of " + slots + " active slots" : "no active model") : "");
+    setText("total-waiting", q ? num(q.waiting) : "–");
+    setText("total-waiting-sub", q && q.queue_max ? "max " + num(q.queue_max) : "");
+    setText("oldest-wait", q && q.waiting ? secs(q.oldest_wait) : "–");
+    setText("jobs-rate", rate(doc.rates.jobs_per_minute));
+    setText("tokens-rate", rate(doc.rates.tokens_per_minute));
+    var recent = doc.rejections.recent || {};
+    var r429 = sumValues(recent["429"]), r503 = sumValues(recent["503"]);
+    setText("recent-429", num(r429));
+    setText("recent-503", num(r503));
+    $("recent-429").parentNode.classList.toggle("alert", r429 > 0);
+    $("recent-503").parentNode.classList.toggle("alert", r503 > 0);
+    $("total-waiting").parentNode.dataset.waiting = q ? String(q.waiting) : "";
+  }
+
+  function renderModels(doc) {
+    var models = doc.models || {};
+    var rows = Object.keys(models).map(function (name) {
+      var m = models[name];
+      var state = el("td");
+      if (m.active) state.appendChild(el("span", { className: "badge active", text: "active" }));
+      if (m.draining) state.appendChild(el("span", { className: "badge draining", text: "draining" }));
+      if (m.loaded) state.appendChild(el("span", { className: "badge loaded", text: "loaded" }));
+      if (!state.childNodes.length) state.appendChild(el("span", { className: "badge", text: "idle" }));
+      var running = m.running === null ? "–" : num(m.running) + " / " + num(m.slots);
+      var refused = sumValues(m.rejected);
+      return el("tr", { "data-model": name }, [
+        el("td", { className: "name", text: name, title: name }),
+        state,
+        cell(running, "num"),
+        cell(m.waiting === null ? "–" : num(m.waiting), "num" + (m.waiting ? " hot" : "")),
+        cell(m.waiting ? secs(m.oldest_wait) : "–", "num"),
+        cell(rate(m.jobs_per_minute), "num"),
+        cell(rate(m.tokens_per_minute), "num"),
+        cell(secs(m.wait_avg), "num opt"),
+        cell(secs(m.avg_seconds), "num opt"),
+        cell(refused ? num(refused) : "–", "num opt"),
+      ]);
+    });
+    var admin = doc.queue && doc.queue.admin;
+    if (admin && (admin.running || admin.waiting)) {
+      rows.push(el("tr", {}, [
+        el("td", { className: "name", text: "(pull, push, create)" }), cell("admin lane"),
+        cell(num(admin.running) + " / " + num(admin.slots), "num"),
+        cell(num(admin.waiting), "num" + (admin.waiting ? " hot" : "")),
+        cell(admin.waiting ? secs(admin.oldest_wait) : "–", "num"),
+        cell("–", "num"), cell("–", "num"), cell("–", "num opt"), cell(secs(admin.avg_seconds), "num opt"),
+        cell("–", "num opt"),
+      ]));
+    }
+    fill("models", rows, 10, "no models yet");
+  }
+
+  function renderClients(doc) {
+    var clients = doc.clients || {};
+    var rows = Object.keys(clients).map(function (name) {
+      var c = clients[name];
+      return el("tr", {}, [
+        el("td", { className: "name", text: name, title: name }),
+        cell(num(c.waiting), "num" + (c.waiting ? " hot" : "")),
+        cell(num(c.running), "num"),
+        cell(rate(c.jobs_per_minute), "num"),
+        cell(rate(c.tokens_per_minute), "num"),
+      ]);
+    });
+    fill("clients", rows, 5, "no clients in the last minute");
+  }
+
+  function renderRejections(doc) {
+    var recent = doc.rejections.recent || {}, total = doc.rejections.total || {};
+    var rows = [];
+    Object.keys(total).sort().forEach(function (status) {
+      Object.keys(total[status]).sort().forEach(function (reason) {
+        var n = (recent[status] || {})[reason] || 0;
+        rows.push(el("tr", {}, [
+          cell(status), el("td", { className: "name", text: reason }),
+          cell(num(n), "num" + (n ? " hot" : "")), cell(num(total[status][reason]), "num"),
+        ]));
+      });
+    });
+    fill("rejections", rows, 4, "none");
+  }
+
+  function renderLoaded(doc) {
+    var up = doc.upstream || {};
+    var now = Date.now();
+    var rows = (up.loaded || []).map(function (m) {
+      var until = m.expires_at ? Date.parse(m.expires_at) : NaN;
+      var unload = isNaN(until) ? "–" : (until - now > 0 ? "in " + secs((until - now) / 1000) : "now");
+      if (!isNaN(until) && until - now > 1e9) unload = "never";
+      return el("tr", {}, [
+        el("td", { className: "name", text: m.name, title: m.name }),
+        cell(bytes(m.size_vram), "num"), cell(bytes(m.size), "num"), cell(unload, "num"),
+      ]);
+    });
+    fill("loaded", rows, 4, up.loaded_checked ? "none" : "not polled yet");
+    setText("loaded-checked", up.loaded_checked ? "· polled " +
+      secs(Math.max(0, doc.generated - up.loaded_checked)) + " ago" : "");
+  }
+
+  // -- charts ---------------------------------------------------------------------------
+
+  // A step for four grid lines that is 1, 2, 2.5 or 5 times a power of ten.
+  function niceStep(max, whole) {
+    var raw = max > 0 ? max / 4 : 0.25;
+    if (whole) raw = Math.max(raw, 1);  // counts: whole-number grid lines
+    var p = Math.pow(10, Math.floor(Math.log10(raw)));
+    var steps = whole ? [1, 2, 3, 5, 10] : [1, 2, 2.5, 5, 10];
+    for (var i = 0; i < steps.length; i++) if (raw <= steps[i] * p) return steps[i] * p;
+    return 10 * p;
+  }
+
+  function tickLabel(v) {
+    return String(Number(v.toFixed(3)));
+  }
+
+  // Draw series (arrays aligned with t; null breaks a line) over the last `window` seconds.
+  // A series with `join` draws across its gaps (no job ended in the last seconds).
+  function chart(id, t, series, window, now, unit, whole) {
+    var box = $(id);
+    var W = Math.max(200, Math.round(box.clientWidth || 600));
+    var H = Math.max(100, Math.round(box.clientHeight || 170));
+    var left = 40, right = 8, top = 8, bottom = 20;
+    var pw = W - left - right, ph = H - top - bottom;
+    var max = 0;
+    series.forEach(function (s) { s.data.forEach(function (v) { if (v !== null && v > max) max = v; }); });
+    var step = niceStep(max, whole);
+    max = step * 4;
+    var x = function (ts) { return left + pw * (1 - (now - ts) / window); };
+    var y = function (v) { return top + ph * (1 - v / max); };
+    var root = svg("svg", { viewBox: "0 0 " + W + " " + H });
+    for (var g = 0; g <= 4; g++) {
+      var gy = top + ph * g / 4;
+      root.appendChild(svg("line", { x1: left, x2: W - right, y1: gy, y2: gy, "class": "grid" }));
+      var label = svg("text", { x: left - 6, y: gy + 4, "text-anchor": "end", "class": "axis" });
+      label.textContent = tickLabel(max - step * g) + (g === 0 && unit ? unit : "");
+      root.appendChild(label);
+    }
+    [[window, "-15 min"], [window * 2 / 3, "-10"], [window / 3, "-5"], [0, "now"]].forEach(function (tick) {
+      var tx = x(now - tick[0]);
+      var text = svg("text", {
+        x: tx, y: H - 5, "class": "axis",
+        "text-anchor": tick[0] === window ? "start" : (tick[0] === 0 ? "end" : "middle"),
+      });
+      text.textContent = tick[1];
+      root.appendChild(text);
+    });
+    series.forEach(function (s) {
+      var d = "", pen = false, area = "", first = null, lastX = null;
+      for (var i = 0; i < t.length; i++) {
+        var v = s.data[i];
+        if (v === null || v === undefined || now - t[i] > window) {
+          if (!s.join) pen = false;
+          continue;
+        }
+        var px = x(t[i]).toFixed(1), py = y(v).toFixed(1);
+        d += (pen ? "L" : "M") + px + " " + py;
+        if (s.area) {
+          if (first === null) first = px;
+          area += (area ? "L" : "M" + px + " " + y(0).toFixed(1) + "L") + px + " " + py;
+          lastX = px;
+        }
+        pen = true;
+      }
+      if (s.area && area) {
+        root.appendChild(svg("path", { d: area + "L" + lastX + " " + y(0).toFixed(1) + "Z", "class": "area-" + s.cls }));
+      }
+      if (d) root.appendChild(svg("path", { d: d, "class": s.cls }));
+    });
+    // Swap the children in one go, so the chart never flickers empty.
+    while (box.firstChild) box.removeChild(box.firstChild);
+    while (root.firstChild) box.appendChild(root.firstChild);
+    box.setAttribute("viewBox", "0 0 " + W + " " + H);
+  }
+
+  function renderCharts(doc) {
+    var h = doc.history;
+    if (!h) return;
+    var now = h.t.length ? Math.max(h.t[h.t.length - 1], doc.generated - 1) : doc.generated;
+    chart("chart-depth", h.t, [
+      { data: h.waiting, cls: "a", area: true },
+      { data: h.running, cls: "b" },
+    ], h.window, now, "", true);
+    chart("chart-wait", h.t, [
+      { data: h.oldest_wait, cls: "a", area: true },
+      { data: h.wait, cls: "b", join: true },
+    ], h.window, now, " s", false);
+  }
+
+  // -- polling --------------------------------------------------------------------------
+
+  function render(doc) {
+    renderTop(doc);
+    renderBanners(doc);
+    renderTiles(doc);
+    renderModels(doc);
+    renderClients(doc);
+    renderRejections(doc);
+    renderLoaded(doc);
+    renderCharts(doc);
+  }
+
+  function setLive(ok, detail) {
+    var live = $("live");
+    if (ok) {
+      live.className = "pill pill-ok";
+      live.textContent = "live · " + new Date().toLocaleTimeString("en-GB");
+    } else {
+      live.className = "pill pill-bad";
+      live.textContent = "no answer · " + detail;
+    }
+  }
+
+  var latest = null;
+
+  function tick() {
+    fetch("status.json", { cache: "no-store", credentials: "same-origin" })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (doc) {
+        failures = 0;
+        latest = doc;
+        render(doc);
+        setLive(true);
+      })
+      .catch(function (err) {
+        failures += 1;
+        setLive(false, err.message || String(err));
+        if (latest) renderBanners(latest);
+      })
+      .then(function () { setTimeout(tick, POLL_MS); });
+  }
+
+  window.addEventListener("resize", function () { if (latest) renderCharts(latest); });
+  tick();
+})();

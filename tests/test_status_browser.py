@@ -1,0 +1,70 @@
+"""The status page in headless Chromium while load runs: the queue appears, then drains.
+
+The page is the only client of status.json here: what the test reads is what a
+person sees. Screenshots land in pytest's tmp dir (kept for the last runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakeollama import FakeOllama
+from tests.chromium import chromium, full_page_screenshot, missing
+from tests.status_support import Load
+from tests.support import Gate
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+
+def text(driver: Any, element_id: str) -> str:
+    return str(driver.find_element("id", element_id).text.strip())
+
+
+def wait_for(driver: Any, pred: Callable[[Any], Any], timeout: float = 15) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(pred)
+
+
+def test_status_page_shows_the_queue_appear_and_drain(
+    fake: FakeOllama, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    gate = gate_factory(fake.url, {"GATE_MODEL_CONCURRENCY": "1", "GATE_MAX_ACTIVE_MODELS": "1"})
+    with chromium(1280, 900) as driver:
+        driver.get(gate.url + "/gate/status")
+        wait_for(driver, lambda d: text(d, "live").startswith("live"))
+        assert text(driver, "total-waiting") == "0"
+        assert text(driver, "upstream").startswith("upstream")
+
+        with Load(gate, 4) as load:
+            wait_for(driver, lambda d: text(d, "total-waiting") in ("2", "3"))
+            assert text(driver, "total-running") == "1"
+            row = driver.find_element("css selector", 'tr[data-model="m1:latest"]')
+            assert "active" in row.text
+            full_page_screenshot(driver, str(tmp_path / "status-busy-1280.png"), 1280)
+        assert load.results == [200] * 4
+
+        wait_for(driver, lambda d: text(d, "total-waiting") == "0")
+        wait_for(driver, lambda d: text(d, "total-running") == "0")
+        # The depth chart drew the queue it saw: a path for waiting and one for running.
+        paths = driver.find_elements("css selector", "#chart-depth path.a, #chart-depth path.b")
+        assert len(paths) == 2
+        full_page_screenshot(driver, str(tmp_path / "status-idle-1280.png"), 1280)
+
+        # A phone: nothing sticks out sideways except inside the tables' own scroll boxes.
+        driver.set_window_size(390, 900)
+        wait_for(driver, lambda d: d.execute_script("return window.innerWidth") <= 390)
+        overflow = driver.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth"
+        )
+        assert overflow <= 0
+        full_page_screenshot(driver, str(tmp_path / "status-390.png"), 390)
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    for name in ("status-busy-1280.png", "status-idle-1280.png", "status-390.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
