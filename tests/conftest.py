@@ -55,6 +55,16 @@ def _fresh_fake(request: pytest.FixtureRequest) -> Iterator[None]:
     server.wait_for(lambda s: not any(s["in_flight"].values()), timeout=5)
 
 
+@pytest.fixture(autouse=True)
+def _session_gate_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used a gate fixture: no slot held, no job waiting."""
+    # Requested here, so that a test module's own ``gate`` is torn down after this check.
+    used = request.getfixturevalue("gate") if "gate" in request.fixturenames else None
+    yield
+    if isinstance(used, Gate):
+        used.assert_idle()
+
+
 @pytest.fixture(scope="session")
 def gate(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
     """The gate in front of the session's fake Ollama, with default settings but no limits."""
@@ -74,8 +84,12 @@ def gate_factory(tmp_path: Path) -> Iterator[Callable[..., Gate]]:
         return g
 
     yield factory
-    for g in started:
-        g.stop()
+    try:
+        for g in started:
+            g.assert_idle()  # leak check, while the gates still run
+    finally:
+        for g in started:
+            g.stop()
 
 
 @pytest.fixture(scope="session")

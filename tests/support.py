@@ -63,6 +63,27 @@ class Gate:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def assert_idle(self, timeout: float = 5) -> None:
+        """Leak check: the gate's work queue holds no slot and no waiting job.
+
+        Read from /gate/status.json; a gate whose status page the test closed to
+        loopback callers (admin mode) or that is no longer running is not checked.
+        """
+        deadline = time.monotonic() + timeout
+        queue: dict[str, object] = {}
+        while self.proc.poll() is None:
+            with requests.get(self.url + "/gate/status.json", timeout=5) as resp:
+                if resp.status_code in (401, 403):
+                    return
+                queue = resp.json().get("queue")
+            if queue is None:
+                return
+            if queue["running"] == 0 and queue["waiting"] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gate left jobs behind: {queue}")
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
