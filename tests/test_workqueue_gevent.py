@@ -88,7 +88,7 @@ def test_acquire_blocks_until_a_release_and_reports_the_wait(make_queue: MakeQue
     holder.release()
     slot = waiter.get(timeout=1)
     assert isinstance(slot, Slot)
-    assert slot.waited >= 0.05
+    assert slot.waited >= 0.04  # the loop's cached clock may run a little behind
     slot.release()
     assert queue.idle()
 
