@@ -206,7 +206,8 @@ class Scheduler:
             )
         if len(self._waiting) >= self.queue_max:
             self._reject(lane, "queue_full")
-            raise QueueFull(retry_after=self.retry_after(now))
+            estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
+            raise QueueFull(retry_after=estimate)
         self._enqueue(job)
         return Admission.WAITING
 
@@ -242,7 +243,7 @@ class Scheduler:
             self._dequeue(job)
             self._reject(job.lane, "timeout")
             expired.append(job.key)
-        return expired, []
+        return expired, self._pump(now)
 
     def cancel_waiting(self, now: float) -> list[Hashable]:
         """Drop every waiting job and start none (shutting down); return the jobs dropped."""

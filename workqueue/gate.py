@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -95,13 +95,14 @@ class Slot:
         # A safety net, not the way to release: a response generator that is never closed
         # would otherwise hold its slot for good. The release runs as a hub callback, since
         # a finaliser may fire in the middle of a scheduler call.
-        if not getattr(self, "_released", True):
-            self._released = True
+        if getattr(self, "_released", True):
+            return
+        self._released = True
+        try:
             logger.warning("work queue: a slot for %s was never released", self.model)
-            try:
-                gevent.get_hub().loop.run_callback(self._queue._finish, self.job_id)
-            except Exception:  # interpreter shutting down: nothing left to free
-                pass
+            gevent.get_hub().loop.run_callback(self._queue._finish, self.job_id)
+        except Exception:  # the interpreter is shutting down: nothing left to free
+            pass
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
@@ -197,9 +198,11 @@ class WorkQueue:
 
         if waiter.error is not None:
             raise waiter.error
-        if client_gone is not None and client_gone.is_set():
+        if not waiter.started or (client_gone is not None and client_gone.is_set()):
+            # Woken by client_gone (even if someone cleared it since), or gone just as the
+            # slot came: drop the job from the queue, or free the slot it just got.
             self._waiters.pop(job_id, None)
-            self._finish(job_id)  # drops it from the queue, or frees the slot it just got
+            self._finish(job_id)
             logger.debug(
                 "work queue: job %s for %s from %s: client gone while waiting",
                 job_id,
@@ -252,7 +255,9 @@ class WorkQueue:
         now = self._clock()
         self._dispatch(now, self._scheduler.finish(job_id, now), ())
 
-    def _dispatch(self, now: float, started: list[Hashable], expired: Any) -> None:
+    def _dispatch(
+        self, now: float, started: Iterable[Hashable], expired: Iterable[Hashable]
+    ) -> None:
         """Wake the greenlets of jobs that started or timed out."""
         for job_id in expired:
             waiter = self._waiters.pop(job_id, None)
