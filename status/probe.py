@@ -31,6 +31,11 @@ PS_INTERVAL_DOWN = 2.0
 MAX_AGE = 1.0
 
 
+# The gate's own probes name themselves, so Ollama's logs (and the test fake) can
+# tell them from client traffic.
+PROBE_HEADERS = {"Accept": "application/json", "User-Agent": "ollama-gate-probe"}
+
+
 class ProbeFailed(Exception):
     """The upstream did not answer a probe with 200."""
 
@@ -84,7 +89,7 @@ class UpstreamProbe:
         try:
             # gevent.Timeout bounds the whole exchange, not just each socket operation.
             with gevent.Timeout(self.timeout * 2, ProbeFailed("no answer in time")):
-                conn.request("GET", self._prefix + path, headers={"Accept": "application/json"})
+                conn.request("GET", self._prefix + path, headers=PROBE_HEADERS)
                 resp = conn.getresponse()
                 body = resp.read(1 << 20)
         except ProbeFailed:

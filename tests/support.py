@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -134,3 +135,13 @@ def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
             time.sleep(0.05)
     gate.stop()
     raise AssertionError(f"gate did not start in {timeout}s:\n{gate.logs()}")
+
+
+def client_requests(fake: Any) -> list[dict[str, Any]]:
+    """What reached the fake Ollama on clients' behalf: without the status page's own
+    /api/ps probes (User-Agent ollama-gate-probe), which poll whenever they are due."""
+    return [
+        r
+        for r in fake.stats()["requests"]
+        if not r["headers"].get("user-agent", "").startswith("ollama-gate-probe")
+    ]

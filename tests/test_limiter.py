@@ -17,6 +17,7 @@ import requests
 
 from fakeollama import FakeOllama
 from tests.limiter_support import GatesFactory, quick_gates, rate_limit_items, session_from
+from tests.support import client_requests
 
 GEN = {"model": "llama3.2", "prompt": "hello there", "stream": False}
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
@@ -29,7 +30,7 @@ def gates(gate_factory: GatesFactory) -> Iterator[GatesFactory]:
 
 
 def paths_seen(fake: FakeOllama) -> list[str]:
-    return [r["path"] for r in fake.stats()["requests"]]
+    return [r["path"] for r in client_requests(fake)]
 
 
 def test_each_class_has_its_own_limit(fake: FakeOllama, gates: GatesFactory) -> None:

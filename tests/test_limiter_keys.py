@@ -16,7 +16,7 @@ import requests
 from fakeollama import FakeOllama
 from limiter.mint import new_secret, stanza
 from tests.limiter_support import GatesFactory, quick_gates, rate_limit_items
-from tests.support import ROOT, Gate
+from tests.support import ROOT, Gate, client_requests
 
 GEN = {"model": "llama3.2", "prompt": "hello there", "stream": False}
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -75,7 +75,7 @@ def test_admin_endpoints_need_an_admin_key(fake: FakeOllama, gate: Gate) -> None
     assert r.json() == {"error": "API key 'alice' has role user; /api/pull needs role admin"}
     r = requests.post(gate.url + "/api/pull", json=pull, headers=bearer("root"))
     assert r.status_code == 200
-    assert [q["path"] for q in fake.stats()["requests"]] == ["/api/pull"]
+    assert [q["path"] for q in client_requests(fake)] == ["/api/pull"]
 
 
 def test_the_gates_secret_is_not_forwarded(fake: FakeOllama, gate: Gate) -> None:

@@ -26,7 +26,7 @@ import requests
 
 from endpoints import ROUTES
 from fakeollama import FakeOllama
-from tests.support import Gate, free_port, start_gate
+from tests.support import Gate, client_requests, free_port, start_gate
 
 CHAT: dict[str, Any] = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -476,7 +476,7 @@ def test_413_body_over_max_body(strict_gate: Gate, fake: FakeOllama) -> None:
     for data in (exact, iter([exact])):
         resp = requests.post(strict_gate.url + "/api/generate", data=data, timeout=10)
         assert resp.status_code == 200, resp.text
-    assert [r["body_bytes"] for r in fake.stats()["requests"]] == [4096, 4096]
+    assert [r["body_bytes"] for r in client_requests(fake)] == [4096, 4096]
 
     # Blob uploads are exempt: streamed through whatever their size, chunked or not.
     for blob in (b"a" * 10000, b"b" * 10001):

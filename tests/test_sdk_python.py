@@ -17,7 +17,7 @@ import ollama
 import pytest
 
 from fakeollama import FakeOllama
-from tests.support import Gate
+from tests.support import Gate, client_requests
 
 TEXT8 = "tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 "
 
@@ -220,7 +220,7 @@ def test_async_client(fake: FakeOllama, gate: Gate, tmp_path: Path) -> None:
     assert out["delete"] == ["success"] * 3
 
     # Every request reached the fake with its own Host, and the bodies the SDK built.
-    paths = [(r["method"], r["path"]) for r in fake.stats()["requests"]]
+    paths = [(r["method"], r["path"]) for r in client_requests(fake)]
     assert len(paths) == 18, paths
     assert only(fake, "POST", "/api/pull")["json"]["model"] == name
     assert only(fake, "POST", "/api/create")["json"]["files"] == {"a.gguf": out["digest"]}
