@@ -33,22 +33,18 @@ class ClientWatch:
         self.gone = gevent.event.Event()
         self._target = gevent.getcurrent()
         self._armed = False
-        # A bare readiness watcher on the loop, not a greenlet: a waiting client costs
-        # no stack (10,000 waiting clients, docs/BENCHMARKS.md).
-        self._watcher: Any = None
+        self._watcher: gevent.Greenlet | None = None
 
     def start(self) -> ClientWatch:
         """Begin watching; call once the request body has been read in full."""
         if self.sock is not None and self._watcher is None:
-            self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
-            self._watcher.start(self._readable)
+            self._watcher = gevent.spawn(self._watch)
         return self
 
     def stop(self) -> None:
-        """Stop watching (gunicorn reads the next request from this socket)."""
+        """Stop watching. Blocking kill: gunicorn reads the next request from this socket."""
         if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher.close()
+            self._watcher.kill(block=True)
             self._watcher = None
 
     @contextlib.contextmanager
@@ -63,20 +59,12 @@ class ClientWatch:
         finally:
             self._armed = False
 
-    def _readable(self) -> None:
-        # Runs in the hub when the socket turns readable: peek without blocking.
-        if self.sock is None or self._watcher is None:
-            return
-        # gevent's socket would wait (in the hub) if nothing were there: peek on the
-        # plain socket it wraps, which answers at once.
-        raw = getattr(self.sock, "_sock", self.sock)
+    def _watch(self) -> None:
+        assert self.sock is not None
         try:
-            data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return  # woken for nothing; keep watching
+            data = self.sock.recv(1, socket.MSG_PEEK)
         except OSError:
             data = b""
-        self.stop()
         if data:
             # The client sent more bytes (a pipelined request): it is still there, and
             # from here on only a failed write can tell otherwise.
