@@ -34,7 +34,7 @@ def fake_host(fake: FakeOllama) -> str:
 
 def seen(fake: FakeOllama, method: str, path: str) -> list[dict[str, Any]]:
     """What the fake recorded for ``method path``, each checked to carry the fake's own Host."""
-    records = [r for r in fake.stats()["requests"] if (r["method"], r["path"]) == (method, path)]
+    records = [r for r in client_requests(fake) if (r["method"], r["path"]) == (method, path)]
     for rec in records:
         assert rec["headers"]["host"] == fake_host(fake), rec["headers"]
     return records
