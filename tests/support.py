@@ -137,11 +137,17 @@ def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
     raise AssertionError(f"gate did not start in {timeout}s:\n{gate.logs()}")
 
 
-def client_requests(fake: Any) -> list[dict[str, Any]]:
-    """What reached the fake Ollama on clients' behalf: without the status page's own
-    /api/ps probes (User-Agent ollama-gate-probe), which poll whenever they are due."""
+def clients(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """The requests in a fake's ``stats`` made on clients' behalf: without the status
+    page's own /api/ps probes (User-Agent ollama-gate-probe), which poll whenever they
+    are due and so may land in the middle of any test."""
     return [
         r
-        for r in fake.stats()["requests"]
+        for r in stats["requests"]
         if not r["headers"].get("user-agent", "").startswith("ollama-gate-probe")
     ]
+
+
+def client_requests(fake: Any) -> list[dict[str, Any]]:
+    """What reached the fake Ollama on clients' behalf (see ``clients``)."""
+    return clients(fake.stats())

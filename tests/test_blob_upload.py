@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from fakeollama import FakeOllama
-from tests.support import Gate
+from tests.support import Gate, client_requests, clients
 
 MIB = 1024 * 1024
 SIZE = 200 * MIB
@@ -104,7 +104,7 @@ def test_200mb_blob_upload_in_bounded_memory(gate: Gate, fake: FakeOllama, frami
 
     assert resp.status_code == 201, resp.text
     assert fake.stats()["blobs"][digest] == SIZE  # the fake hashed what arrived: it matched
-    (rec,) = fake.stats()["requests"]
+    (rec,) = client_requests(fake)
     assert rec["path"] == f"/api/blobs/{digest}" and rec["status"] == 201
     assert rec["headers"]["host"] == f"{fake.host}:{fake.port}"
     if framing == "chunked":
@@ -137,12 +137,12 @@ def test_client_leaving_mid_upload_aborts_the_upstream_upload(
         sent = piece
     with socket.create_connection(("127.0.0.1", gate.port), timeout=10) as sock:
         sock.sendall(head.encode() + sent)
-        fake.wait_for(lambda s: s["requests"][0]["body_bytes"] == MIB, timeout=5)
+        fake.wait_for(lambda s: clients(s)[0]["body_bytes"] == MIB, timeout=5)
     closed_at = time.monotonic()
 
     stats = fake.wait_for(lambda s: s["disconnects"] == 1, timeout=5)
     assert stats["disconnect_times"][0] - closed_at < 1.0
-    assert stats["requests"][0]["status"] is None  # the fake never answered: it saw no end
+    assert clients(stats)[0]["status"] is None  # the fake never answered: it saw no end
     assert digest not in stats["blobs"]
 
     # The worker's upstream pool is still usable.

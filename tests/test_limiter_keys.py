@@ -65,7 +65,7 @@ def test_missing_or_unknown_key_is_401(fake: FakeOllama, gate: Gate) -> None:
         oai.models.list()
     assert info.value.status_code == 401 and "invalid API key" in info.value.message
     # The start-up probe is the only request that got through (it is answered 401 too).
-    assert fake.stats()["requests"] == []
+    assert client_requests(fake) == []
 
 
 def test_admin_endpoints_need_an_admin_key(fake: FakeOllama, gate: Gate) -> None:
@@ -84,7 +84,7 @@ def test_the_gates_secret_is_not_forwarded(fake: FakeOllama, gate: Gate) -> None
     r = requests.post(gate.url + "/v1/messages", headers={"x-api-key": SECRETS["alice"]}, json={
         "model": "llama3.2", "max_tokens": 8, "messages": MESSAGES})  # fmt: skip
     assert r.status_code == 200
-    for seen in fake.stats()["requests"]:
+    for seen in client_requests(fake):
         assert "authorization" not in seen["headers"]
         assert "x-api-key" not in seen["headers"]
 
@@ -93,7 +93,7 @@ def test_without_keys_authorization_reaches_ollama(fake: FakeOllama, gates: Gate
     gate = gates(fake.url)
     headers = {"Authorization": "Bearer for-ollama"}
     assert requests.post(gate.url + "/api/generate", json=GEN, headers=headers).ok
-    (seen,) = [r for r in fake.stats()["requests"] if r["path"] == "/api/generate"]
+    (seen,) = [r for r in client_requests(fake) if r["path"] == "/api/generate"]
     assert seen["headers"]["authorization"] == "Bearer for-ollama"
 
 

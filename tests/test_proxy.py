@@ -26,7 +26,7 @@ import requests
 
 from endpoints import ROUTES
 from fakeollama import FakeOllama
-from tests.support import Gate, client_requests, free_port, start_gate
+from tests.support import Gate, client_requests, clients, free_port, start_gate
 
 CHAT: dict[str, Any] = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -91,7 +91,7 @@ def test_curl_head_and_get_root(gate: Gate, fake: FakeOllama) -> None:
     assert got.startswith("HTTP/1.1 200 OK\r\n")
     assert got.endswith("\r\n\r\nOllama is running")
 
-    records = fake.stats()["requests"]
+    records = client_requests(fake)
     assert [(r["method"], r["path"]) for r in records] == [("HEAD", "/"), ("GET", "/")]
     assert all(r["headers"]["host"] == fake_host(fake) for r in records)
     assert records[0]["headers"]["user-agent"].startswith("curl/")
@@ -276,7 +276,7 @@ def test_upstream_not_found_passes_through_unchanged(gate: Gate, fake: FakeOllam
 
 
 def only_request(fake: FakeOllama) -> dict[str, Any]:
-    (rec,) = fake.stats()["requests"]
+    (rec,) = client_requests(fake)
     assert rec["headers"]["host"] == fake_host(fake)
     return rec
 
@@ -440,7 +440,7 @@ def test_400_bad_body_on_model_endpoints(
             }
         else:
             assert resp.json() == {"error": message}
-    assert fake.stats()["requests"] == []  # nothing was forwarded
+    assert client_requests(fake) == []  # nothing was forwarded
 
 
 def test_413_body_over_max_body(strict_gate: Gate, fake: FakeOllama) -> None:
@@ -468,7 +468,7 @@ def test_413_body_over_max_body(strict_gate: Gate, fake: FakeOllama) -> None:
         resp = requests.post(strict_gate.url + path, data=iter([padded]), timeout=10)
         assert resp.status_code == 413, (path, resp.text)
         assert resp.json() == {"error": "request body too large"}
-    assert fake.stats()["requests"] == []
+    assert client_requests(fake) == []
 
     # At the limit, with or without Content-Length, the body goes through.
     exact = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode()
@@ -581,7 +581,7 @@ def test_client_disconnect_mid_stream_reaches_upstream(
 def test_client_disconnect_before_upstream_headers(gate: Gate, fake: FakeOllama) -> None:
     sock = send_raw(gate, "POST", "/api/chat", CHAT, {"X-Fake-Stall": "5"})
     try:
-        fake.wait_for(lambda s: len(s["requests"]) == 1, timeout=5)
+        fake.wait_for(lambda s: len(clients(s)) == 1, timeout=5)
         time.sleep(0.2)  # well into the stall
     finally:
         sock.close()
@@ -590,7 +590,7 @@ def test_client_disconnect_before_upstream_headers(gate: Gate, fake: FakeOllama)
     delay = stats["disconnect_times"][0] - closed_at
     print(f"\nupstream saw the client leave during the stall {delay * 1000:.0f} ms later")
     assert delay < 1.0
-    assert stats["requests"][0]["status"] is None  # nothing was ever answered
+    assert clients(stats)[0]["status"] is None  # nothing was ever answered
 
 
 def test_gate_keeps_serving_after_failures(gate: Gate, fake: FakeOllama, tmp_path: Path) -> None:

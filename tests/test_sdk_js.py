@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 from fakeollama import FakeOllama
-from tests.support import ROOT, Gate
+from tests.support import ROOT, Gate, client_requests
 
 JS = ROOT / "tests" / "js"
 TEXT8 = "tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 "
@@ -60,7 +60,7 @@ def test_ollama_js(gate: Gate, fake: FakeOllama) -> None:
     assert out["broken"]["parts"] == ["tok1 ", "tok2 "]
     assert out["broken"]["error"].startswith("upstream connection lost")
 
-    records = fake.stats()["requests"]
+    records = client_requests(fake)
     assert [(r["method"], r["path"]) for r in records] == [
         ("GET", "/api/tags"),
         ("POST", "/api/chat"),

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from fakeollama import FakeOllama
-from tests.support import Gate
+from tests.support import Gate, client_requests
 
 TEXT8 = "tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 "
 
@@ -110,4 +110,4 @@ def test_gate_error_in_openai_shape(gate: Gate, fake: FakeOllama, oai: openai.Op
         "param": None,
         "code": "invalid_request",
     }
-    assert fake.stats()["requests"] == []
+    assert client_requests(fake) == []

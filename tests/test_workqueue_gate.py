@@ -21,7 +21,7 @@ import requests
 
 from errors import BUSY_TEXT
 from fakeollama import FakeOllama
-from tests.support import Gate
+from tests.support import Gate, clients
 
 SLOW = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "10"}  # about one second
 
@@ -187,7 +187,7 @@ def test_lone_client_is_served_behind_anothers_flood(
         flood = [
             pool.submit(generate, gate, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
         ]
-        fake.wait_for(lambda s: len(s["requests"]) >= 1)
+        fake.wait_for(lambda s: len(clients(s)) >= 1)
         time.sleep(0.1)  # the flood's first job runs, the rest wait behind it
         lone = pool.submit(generate, gate, "m1", prompt="lone", headers=job, source="127.0.0.2")
         assert lone.result()[0] == 200

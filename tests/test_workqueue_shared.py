@@ -28,7 +28,7 @@ from fakeollama import FakeOllama
 from settings import Settings
 from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
-from tests.support import Gate
+from tests.support import Gate, clients
 from tests.test_workqueue_gate import generate, open_stream
 from workqueue.core import Scheduler
 from workqueue.gate import Slot
@@ -369,7 +369,7 @@ def test_clients_take_turns_across_gates(fake: FakeOllama, gates: Factory, redis
         flood = [
             pool.submit(generate, one, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
         ]
-        fake.wait_for(lambda s: len(s["requests"]) >= 1)
+        fake.wait_for(lambda s: len(clients(s)) >= 1)
         time.sleep(0.2)  # the flood's first job runs, the rest wait in Redis
         lone = pool.submit(generate, two, "m1", prompt="lone", headers=job, source="127.0.0.2")
         assert lone.result()[0] == 200
