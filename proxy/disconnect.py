@@ -33,18 +33,22 @@ class ClientWatch:
         self.gone = gevent.event.Event()
         self._target = gevent.getcurrent()
         self._armed = False
-        self._watcher: gevent.Greenlet | None = None
+        # A bare readiness watcher on the loop, not a greenlet: a waiting client costs
+        # no stack (10,000 waiting clients, docs/BENCHMARKS.md).
+        self._watcher: Any = None
 
     def start(self) -> ClientWatch:
         """Begin watching; call once the request body has been read in full."""
         if self.sock is not None and self._watcher is None:
-            self._watcher = gevent.spawn(self._watch)
+            self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
+            self._watcher.start(self._readable)
         return self
 
     def stop(self) -> None:
-        """Stop watching. Blocking kill: gunicorn reads the next request from this socket."""
+        """Stop watching (gunicorn reads the next request from this socket)."""
         if self._watcher is not None:
-            self._watcher.kill(block=True)
+            self._watcher.stop()
+            self._watcher.close()
             self._watcher = None
 
     @contextlib.contextmanager
@@ -59,12 +63,22 @@ class ClientWatch:
         finally:
             self._armed = False
 
-    def _watch(self) -> None:
-        assert self.sock is not None
+    def _readable(self) -> None:
+        # Runs in the hub when the socket turns readable: peek without blocking.
+        if self.sock is None or self._watcher is None or not self._watcher.active:
+            return
+        # gevent's socket would wait (in the hub) if nothing were there: peek on the
+        # plain socket it wraps, which answers at once.
+        raw = getattr(self.sock, "_sock", self.sock)
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
+            data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # woken for nothing; keep watching
         except OSError:
             data = b""
+        # One answer is all it takes either way. Only stop here: closing a watcher from
+        # inside its own callback is left to stop(), which the request always calls.
+        self._watcher.stop()
         if data:
             # The client sent more bytes (a pipelined request): it is still there, and
             # from here on only a failed write can tell otherwise.

@@ -189,7 +189,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     watch = ClientWatch(request.environ)
     if cls != LIGHT and (body is None or isinstance(body, bytes)):
         # The body is read: from here on, EOF on the socket means the client left. Light
-        # requests answer at once and skip the watch (a greenlet per request costs).
+        # requests answer at once and skip the watch (a loop watcher per request costs).
         watch.start()
     release: Callable[[], None] | None = None
     try:
