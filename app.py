@@ -23,8 +23,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["gate.settings"] = settings
     errors.init_app(app)
+    proxy.init_app(app, settings)  # first: its light lane wraps Flask itself
     limiter.init_app(app, settings)
-    proxy.init_app(app, settings)
     workqueue.init_app(app, settings)
     status.init_app(app, settings)
     return app

@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, cast
 
 from flask import Flask, Response, current_app, g, request
@@ -32,7 +33,7 @@ from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
-from endpoints import ADMIN, CLASSES, EMBED, INFERENCE, EndpointClass
+from endpoints import ADMIN, CLASSES, EMBED, INFERENCE, LIGHT, EndpointClass
 from errors import Forbidden, RateLimited, Unauthorized
 from proxy.call import Call
 from proxy.views import ENDPOINT_CLASSES
@@ -170,6 +171,7 @@ class GateLimiter:
         app.extensions[EXTENSION] = self
         # The status page's "admin" access checks keys with the same keyring.
         app.extensions["gate.keys"] = self.keyring
+        app.extensions["gate.identify_light"] = self.identify_light
 
     # -- who the client is -------------------------------------------------------------
 
@@ -210,6 +212,23 @@ class GateLimiter:
             g.gate_limit_key = f"ip:{g.gate_client}"
         if cls is not None:
             g.gate_class = cls
+
+    def identify_light(self, environ: Mapping[str, Any]) -> tuple[str, frozenset[str]] | None:
+        """Who sends a light request that no limit applies to, for the proxy's light lane.
+
+        (client, names of the headers that carried its API key), as ``_identify``
+        would set them; None when the limiter has a say in the request (a key to
+        reject, a light limit to count), which must then go through Flask.
+        """
+        if self.keyring is None:
+            if self.defaults[LIGHT] != OFF:
+                return None
+            return client_address(environ.get("REMOTE_ADDR")), frozenset()
+        found = presented_secret(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
+        key = self.keyring.lookup(found[0]) if found is not None else None
+        if found is None or key is None or self.limit_for(LIGHT, key) != OFF:
+            return None
+        return key.name, frozenset({found[1]})
 
     def _limit_key(self) -> str:
         return cast(str, g.gate_limit_key)

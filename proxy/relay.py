@@ -142,8 +142,10 @@ class Relay:
             self._gen.close()
         except ValueError:  # "generator already executing": close() called from within _run
             pass
-        if not self.finished and self.call.outcome == "ok":
-            self.call.outcome = "client_gone"  # never iterated to the end by the server
+        if not self.finished and self.call.outcome == "ok" and self.call.method != "HEAD":
+            # Never iterated to the end by the server (an answer to HEAD has no body to
+            # iterate: werkzeug does not).
+            self.call.outcome = "client_gone"
         # Closes the upstream connection unless its body was read in full, so Ollama
         # sees a client that left and stops generating.
         self.resp.release()

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from endpoints import LIGHT, ROUTES, EndpointClass, model_of
@@ -18,7 +19,7 @@ from errors import BadRequest, BodyTooLarge
 from .call import Call
 from .disconnect import ClientDisconnected, ClientWatch
 from .relay import Relay, stream_kind
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamResponse
 
 # The work queue's hook: called before the upstream is opened, blocks until the call
 # may run (or raises a GateError), and returns the function that frees its slot (None
@@ -67,6 +68,9 @@ RESPONSE_SKIP = frozenset(
 
 BLOB_CHUNK = 64 * 1024
 
+# The environ key under which the light lane hands Flask an upstream failure to answer.
+LANE_FAILURE = "gate.lane_failure"
+
 
 class RelayResponse(Response):
     """A response whose headers and body come from the upstream as they are."""
@@ -81,15 +85,28 @@ def _named_in_connection(value: str | None) -> set[str]:
     return {token.strip().lower() for token in value.split(",") if token.strip()}
 
 
-def forward_headers() -> dict[str, str]:
-    """The client's request headers minus hop-by-hop ones and those the gate consumed.
+def upstream_headers(headers: Headers, consumed: frozenset[str]) -> dict[str, str]:
+    """The client's request ``headers`` minus hop-by-hop ones and the ``consumed`` ones.
 
-    ``g.gate_consumed_headers`` names headers meant for the gate itself (the API
-    key, when the limiter checked it): they never reach the upstream.
+    ``consumed`` names (lowercase) headers meant for the gate itself, such as the API
+    key the limiter checked: they never reach the upstream.
     """
-    skip = REQUEST_SKIP | _named_in_connection(request.headers.get("Connection"))
-    skip |= g.get("gate_consumed_headers", frozenset())
-    return {k: v for k, v in request.headers.items() if k.lower() not in skip}
+    skip = REQUEST_SKIP | _named_in_connection(headers.get("Connection")) | consumed
+    return {k: v for k, v in headers.items() if k.lower() not in skip}
+
+
+def forward_headers() -> dict[str, str]:
+    """The current request's headers as the upstream gets them (see ``upstream_headers``)."""
+    return upstream_headers(request.headers, g.get("gate_consumed_headers", frozenset()))
+
+
+def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
+    """The upstream's response headers as the client gets them: this hop's own dropped."""
+    skip = RESPONSE_SKIP | _named_in_connection(resp.header("Connection"))
+    out = [(k, v) for k, v in resp.headers if k.lower() not in skip]
+    if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
+        out.append(("X-Accel-Buffering", "no"))
+    return out
 
 
 def target() -> str:
@@ -197,6 +214,9 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             if admit is not None:
                 release = admit(call, watch)
             opened = time.monotonic()
+            failed = request.environ.pop(LANE_FAILURE, None)
+            if failed is not None:
+                raise failed  # the light lane's upstream failure, answered here (proxy/lane.py)
             resp = upstream.open(request.method, target(), headers, body)
             call.ttfb = time.monotonic() - opened
             call.status = resp.status
@@ -208,10 +228,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         _abandon(watch, release)
         raise
 
-    skip = RESPONSE_SKIP | _named_in_connection(resp.header("Connection"))
-    out_headers = [(k, v) for k, v in resp.headers if k.lower() not in skip]
-    if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
-        out_headers.append(("X-Accel-Buffering", "no"))
+    out_headers = client_headers(resp)
     if release is not None:
         out_headers.append(("X-Gate-Queue-Wait", f"{call.waited:.3f}"))
     relay = Relay(app, resp, watch, call, on_close=release)

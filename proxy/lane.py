@@ -1,0 +1,145 @@
+"""The light lane: GET and HEAD of the light endpoints, forwarded without Flask.
+
+Listing models and asking for the version or the loaded models are most of the
+requests a busy gate sees, and each costs Flask about as much CPU again as the
+forwarding itself (docs/BENCHMARKS.md). When nothing but the proxy has a say in
+such a request (no light limit applies to its client and, with API keys on, it
+presents a valid key) this WSGI middleware, just in front of Flask, forwards it
+with the proxy's own parts: the same header filters, the same upstream pool, the
+same Relay, which sends ``call_finished`` so the status page and metrics count it.
+
+Everything else goes to Flask: requests the lane cannot answer exactly as Flask
+would (a key to check, a limit to count, a body, a path Flask would redirect) and
+an upstream that fails to answer, which the light view then reports in the
+contract's shape. The first request of a worker goes to Flask too, so that the
+one-time start-up work of its before_request hooks has run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.wrappers import Response
+
+from endpoints import LIGHT, ROUTES
+from errors import GateError
+
+from .call import Call
+from .disconnect import ClientWatch
+from .relay import Relay
+from .upstream import Upstream
+from .views import LANE_FAILURE, RelayResponse, client_headers, upstream_headers
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+# Decides who a light request's client is, or that the limiter must see it in Flask:
+# (client, names of the headers that carried its API key) or None.
+Identify = Callable[["WSGIEnvironment"], "tuple[str, frozenset[str]] | None"]
+
+# The light routes a GET or HEAD may take: exact paths, and prefixes of a trailing
+# <path:...> variable ("/v1/models/" for /v1/models/<path:model>).
+PATHS = frozenset(
+    rule
+    for rule, methods, cls, _ in ROUTES
+    if cls == LIGHT and "GET" in methods and "<" not in rule
+)
+PREFIXES = tuple(
+    rule.partition("<path:")[0]
+    for rule, methods, cls, _ in ROUTES
+    if cls == LIGHT and "GET" in methods and "<path:" in rule and rule.endswith(">")
+)
+READS = ("GET", "HEAD")
+
+
+def lane_path(path: str) -> bool:
+    """Whether Flask would route ``path`` to a light view as it is: no redirect, no decoding."""
+    if path in PATHS:
+        return True
+    if not path.isascii():
+        return False  # Flask decodes it as UTF-8; the lane would not
+    for prefix in PREFIXES:
+        if path.startswith(prefix) and len(path) > len(prefix) and "//" not in path:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def status_line(code: int) -> str:
+    """The status line werkzeug writes for ``code`` ("200 OK", "404 NOT FOUND")."""
+    return Response(status=code).status
+
+
+class LightLane:
+    """WSGI middleware around Flask's own ``wsgi_app``: see the module's docstring."""
+
+    def __init__(self, app: Flask, wsgi_app: WSGIApplication) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.warm = False  # a request has been through Flask
+        self.served = 0  # requests the lane forwarded itself
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not (
+            self.warm
+            and environ.get("REQUEST_METHOD") in READS
+            and lane_path(environ.get("PATH_INFO", ""))
+            and environ.get("CONTENT_LENGTH") in (None, "", "0")
+            and "HTTP_TRANSFER_ENCODING" not in environ
+            and environ.get("RAW_URI", "").startswith("/")
+        ):
+            return self._flask(environ, start_response)
+        identify: Identify | None = self.app.extensions.get("gate.identify_light")
+        who = identify(environ) if identify is not None else None
+        if who is None:
+            return self._flask(environ, start_response)
+        client, consumed = who
+        upstream: Upstream = self.app.extensions["gate.upstream"]
+        method = environ["REQUEST_METHOD"]
+        call = Call(LIGHT, method, environ["PATH_INFO"], client)
+        headers = upstream_headers(EnvironHeaders(environ), consumed)
+        opened = time.monotonic()
+        try:
+            resp = upstream.open(method, environ["RAW_URI"], headers, None)
+        except GateError as exc:
+            # Nothing was answered yet: the light view reports it, as for any request.
+            environ[LANE_FAILURE] = exc
+            return self._flask(environ, start_response)
+        call.ttfb = time.monotonic() - opened
+        call.status = resp.status
+        self.served += 1
+        relay = Relay(self.app, resp, ClientWatch(environ), call)
+        out_headers = client_headers(resp)
+        if not _plain(method, resp.status, out_headers):
+            # werkzeug adjusts these (no body for HEAD, no Content-Length on a 204, IRIs in
+            # Location): let its Response, itself a WSGI app, answer as Flask's would.
+            response = RelayResponse(
+                relay, status=resp.status, headers=out_headers, direct_passthrough=True
+            )
+            return response(environ, start_response)
+        start_response(status_line(resp.status), out_headers)
+        return relay
+
+    def _flask(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        try:
+            return self.wsgi_app(environ, start_response)
+        finally:
+            self.warm = True
+
+
+def _plain(method: str, status: int, headers: list[tuple[str, str]]) -> bool:
+    """A response werkzeug would pass on untouched."""
+    if method != "GET" or not 200 <= status < 300 or status == 204:
+        return False
+    return not any(k.lower() in ("location", "content-location") for k, _ in headers)
+
+
+def init_app(app: Flask) -> None:
+    """Put the lane around Flask itself, inside any middleware installed later."""
+    app.wsgi_app = LightLane(app, app.wsgi_app)  # type: ignore[method-assign]
+    app.extensions["gate.lane"] = app.wsgi_app
