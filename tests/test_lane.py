@@ -265,9 +265,12 @@ def test_the_lane_answers_as_flask_does(
         assert [(r["method"], r["path"], r["query"], r["headers"]) for r in lane_seen] == [
             (r["method"], r["path"], r["query"], r["headers"]) for r in flask_seen
         ], (method, path)
-    # Both gates counted every case they forwarded.
+    # Both gates counted every case they forwarded, each as answered in full.
     for gate, before in zip((lane_gate, flask_gate), counted_before, strict=True):
         assert light_count(gate) == before + len(cases)
+        text = requests.get(gate.url + "/metrics", timeout=5).text
+        outcomes = {labels["outcome"] for labels, v in samples(text, "gate_requests_total") if v}
+        assert outcomes == {"ok"}
 
 
 def light_count(gate: Gate) -> float:
