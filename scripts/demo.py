@@ -59,8 +59,13 @@ def start_gate(upstream: str, port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("the gate did not start")
 
 
-def client(url: str, name: str, stop: threading.Event, stats: dict[str, int]) -> None:
+def client(
+    url: str, name: str, stop: threading.Event, stats: dict[str, int], key: str | None = None
+) -> None:
+    """Keep asking one of the models for a streamed completion, pausing in between."""
     session = requests.Session()
+    if key is not None:
+        session.headers["Authorization"] = f"Bearer {key}"
     rng = random.Random(name)
     while not stop.is_set():
         model = rng.choice(MODELS)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,8 +21,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -51,25 +47,6 @@ def keys_file(folder: Path) -> Path:
     return path
 
 
-def client(url: str, name: str, stop: threading.Event, stats: dict[str, int]) -> None:
-    """demo.client with an API key: keeps asking one of four models for a completion."""
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {name}-secret"
-    rng = random.Random(name)
-    while not stop.is_set():
-        body = {"model": rng.choice(demo.MODELS), "prompt": f"hello from {name}", "stream": True}
-        try:
-            with session.post(url + "/api/generate", json=body, stream=True, timeout=120) as r:
-                key = str(r.status_code)
-                for line in r.iter_lines():
-                    if line and json.loads(line).get("done"):
-                        key = "ok"
-                stats[key] = stats.get(key, 0) + 1
-        except requests.RequestException as exc:
-            stats[type(exc).__name__] = stats.get(type(exc).__name__, 0) + 1
-        stop.wait(rng.uniform(0.2, 1.5))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=120, help="load before the shot")
@@ -89,7 +66,11 @@ def main() -> None:
     stop = threading.Event()
     stats: dict[str, int] = {}
     threads = [
-        threading.Thread(target=client, args=(url, KEYS[i % len(KEYS)], stop, stats), daemon=True)
+        threading.Thread(
+            target=demo.client,
+            args=(url, KEYS[i % len(KEYS)], stop, stats, f"{KEYS[i % len(KEYS)]}-secret"),
+            daemon=True,
+        )
         for i in range(args.clients)
     ]
     try:

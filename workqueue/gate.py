@@ -54,7 +54,7 @@ class Slot:
 
     def __init__(
         self,
-        queue: WorkQueue,
+        queue: Any,
         job_id: Hashable,
         model: str,
         client: str,
@@ -78,7 +78,14 @@ class Slot:
         if self._released:
             return
         self._released = True
+        self._free()
+
+    def _free(self) -> None:
         self._queue._finish(self.job_id)
+
+    def _free_later(self) -> None:
+        # From a finaliser, which may fire in the middle of a scheduler call: in the hub.
+        gevent.get_hub().loop.run_callback(self._queue._finish, self.job_id)
 
     def __enter__(self) -> Slot:
         return self
@@ -100,13 +107,13 @@ class Slot:
         self._released = True
         try:
             logger.warning("work queue: a slot for %s was never released", self.model)
-            gevent.get_hub().loop.run_callback(self._queue._finish, self.job_id)
+            self._free_later()
         except Exception:  # the interpreter is shutting down: nothing left to free
             pass
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
-        return f"<Slot {self.job_id} {self.model} {self.client} {state}>"
+        return f"<{type(self).__name__} {self.job_id} {self.model} {self.client} {state}>"
 
 
 class WorkQueue:

@@ -22,7 +22,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import gevent
@@ -35,7 +34,7 @@ from redis.retry import Retry
 from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
 
 from .core import DEFAULT_JOB_SECONDS, EWMA_WEIGHT
-from .gate import ClientGone, WorkQueue
+from .gate import ClientGone, Slot, WorkQueue
 from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
 
 logger = logging.getLogger(__name__)
@@ -53,10 +52,14 @@ class RedisDown(Exception):
     """Redis failed or was too slow: admit this job with the process's own slots."""
 
 
-class SharedSlot:
-    """A running job's hold on a shared slot; ``release()`` it on every path."""
+class SharedSlot(Slot):
+    """A running job's hold on a slot shared through Redis; ``release()`` it on every path.
 
-    __slots__ = ("_queue", "job_id", "model", "client", "admin", "waited", "_released", "_t0")
+    Releasing never raises: a slot whose release cannot reach Redis is freed when its
+    lease lapses.
+    """
+
+    __slots__ = ("_t0",)
 
     def __init__(
         self,
@@ -67,51 +70,16 @@ class SharedSlot:
         admin: bool,
         waited: float,
     ) -> None:
-        self._queue = queue
-        self.job_id = job_id
-        self.model = model
-        self.client = client
-        self.admin = admin
-        self.waited = waited
-        self._released = False
+        super().__init__(queue, job_id, model, client, admin, waited)
         self._t0 = time.monotonic()
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self) -> None:
-        """Free the slot in Redis; never raises (a lapsed lease frees it anyway)."""
-        if self._released:
-            return
-        self._released = True
+    def _free(self) -> None:
         self._queue._note_hold(time.monotonic() - self._t0)
         self._queue._finish(self.job_id)
 
-    def __enter__(self) -> SharedSlot:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        # As gate.Slot: a safety net, run as a hub callback (Redis I/O cannot run here).
-        if not getattr(self, "_released", True):
-            self._released = True
-            logger.warning("work queue: a shared slot for %s was never released", self.model)
-            try:
-                gevent.get_hub().loop.run_callback(self._queue._spawn_finish, self.job_id)
-            except Exception:  # interpreter shutting down: the lease frees it
-                pass
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else "held"
-        return f"<SharedSlot {self.job_id} {self.model} {self.client} {state}>"
+    def _free_later(self) -> None:
+        # Redis I/O cannot run in the hub: a greenlet does it.
+        gevent.get_hub().loop.run_callback(self._queue._spawn_finish, self.job_id)
 
 
 class _Waiter:
