@@ -34,6 +34,26 @@ class ClientGone(Exception):
     """The client went away while its job waited: the job left the queue and never ran."""
 
 
+def wait_or_gone(
+    event: gevent.event.Event,
+    client_gone: gevent.event.Event | None,
+    timeout: float | None = None,
+) -> None:
+    """Wait for ``event``, which ``client_gone`` being set also wakes (up to ``timeout``)."""
+    if client_gone is None:
+        event.wait(timeout)
+        return
+
+    def wake(_event: Any) -> None:
+        event.set()
+
+    client_gone.rawlink(wake)
+    try:
+        event.wait(timeout)
+    finally:
+        client_gone.unlink(wake)
+
+
 class _Waiter:
     """One waiting job's wake-up call: started, or failed with ``error``."""
 
@@ -185,23 +205,13 @@ class WorkQueue:
 
         waiter = self._waiters[job_id] = _Waiter(model, admin)
         self._poke_timer()
-        callback: Callable[[Any], None] | None = None
-        if client_gone is not None:
-
-            def callback(_event: Any) -> None:
-                waiter.event.set()
-
-            client_gone.rawlink(callback)
         try:
-            waiter.event.wait()
+            wait_or_gone(waiter.event, client_gone)
         except BaseException:
             # Killed or timed out from outside while waiting: leave no trace behind.
             self._waiters.pop(job_id, None)
             self._finish(job_id)
             raise
-        finally:
-            if client_gone is not None and callback is not None:
-                client_gone.unlink(callback)
 
         if waiter.error is not None:
             raise waiter.error

@@ -34,7 +34,7 @@ from redis.retry import Retry
 from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
 
 from .core import DEFAULT_JOB_SECONDS, EWMA_WEIGHT
-from .gate import ClientGone, Slot, WorkQueue
+from .gate import ClientGone, Slot, WorkQueue, wait_or_gone
 from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
 
 logger = logging.getLogger(__name__)
@@ -292,24 +292,15 @@ class SharedWorkQueue:
 
         waiter.queued = True
         self._poke.set()
-        callback: Callable[[Any], None] | None = None
-        if client_gone is not None:
-
-            def callback(_event: Any) -> None:
-                waiter.event.set()
-
-            client_gone.rawlink(callback)
         try:
-            waiter.event.wait(max(0.0, submitted + self.queue_timeout - self._clock()))
+            left = max(0.0, submitted + self.queue_timeout - self._clock())
+            wait_or_gone(waiter.event, client_gone, left)
         except BaseException:
             # Killed or timed out from outside while waiting: leave no trace behind.
             self._waiters.pop(job_id, None)
             self._running.discard(job_id)
             self._spawn_finish(job_id)
             raise
-        finally:
-            if client_gone is not None and callback is not None:
-                client_gone.unlink(callback)
 
         if waiter.error is not None:
             raise waiter.error
