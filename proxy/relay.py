@@ -78,7 +78,11 @@ class Relay:
         self.call = call
         self.kind = stream_kind(resp.header("content-type"))
         self.on_close = on_close
-        self.finished = False
+        # An answer without a body (to HEAD; 1xx, 204, 304) is whole once its headers are
+        # out: werkzeug never iterates it.
+        self.finished = (
+            call.method == "HEAD" or 100 <= resp.status < 200 or resp.status in (204, 304)
+        )
         self.closed = False
         # Token usage of a non-streamed answer is in its JSON body.
         self.keep_body = (
@@ -142,10 +146,8 @@ class Relay:
             self._gen.close()
         except ValueError:  # "generator already executing": close() called from within _run
             pass
-        if not self.finished and self.call.outcome == "ok" and self.call.method != "HEAD":
-            # Never iterated to the end by the server (an answer to HEAD has no body to
-            # iterate: werkzeug does not).
-            self.call.outcome = "client_gone"
+        if not self.finished and self.call.outcome == "ok":
+            self.call.outcome = "client_gone"  # never iterated to the end by the server
         # Closes the upstream connection unless its body was read in full, so Ollama
         # sees a client that left and stops generating.
         self.resp.release()
