@@ -15,10 +15,8 @@ example a copy under /tmp with one change applied).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import harness
@@ -104,13 +102,12 @@ def main() -> int:
         f"\nB vs A: {rate} {b[rate] / a[rate] - 1:+.1%}, CPU per {unit} {b[cpu] / a[cpu] - 1:+.1%}"
     )
     if args.json:
-        payload = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "options": {k: str(v) for k, v in vars(args).items()},
-            "median": med,
-            "runs": runs,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        harness.write_json(
+            args.json,
+            options={k: str(v) for k, v in vars(args).items()},
+            median=med,
+            runs=runs,
+        )
     return 0
 
 

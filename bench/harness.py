@@ -8,6 +8,7 @@ master and its worker, wrk, the stream client). Nothing here outlives the run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import signal
@@ -51,6 +52,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def write_json(path: Path, **fields: Any) -> None:
+    """Write a benchmark's figures to ``path``, stamped with the date (UTC)."""
+    payload = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def median(values: Sequence[float]) -> float:

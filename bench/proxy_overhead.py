@@ -330,14 +330,13 @@ def main() -> int:
         + ". Load generators, fake upstream and gate share these cores."
     )
     if args.json:
-        payload = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": info,
-            "options": {k: str(v) for k, v in vars(args).items()},
-            "summary": summary,
-            "runs": runs,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        harness.write_json(
+            args.json,
+            machine=info,
+            options={k: str(v) for k, v in vars(args).items()},
+            summary=summary,
+            runs=runs,
+        )
     return 0
 
 

@@ -15,7 +15,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -210,13 +209,12 @@ def main() -> int:
             key: {f: harness.median([r[f] for r in rs]) for f in ("rps", "cpu_us_per_req")}
             for key, rs in runs.items()
         }
-        payload = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": info,
-            "summary": summary,
-            "runs": runs,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        harness.write_json(
+            args.json,
+            machine=info,
+            summary=summary,
+            runs=runs,
+        )
     return 0
 
 

@@ -82,6 +82,21 @@ def client(
         stop.wait(rng.uniform(0.2, 1.5))
 
 
+def shut_down(
+    stop: threading.Event, threads: list[threading.Thread], procs: tuple[subprocess.Popen, ...]
+) -> None:
+    """Stop the load clients (each finishes the answer it is reading), then the processes."""
+    stop.set()
+    for t in threads:
+        t.join(30)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000, help="gate port (default 8000)")
@@ -119,15 +134,7 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)  # each client finishes the answer it is reading
-        for proc in (gate, sim):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        shut_down(stop, threads, (gate, sim))
     print(f"done: {dict(sorted(stats.items()))}")
 
 

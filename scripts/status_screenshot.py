@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -85,15 +83,7 @@ def main() -> None:
             full_page_screenshot(driver, args.out, args.width)
         print(f"saved {args.out}")
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-        for proc in (gate, sim):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        demo.shut_down(stop, threads, (gate, sim))
 
 
 if __name__ == "__main__":
