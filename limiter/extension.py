@@ -43,7 +43,7 @@ from signals import call_finished
 from .budget import WINDOW, BudgetState, TokenBudgets
 from .fastpath import RejectCache, static_routes
 from .headers import TOKENS, Quota, limit_headers, policy_name, retry_after
-from .identity import client_address, presented_secret
+from .identity import client_address
 from .keys import ApiKey, Keyring, load_keys
 from .policy import OFF
 
@@ -183,16 +183,12 @@ class GateLimiter:
         cls = ENDPOINT_CLASSES.get(request.endpoint or "")
         key: ApiKey | None = None
         if self.keyring is not None:
-            found = presented_secret(
-                request.headers.get("Authorization"), request.headers.get("X-Api-Key")
-            )
-            if found is not None:
-                key = self.keyring.lookup(found[0])
-                if key is not None:
-                    # The secret is the gate's, not Ollama's: proxy.forward_headers drops it.
-                    g.gate_consumed_headers = frozenset({found[1]})
+            header, key = self.keyring.presented(request.environ)
+            if header is not None and key is not None:
+                # The secret is the gate's, not Ollama's: proxy.forward_headers drops it.
+                g.gate_consumed_headers = frozenset({header})
             if cls is not None and request.method != "OPTIONS":
-                if found is None:
+                if header is None:
                     raise Unauthorized(
                         "missing API key: send Authorization: Bearer <key>", headers=_CHALLENGE
                     )
@@ -224,11 +220,10 @@ class GateLimiter:
             if self.defaults[LIGHT] != OFF:
                 return None
             return client_address(environ.get("REMOTE_ADDR")), frozenset()
-        found = presented_secret(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
-        key = self.keyring.lookup(found[0]) if found is not None else None
-        if found is None or key is None or self.limit_for(LIGHT, key) != OFF:
+        header, key = self.keyring.presented(environ)
+        if header is None or key is None or self.limit_for(LIGHT, key) != OFF:
             return None
-        return key.name, frozenset({found[1]})
+        return key.name, frozenset({header})
 
     def _limit_key(self) -> str:
         return cast(str, g.gate_limit_key)

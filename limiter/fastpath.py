@@ -25,7 +25,7 @@ from endpoints import EndpointClass
 from errors import RateLimited, error_body, is_openai_path
 
 from .headers import Quota, limit_headers, seconds_until
-from .identity import client_address, presented_secret
+from .identity import client_address
 from .keys import Keyring
 
 if TYPE_CHECKING:
@@ -56,8 +56,7 @@ def limit_key(keyring: Keyring | None, environ: Mapping[str, Any]) -> str | None
     """The limiter's key for a request ("key:NAME" or "ip:ADDR"); None for a key it lacks."""
     if keyring is None:
         return "ip:" + client_address(environ.get("REMOTE_ADDR"))
-    found = presented_secret(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
-    key = keyring.lookup(found[0]) if found is not None else None
+    _, key = keyring.presented(environ)
     return None if key is None else "key:" + key.name
 
 

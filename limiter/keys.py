@@ -27,6 +27,7 @@ from typing import Any
 
 from endpoints import CLASSES, EndpointClass
 
+from .identity import presented_secret
 from .policy import normalize_limit
 
 ROLES = ("user", "admin")
@@ -91,6 +92,13 @@ class Keyring:
             if hmac.compare_digest(digest, key.digest):
                 found = key
         return found
+
+    def presented(self, environ: Mapping[str, Any]) -> tuple[str | None, ApiKey | None]:
+        """(header a request's secret came in, None when it sent none; the key it matches)."""
+        found = presented_secret(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
+        if found is None:
+            return None, None
+        return found[1], self.lookup(found[0])
 
 
 def load_keys(path: str | Path) -> Keyring:

@@ -12,6 +12,7 @@ import ipaddress
 from typing import Any, Protocol
 
 from errors import Forbidden, Unauthorized
+from limiter.identity import presented_secret as limiter_presented_secret
 
 #: Sent with a 401 so that a browser asks for the key (any user name, the key as password)
 #: and Prometheus or curl know they may send it as a Bearer token.
@@ -44,12 +45,14 @@ def is_loopback(addr: str | None) -> bool:
 
 
 def presented_secret(headers: Headers) -> str | None:
-    """The key a request presents: ``Authorization: Bearer``, Basic (the password), or x-api-key."""
-    auth = (headers.get("Authorization") or "").strip()
-    scheme, _, value = auth.partition(" ")
+    """The key a request presents: ``Authorization: Bearer``, Basic (the password), or x-api-key.
+
+    Basic is for browsers, which ask for a user name and password; the rest is the
+    limiter's own reading (limiter.identity).
+    """
+    authorization = headers.get("Authorization")
+    scheme, _, value = (authorization or "").strip().partition(" ")
     value = value.strip()
-    if scheme.lower() == "bearer" and value:
-        return value
     if scheme.lower() == "basic" and value:
         try:
             user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
@@ -57,8 +60,8 @@ def presented_secret(headers: Headers) -> str | None:
             return None
         # A browser sends user:key; curl -u KEY: sends the key as the user name.
         return password or user or None
-    api_key = (headers.get("X-Api-Key") or "").strip()
-    return api_key or None
+    found = limiter_presented_secret(authorization, headers.get("X-Api-Key"))
+    return found[0] if found is not None else None
 
 
 def is_admin_key(key: Any) -> bool:
