@@ -151,3 +151,13 @@ def clients(stats: dict[str, Any]) -> list[dict[str, Any]]:
 def client_requests(fake: Any) -> list[dict[str, Any]]:
     """What reached the fake Ollama on clients' behalf (see ``clients``)."""
     return clients(fake.stats())
+
+
+def upstream_saw_leave(fake: Any, closed_at: float, what: str) -> dict[str, Any]:
+    """Wait until the fake saw its one connection dropped, within 1 s of ``closed_at``
+    (when the client closed its socket); return the fake's stats."""
+    stats: dict[str, Any] = fake.wait_for(lambda s: s["disconnects"] == 1, timeout=5)
+    delay = stats["disconnect_times"][0] - closed_at
+    print(f"\nupstream saw the client leave {what} {delay * 1000:.0f} ms later")
+    assert delay < 1.0
+    return stats
