@@ -1009,6 +1009,13 @@ class FakeOllama:
                 return True
             await asyncio.sleep(min(left, POLL))
 
+    async def _stays(self, request: web.BaseRequest, seconds: float) -> bool:
+        """``_sleep_watch``, noting a client that went away as a disconnect."""
+        if await self._sleep_watch(request, seconds):
+            return True
+        self._note_disconnect(request)
+        return False
+
     # ------------------------------------------------------------------ responses
 
     def _error(self, request: web.BaseRequest, status: int, message: str) -> web.Response:
@@ -1071,8 +1078,7 @@ class FakeOllama:
                 if die is not None and sent >= die:
                     break
                 if delay > 0:
-                    if not await self._sleep_watch(request, delay):
-                        self._note_disconnect(request)
+                    if not await self._stays(request, delay):
                         return resp
                 elif _gone(request):
                     self._note_disconnect(request)
@@ -1193,8 +1199,7 @@ class FakeOllama:
         if stall is None and model_path:
             stall = self._cfg["stall"]
         if stall:
-            if not await self._sleep_watch(request, stall):
-                self._note_disconnect(request)
+            if not await self._stays(request, stall):
                 return _gone_response()
         status = self._header_num(request, "X-Fake-Status", True)
         if status is None and model_path:
@@ -1416,8 +1421,7 @@ class FakeOllama:
             if empty:
                 return self._json(request, final(ticket, "", "load"), completed=True)
             if not stream:
-                if not await self._sleep_watch(request, n * interval):
-                    self._note_disconnect(request)
+                if not await self._stays(request, n * interval):
                     return _gone_response()
                 return self._json(request, final(ticket, _text(n)), completed=True)
 
@@ -1454,8 +1458,7 @@ class FakeOllama:
         t0 = _state(request).t0
 
         async def work(ticket: _Ticket) -> web.StreamResponse:
-            if texts and not await self._sleep_watch(request, interval):
-                self._note_disconnect(request)
+            if texts and not await self._stays(request, interval):
                 return _gone_response()
             out = {
                 "model": raw,
@@ -1479,8 +1482,7 @@ class FakeOllama:
         interval = self._interval(request)
 
         async def work(ticket: _Ticket) -> web.StreamResponse:
-            if prompt and not await self._sleep_watch(request, interval):
-                self._note_disconnect(request)
+            if prompt and not await self._stays(request, interval):
                 return _gone_response()
             vec = _vector(str(prompt)) if prompt else []
             return self._json(request, {"embedding": vec}, completed=True)
@@ -1515,8 +1517,7 @@ class FakeOllama:
             return await self._stream(
                 request, self._status_stream(request, lines, on_success), NDJSON
             )
-        if not await self._sleep_watch(request, len(lines) * self._interval(request)):
-            self._note_disconnect(request)
+        if not await self._stays(request, len(lines) * self._interval(request)):
             return _gone_response()
         if self._die_after(request) is not None:
             return self._abort(request)
@@ -1741,8 +1742,7 @@ class FakeOllama:
 
         async def work(ticket: _Ticket) -> web.StreamResponse:
             if not stream:
-                if not await self._sleep_watch(request, n * interval):
-                    self._note_disconnect(request)
+                if not await self._stays(request, n * interval):
                     return _gone_response()
                 text = _text(n)
                 if chat:
@@ -1794,8 +1794,7 @@ class FakeOllama:
             return vec
 
         async def work(ticket: _Ticket) -> web.StreamResponse:
-            if not await self._sleep_watch(request, interval):
-                self._note_disconnect(request)
+            if not await self._stays(request, interval):
                 return _gone_response()
             words = _words(texts)
             out = {
@@ -1887,8 +1886,7 @@ class FakeOllama:
         async def work(ticket: _Ticket) -> web.StreamResponse:
             text = _text(n)
             if not stream:
-                if not await self._sleep_watch(request, n * interval):
-                    self._note_disconnect(request)
+                if not await self._stays(request, n * interval):
                     return _gone_response()
                 out = response("completed", [item(text, "completed")], True)
                 return self._json(request, out, completed=True)
@@ -1954,8 +1952,7 @@ class FakeOllama:
 
         async def work(ticket: _Ticket) -> web.StreamResponse:
             if not stream:
-                if not await self._sleep_watch(request, n * interval):
-                    self._note_disconnect(request)
+                if not await self._stays(request, n * interval):
                     return _gone_response()
                 out = message([{"type": "text", "text": _text(n)}], stop_reason, n)
                 return self._json(request, out, completed=True)
