@@ -19,7 +19,7 @@ LIGHT: Final = "light"
 CLASSES: Final[tuple[EndpointClass, ...]] = ("inference", "embed", "admin", "light")
 
 # (rule, methods, class, whether the JSON body must name a model). The order is
-# the contract's table (../shared/DESIGN.md); anything not listed is "light".
+# the contract's table (docs/DESIGN.md, "Endpoint classes"); anything not listed is "light".
 ROUTES: Final[tuple[tuple[str, tuple[str, ...], EndpointClass, bool], ...]] = (
     ("/api/generate", ("POST",), "inference", True),
     ("/api/chat", ("POST",), "inference", True),

@@ -1,4 +1,4 @@
-"""How the rate limiter holds up against a flood (docs/BENCHMARKS.md, "Rate limiter (issue 3)").
+"""How the rate limiter holds up against a flood (docs/BENCHMARKS.md, "Rate limiter").
 
 One gunicorn gevent worker in front of the fake Ollama (its own process), two
 measurements side by side in one run:

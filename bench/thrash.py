@@ -1,4 +1,4 @@
-"""The thrash scenario of issue 4: one flood over more models than fit, direct vs the gate.
+"""The thrash scenario: one flood over more models than fit, direct vs the gate.
 
 The fake Ollama runs in its Ollama-like mode (``--on-overflow queue``): it admits
 requests strictly in arrival order, loads a model before serving it (``--load-time``)

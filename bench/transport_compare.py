@@ -2,8 +2,8 @@
 
     python bench/transport_compare.py [--duration S] [--repeat N] [--quick] [--json out.json]
 
-The issue lets the gate leave the design card's ``requests`` if it cannot reach the
-target, choosing "by the figures". This measures each candidate doing what the gate
+The gate may leave ``requests`` for another transport if ``requests`` cannot reach
+the target, choosing by the figures. This measures each candidate doing what the gate
 does with it, GET /api/tags from a fast fake Ollama with the body streamed back in
 blocks, from 1 and from 50 greenlets in one monkey-patched process: requests/s, and
 CPU µs per request (``time.process_time``, this process only; the fake runs in its

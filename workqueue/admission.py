@@ -16,7 +16,7 @@ from .shared import SharedWorkQueue, is_shared
 
 logger = logging.getLogger(__name__)
 
-# Admin jobs that take the admin lane (issue 4): the long-running model transfers.
+# Admin jobs that take the admin lane: the long-running model transfers.
 # copy, delete and blob transfers are quick or bounded by the client's own upload,
 # so they go straight through.
 ADMIN_QUEUED = frozenset({"/api/pull", "/api/push", "/api/create"})
