@@ -12,9 +12,15 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from endpoints import normalize_model
+from fleet.config import (
+    Backend,
+    BackendsError,
+    from_upstreams,
+    load_backends_file,
+    parse_upstreams,
+)
 from limiter.keys import load_keys
 from limiter.policy import normalize_limit
 
@@ -55,19 +61,8 @@ def validate_non_neg_float(value: str) -> float:
 
 
 def validate_upstream(value: str) -> str:
-    urls = [part.strip() for part in value.split(",") if part.strip()]
-    if not urls:
-        raise ValueError("must be an http:// or https:// URL")
-    if len(urls) > 1:
-        raise ValueError("one upstream URL is supported; several backends are not yet")
-    url = urls[0].rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query or fragment")
-    parts.port  # noqa: B018 - raises ValueError for a port out of range
-    return url
+    """One URL or a comma-separated list of them, written back as ``url,url``."""
+    return ",".join(parse_upstreams(value))
 
 
 def validate_bind(value: str) -> str:
@@ -130,6 +125,11 @@ def validate_path(value: str) -> str | None:
     return value.strip() or None
 
 
+def validate_backends_file(value: str) -> str | None:
+    """The backends file's path; the file is read and checked in ``Settings.check``."""
+    return validate_path(value)
+
+
 def validate_keys_file(value: str) -> str | None:
     """The keys file's path, once the file has been read and checked (errors name file and line)."""
     path = validate_path(value)
@@ -142,7 +142,8 @@ def validate_keys_file(value: str) -> str | None:
 class Settings:
     """Everything the gate reads from its environment (see README, "Settings")."""
 
-    upstream: str = "http://127.0.0.1:11434"
+    upstream: str = "http://127.0.0.1:11434"  # one URL, or several joined by commas
+    backends_file: str | None = None
     bind: str = "127.0.0.1:8000"
     workers: int = 1
     upstream_timeout: float = 600.0
@@ -187,6 +188,7 @@ class Settings:
         read("OLLAMA_RATE_LIMIT", "limit_inference", validate_limit)
         read("OLLAMA_RATE_LIMIT", "limit_embed", validate_limit)
         read("GATE_UPSTREAM", "upstream", validate_upstream)
+        read("GATE_BACKENDS_FILE", "backends_file", validate_backends_file)
         read("GATE_BIND", "bind", validate_bind)
         read("GATE_WORKERS", "workers", validate_pos_int)
         read("GATE_UPSTREAM_TIMEOUT", "upstream_timeout", validate_pos_float)
@@ -211,7 +213,7 @@ class Settings:
         read("GATE_STATUS_ACCESS", "status_access", validate_access)
         settings = cls(**values)
         settings.check()
-        return settings
+        return settings.fleet_of_one()
 
     def check(self) -> None:
         """Cross-field rules that no single variable can check alone."""
@@ -221,6 +223,51 @@ class Settings:
                 "memory:// every worker keeps its own limits and slots, so the GPU would "
                 "see GATE_WORKERS times the configured concurrency"
             )
+
+        backends = self.backends()
+        if len(backends) > 1:
+            source = "GATE_BACKENDS_FILE" if self.backends_file else "GATE_UPSTREAM"
+            raise SettingsError(
+                f"{source} names {len(backends)} backends "
+                f"({', '.join(backend.name for backend in backends)}); the gate serves one"
+            )
+        only = backends[0]
+        if only.vram is not None or only.models:
+            raise SettingsError(
+                f"GATE_BACKENDS_FILE: backend {only.name!r}: 'vram' and 'models' apply "
+                "to a fleet of several backends; remove them for a single backend"
+            )
+
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends: GATE_BACKENDS_FILE's tables, else one per GATE_UPSTREAM URL.
+
+        Backends that do not set ``max_models`` or ``model_concurrency`` take
+        GATE_MAX_ACTIVE_MODELS and GATE_MODEL_CONCURRENCY.
+        """
+        defaults = {
+            "max_models": self.max_active_models,
+            "model_concurrency": self.model_concurrency,
+        }
+        try:
+            if self.backends_file is not None:
+                return load_backends_file(self.backends_file, **defaults)
+            return from_upstreams(parse_upstreams(self.upstream), **defaults)
+        except BackendsError as exc:
+            variable = "GATE_BACKENDS_FILE" if self.backends_file else "GATE_UPSTREAM"
+            raise SettingsError(f"{variable}: {exc}") from None
+        except ValueError as exc:
+            raise SettingsError(f"GATE_UPSTREAM={self.upstream!r}: {exc}") from None
+
+    def fleet_of_one(self) -> Settings:
+        """These settings with a single backend's own limits in the gate-wide fields."""
+        if self.backends_file is None:
+            return self
+        only = self.backends()[0]
+        return self.replace(
+            upstream=only.url,
+            max_active_models=only.max_models,
+            model_concurrency=only.model_concurrency,
+        )
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests use this)."""

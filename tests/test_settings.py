@@ -63,7 +63,9 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
     ("name", "value", "says"),
     [
         ("GATE_UPSTREAM", "ftp://x", "http:// or https://"),
-        ("GATE_UPSTREAM", "http://a:1,http://b:2", "one upstream"),
+        ("GATE_UPSTREAM", "http://a:1,http://b:2", "the gate serves one"),
+        ("GATE_UPSTREAM", "http://a:1,http://a:1/", "listed twice"),
+        ("GATE_BACKENDS_FILE", "/nonexistent/backends.toml", "cannot read"),
         ("GATE_UPSTREAM", "http://host:99999", "Port out of range"),
         ("GATE_BIND", "nonsense", "HOST:PORT"),
         ("GATE_UPSTREAM_TIMEOUT", "0", "above 0"),

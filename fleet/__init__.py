@@ -1,0 +1,1 @@
+"""Several Ollama backends behind one gate: their configuration, catalogue and placement."""
