@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test demo lint format bench system-deps js-deps install dev-install clean
+.PHONY: run test demo lint format bench settings-table system-deps js-deps install dev-install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ dev-install: $(VENV)/.dev
 
 ## run: start the gate under gunicorn (gevent worker) with the settings in the environment
 run: install
-	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 ## test: install what the tests need (venv, redis-server, nginx, chromium, ollama-js), lint, run the suite
 test: dev-install system-deps js-deps lint
@@ -42,6 +42,10 @@ lint: dev-install
 format: dev-install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+## settings-table: regenerate the README's settings table from the declarations in settings.py
+settings-table: install
+	$(PY) -m settings --update-readme README.md
 
 ## bench: the benchmarks of docs/BENCHMARKS.md
 bench: dev-install

@@ -1,4 +1,8 @@
-"""Ollama Gate: the WSGI application (``gunicorn app:app``)."""
+"""Ollama Gate: the application factory (``gunicorn 'app:create_app()'``).
+
+Nothing is built at import: gunicorn calls ``create_app()`` in each worker, after
+gevent has patched the standard library; tests call it with their own Settings.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,3 @@ def create_app(settings: Settings | None = None) -> Flask:
     workqueue.init_app(app, settings)
     status.init_app(app, settings)
     return app
-
-
-app = create_app()

@@ -1,26 +1,36 @@
-"""gunicorn settings for Ollama Gate (``gunicorn -c gunicorn.conf.py app:app``).
+"""gunicorn settings for Ollama Gate (``gunicorn -c gunicorn.conf.py 'app:create_app()'``).
 
-No application imports here: with preload_app off, each worker imports the app
-only after gevent has patched the standard library, so urllib3, ssl and the
-rest see cooperative sockets (a module imported here, before the patch, would
-keep blocking ones and gunicorn warns about MonkeyPatchWarning).
+No application imports here but settings.py (standard library only): with
+preload_app off, each worker imports the app only after gevent has patched the
+standard library, so urllib3, ssl and the rest see cooperative sockets (a module
+imported here, before the patch, would keep blocking ones and gunicorn warns
+about MonkeyPatchWarning).
 """
 
 import os
 
 from gunicorn.glogging import Logger
 
-# GATE_BIND: listen address. GATE_WORKERS: worker processes.
-bind = os.environ.get("GATE_BIND", "127.0.0.1:8000")
+# The settings, read and checked once here in the master, before any worker boots: a bad
+# value stops start-up with one message naming the variable. settings.py imports nothing
+# gevent patches (tests/test_settings.py), so importing it here is safe.
+from settings import Settings, SettingsError, unknown_variables
+
+try:
+    gate_settings = Settings.from_env(os.environ)
+except SettingsError as exc:
+    raise SystemExit(f"ollama-gate: invalid setting: {exc}") from None
+
+bind = gate_settings.bind
 
 # One worker by default: the gate's work is waiting on sockets, and one gevent worker
 # holds thousands of connections. Limits in memory:// and the work queue's slots live
 # in the worker process, so several workers would each admit the configured
-# concurrency; the app refuses GATE_WORKERS > 1 unless GATE_STORAGE_URI is redis://.
-workers = int(os.environ.get("GATE_WORKERS", "1"))
+# concurrency; settings.py refuses GATE_WORKERS > 1 unless GATE_STORAGE_URI is redis://.
+workers = gate_settings.workers
 worker_class = "gevent"
 # Open connections one worker holds: streams being relayed plus jobs waiting in the queue.
-worker_connections = int(os.environ.get("GATE_WORKER_CONNECTIONS", "10000"))
+worker_connections = gate_settings.worker_connections
 preload_app = False
 
 # The gevent worker's heartbeat does not depend on requests finishing, so a long
@@ -28,7 +38,7 @@ preload_app = False
 timeout = 60
 # On SIGTERM, running streams get this long to finish before the worker exits
 # (post_worker_init below: new and waiting jobs get 503 meanwhile).
-graceful_timeout = int(os.environ.get("GATE_GRACEFUL_TIMEOUT", "120"))
+graceful_timeout = gate_settings.graceful_timeout
 # Idle keep-alive connections from clients or nginx stay open this long.
 keepalive = 75
 
@@ -37,9 +47,9 @@ keepalive = 75
 control_socket_disable = True
 
 errorlog = "-"
-loglevel = os.environ.get("GATE_LOG_LEVEL", "info")
+loglevel = gate_settings.log_level
 # GATE_ACCESS_LOG=1 logs one line per request (off by default: it costs throughput).
-_access_on = os.environ.get("GATE_ACCESS_LOG", "") not in ("", "0")
+_access_on = gate_settings.access_log
 _access = "INFO" if _access_on else "WARNING"
 
 
@@ -99,19 +109,11 @@ logconfig_dict = {
 }
 
 
-def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
-    """Validate the environment once, in the master, before any worker boots.
-
-    A bad setting then stops start-up with one message naming the variable,
-    instead of a loop of workers failing to boot. settings.py imports nothing
-    that gevent patches, so importing it here is safe.
-    """
-    from settings import Settings, SettingsError
-
-    try:
-        Settings.from_env(os.environ)
-    except SettingsError as exc:
-        raise SystemExit(f"ollama-gate: invalid setting: {exc}") from None
+def on_starting(server):
+    """Log what the gate runs with, once, in the master (the settings were checked above)."""
+    for warning in unknown_variables(os.environ):
+        server.log.warning("ollama-gate: %s", warning)
+    server.log.info("ollama-gate: %s", gate_settings.describe())
 
 
 def post_worker_init(worker):

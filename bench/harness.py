@@ -176,7 +176,7 @@ def start_gate(
     log = Path(tempfile.gettempdir()) / f"bench-gate-{port}.log"
     with log.open("wb") as out:
         master = children.popen(
-            [GUNICORN, "-c", "gunicorn.conf.py", "app:app"],
+            [GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"],
             cwd=root,
             env=full_env,
             stdout=out,

@@ -107,7 +107,9 @@ def gate(upstream: str, env: dict[str, str]) -> Iterator[Gate]:
             **env,
         }
     )
-    proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=full)
+    proc = subprocess.Popen(
+        [GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=full
+    )
     g = Gate(f"http://127.0.0.1:{port}", port, proc)
     try:
         deadline = time.monotonic() + 20

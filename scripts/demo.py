@@ -48,7 +48,9 @@ def start_gate(upstream: str, port: int) -> subprocess.Popen[bytes]:
     env.setdefault("GATE_LIMIT_INFERENCE", "off")
     env.update({"GATE_UPSTREAM": upstream, "GATE_BIND": f"127.0.0.1:{port}"})
     gunicorn = Path(sys.executable).parent / "gunicorn"
-    proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [str(gunicorn), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:

@@ -110,7 +110,7 @@ def start_gate(
     log = log_dir / f"gate-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "app:create_app()"],
             cwd=ROOT,
             env=full_env,
             stdout=out,

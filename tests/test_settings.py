@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from settings import Settings, SettingsError
-from tests.support import GUNICORN, ROOT, free_port
+import settings as settings_module
+from fakeollama import FakeOllama
+from settings import Settings, SettingsError, unknown_variables
+from tests.support import GUNICORN, ROOT, Gate, free_port
 
 
 def test_defaults_match_the_contract() -> None:
@@ -63,6 +67,9 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
     ("name", "value", "says"),
     [
         ("GATE_UPSTREAM", "ftp://x", "http:// or https://"),
+        ("GATE_UPSTREAM", "127.0.0.1:11434", "did you mean 'http://127.0.0.1:11434'?"),
+        ("GATE_UPSTREAM", "localhost:11434", "did you mean 'http://localhost:11434'?"),
+        ("GATE_UPSTREAM", "http://a:1,127.0.0.1:2", "did you mean 'http://127.0.0.1:2'?"),
         ("GATE_UPSTREAM", "http://a:1,http://b:2", "the gate serves one"),
         ("GATE_UPSTREAM", "http://a:1,http://a:1/", "listed twice"),
         ("GATE_BACKENDS_FILE", "/nonexistent/backends.toml", "cannot read"),
@@ -85,6 +92,10 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
         ("OLLAMA_RATE_LIMIT", "0/minute", "1 or more"),
         ("GATE_ANON_TOKENS_PER_MINUTE", "lots", "whole number of tokens"),
         ("GATE_API_KEYS_FILE", "/nonexistent/keys.toml", "cannot read the keys file"),
+        ("GATE_WORKER_CONNECTIONS", "lots", "must be a number"),
+        ("GATE_GRACEFUL_TIMEOUT", "-5", "0 or more"),
+        ("GATE_LOG_LEVEL", "verbose", "debug, info, warning, error, critical"),
+        ("GATE_ACCESS_LOG", "maybe", "1 (on) or 0 (off)"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
@@ -101,18 +112,37 @@ def test_several_workers_need_shared_storage() -> None:
     assert s.workers == 3
 
 
-def test_gunicorn_refuses_to_start_with_a_bad_setting() -> None:
-    env = {"GATE_QUEUE_TIMEOUT": "forever", "GATE_BIND": f"127.0.0.1:{free_port()}"}
-    proc = subprocess.run(
-        [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
+def run_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """gunicorn as `make run` starts it, expected to refuse ``env`` before serving."""
+    return subprocess.run(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "app:create_app()"],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
+        env={"PATH": "/usr/bin:/bin", "GATE_BIND": f"127.0.0.1:{free_port()}", **env},
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("GATE_QUEUE_TIMEOUT", "forever", "must be a number"),
+        # The variables gunicorn.conf.py reads for gunicorn itself.
+        ("GATE_WORKER_CONNECTIONS", "lots", "must be a number"),
+        ("GATE_LOG_LEVEL", "verbose", "must be one of debug, info, warning, error, critical"),
+        ("GATE_GRACEFUL_TIMEOUT", "-5", "must be a whole number of 0 or more"),
+        ("GATE_WORKERS", "two", "must be a number"),
+        ("GATE_BIND", "8000", "must be HOST:PORT or unix:PATH"),
+        ("GATE_ACCESS_LOG", "loud", "must be 1 (on) or 0 (off)"),
+    ],
+)
+def test_gunicorn_refuses_to_start_with_a_bad_setting(name: str, value: str, says: str) -> None:
+    proc = run_gunicorn({name: value})
     assert proc.returncode != 0
-    assert "GATE_QUEUE_TIMEOUT='forever': must be a number" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert f"ollama-gate: invalid setting: {name}={value!r}: {says}" in output
+    assert "Traceback" not in output
 
 
 def test_gunicorn_config_imports_nothing_gevent_patches() -> None:
@@ -151,14 +181,7 @@ def test_gunicorn_refuses_to_start_with_a_bad_limit_or_keys_file(tmp_path: Path)
         ({"GATE_LIMIT_EMBED": "lots"}, "GATE_LIMIT_EMBED='lots': cannot read 'lots'"),
         ({"GATE_API_KEYS_FILE": str(keys)}, f"{keys} line 2: [keys.alice]: key_sha256 must be"),
     ]:
-        proc = subprocess.run(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "app:app"],
-            cwd=ROOT,
-            env={"PATH": "/usr/bin:/bin", "GATE_BIND": f"127.0.0.1:{free_port()}", **env},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        proc = run_gunicorn(env)
         assert proc.returncode != 0
         assert says in proc.stdout + proc.stderr
 
@@ -173,3 +196,93 @@ def test_settings_import_nothing_gevent_patches() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_readme_settings_table_is_generated_from_the_declarations() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert settings_module.with_table(readme) == readme, (
+        "README.md's settings table differs from settings.py: run `make settings-table`"
+    )
+    table = settings_module.markdown_table()
+    for name in settings_module.known_variables():
+        assert f"\n| {name} | " in table
+
+
+def test_every_field_is_declared_once_with_a_variable_and_a_doc() -> None:
+    names = [var.env for _, var in settings_module.declarations()]
+    assert len(names) == len(set(names)) == len(dataclasses.fields(Settings))
+    for _, var in settings_module.declarations():
+        assert var.env.startswith("GATE_") and var.doc
+
+
+def test_unknown_gate_variables_are_named_with_the_closest_known_one() -> None:
+    warnings = unknown_variables(
+        {"GATE_QUEUE_MAXX": "3", "GATE_UPSTRAEM": "http://x:1", "GATE_QUEUE_MAX": "3", "HOME": "/"}
+    )
+    assert warnings == [
+        "GATE_QUEUE_MAXX is not a setting of the gate and is ignored "
+        "(did you mean GATE_QUEUE_MAX?)",
+        "GATE_UPSTRAEM is not a setting of the gate and is ignored (did you mean GATE_UPSTREAM?)",
+    ]
+    assert unknown_variables({"GATE_ZZZ": "1"}) == [
+        "GATE_ZZZ is not a setting of the gate and is ignored"
+    ]
+
+
+def test_the_description_names_the_configuration_and_hides_passwords(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text("".join(f'[keys.k{i}]\nkey_sha256 = "{str(i) * 64}"\n' for i in range(1, 4)))
+    line = Settings(
+        upstream="http://gpu:11434",
+        api_keys_file=str(keys),
+        limit_light="off",
+        storage_uri="redis://:hunter2@cache:6379/0",
+        workers=2,
+        queue_max=100,
+        queue_max_per_client=7,
+        queue_timeout=30.0,
+        model_concurrency_overrides={"nomic-embed-text:latest": 4},
+        status_access="local",
+    ).describe()
+    assert "upstream http://gpu:11434" in line
+    assert f"3 API keys from {keys}" in line
+    assert "inference 60/minute;5/second" in line and "light off" in line
+    assert "100 waiting at most, 7 per client, 30 s timeout" in line
+    assert "nomic-embed-text:latest 4" in line
+    assert "storage redis://:***@cache:6379/0" in line and "hunter2" not in line
+    assert "status access local" in line
+    assert "open access" in Settings().describe()
+
+
+def test_importing_the_app_builds_nothing() -> None:
+    # The factory is served as app:create_app(): importing app reads no environment,
+    # so a broken variable in the shell cannot break a test that builds its own app.
+    code = "import app; assert not hasattr(app, 'app'); print('ok')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "GATE_QUEUE_TIMEOUT": "forever"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stdout + proc.stderr
+
+
+def test_gunicorn_logs_the_configuration_and_unknown_variables_at_start_up(
+    fake: FakeOllama, gate_factory: Callable[..., Gate]
+) -> None:
+    gate = gate_factory(
+        fake.url, {"GATE_QUEUE_MAX": "77", "GATE_QUEUE_MAXX": "3", "GATE_LIMIT_ADMIN": "9/minute"}
+    )
+    logs = gate.logs()
+    [line] = [entry for entry in logs.splitlines() if "ollama-gate: upstream" in entry]
+    assert "[INFO]" in line
+    assert f"upstream {fake.url};" in line
+    assert "no API keys" in line
+    assert "admin 9/minute" in line and "light off" in line
+    assert "77 waiting at most, 32 per client" in line
+    assert "storage memory://" in line and "status access public" in line
+    assert (
+        "[WARNING] gunicorn.error: ollama-gate: GATE_QUEUE_MAXX is not a setting of the gate "
+        "and is ignored (did you mean GATE_QUEUE_MAX?)"
+    ) in logs
