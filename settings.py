@@ -285,7 +285,9 @@ class Settings:
     )
     limit_inference: str = setting(
         "GATE_LIMIT_INFERENCE",
-        "60/minute;5/second",
+        # No window shorter than a minute on the queued classes: bursts are the queue's
+        # to shape (docs/LIMITS.md, "Why these defaults").
+        "120/minute",
         validate_limit,
         "limit per client for the inference class (Flask-Limiter strings, `;`-separated; "
         "`off` disables)",
@@ -293,7 +295,7 @@ class Settings:
     )
     limit_embed: str = setting(
         "GATE_LIMIT_EMBED",
-        "600/minute;50/second",
+        "1200/minute",
         validate_limit,
         "limit per client for the embed class",
         fallback=OLLAMA_RATE_LIMIT,

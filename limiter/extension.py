@@ -45,7 +45,7 @@ from .fastpath import RejectCache, static_routes
 from .headers import TOKENS, Quota, limit_headers, policy_name, retry_after
 from .identity import client_address
 from .keys import ApiKey, Keyring, load_keys
-from .policy import OFF
+from .policy import OFF, burst_room
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class GateLimiter:
         self.storage_uri = settings.storage_uri
         self.trusted_proxies = settings.trusted_proxies
         self._check_limit_strings(settings)
+        self._warn_of_burst_refusals(settings)
         overrides = (
             [v for key in self.keyring.keys for v in key.limits.values()] if self.keyring else []
         )
@@ -139,6 +140,21 @@ class GateLimiter:
                     _items(value)
                 except ValueError as exc:
                     raise SettingsError(f"{where}={value!r}: {exc}") from None
+
+    def _warn_of_burst_refusals(self, settings: Settings) -> None:
+        """Say so when a queued class's limit refuses bursts the client's queue share holds."""
+        for cls in (INFERENCE, EMBED):
+            rate = burst_room(self.defaults[cls])
+            if rate is not None and rate.amount < settings.queue_max_per_client:
+                logger.warning(
+                    "GATE_LIMIT_%s=%s admits %d requests per %d s, fewer than a client's queue "
+                    "share (GATE_QUEUE_MAX_PER_CLIENT=%d): bursts the queue would hold get 429",
+                    cls.upper(),
+                    self.defaults[cls],
+                    rate.amount,
+                    rate.seconds,
+                    settings.queue_max_per_client,
+                )
 
     def init_app(self, app: Flask) -> None:
         if self.enabled or self._any_budget():

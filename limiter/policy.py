@@ -71,3 +71,12 @@ def parse_limit(text: str) -> tuple[Rate, ...]:
 def normalize_limit(text: str) -> str:
     """``text`` checked and trimmed, or ``off``; ValueError when it is not a limit string."""
     return OFF if not parse_limit(text) else text.strip()
+
+
+def burst_room(text: str) -> Rate | None:
+    """The rate of ``text`` that admits the fewest requests at once (None for ``off``).
+
+    A burst larger than its amount is refused, however long the queue behind it.
+    """
+    rates = parse_limit(text)
+    return min(rates, key=lambda rate: rate.amount) if rates else None

@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import ollama
 import openai
 import pytest
 import requests
 
+from endpoints import CLASSES
 from fakeollama import FakeOllama
+from settings import Settings
 from tests.limiter_support import GatesFactory, quick_gates, rate_limit_items, session_from
 from tests.support import client_requests
 
@@ -176,3 +179,42 @@ def test_anonymous_token_budget(fake: FakeOllama, gates: GatesFactory) -> None:
     assert requests.get(gate.url + "/api/tags").ok
     with session_from("127.0.0.2") as other:
         assert other.post(gate.url + "/api/generate", json=GEN).ok
+
+
+def default_limits() -> dict[str, str]:
+    """The GATE_LIMIT_* variables at the gate's own defaults (the test gates turn them off)."""
+    defaults = Settings()
+    return {f"GATE_LIMIT_{cls.upper()}": getattr(defaults, f"limit_{cls}") for cls in CLASSES}
+
+
+def test_a_burst_the_queue_can_hold_is_queued_not_refused(
+    fake: FakeOllama, gates: GatesFactory
+) -> None:
+    # One client, 20 chats at once, default limits and queue share (32): the queue runs
+    # them one by one (model concurrency 1); none may be refused. No retries: a 429 fails.
+    gate = gates(fake.url, default_limits())
+    burst = 20
+    with (
+        openai.OpenAI(base_url=gate.url + "/v1", api_key="unused", max_retries=0) as oai,
+        ThreadPoolExecutor(burst) as pool,
+    ):
+
+        def chat(_: int) -> str | None:
+            done = oai.chat.completions.create(model="llama3.2", messages=CHAT["messages"])  # type: ignore[arg-type]
+            return done.choices[0].message.content
+
+        answers = list(pool.map(chat, range(burst)))
+    assert len(answers) == burst and all(answers)
+    assert paths_seen(fake).count("/v1/chat/completions") == burst
+    assert fake.stats()["max_in_flight"]["llama3.2:latest"] == 1  # queued: run one at a time
+
+
+def test_quick_sequential_calls_pass_the_default_limits(
+    fake: FakeOllama, gates: GatesFactory
+) -> None:
+    gate = gates(fake.url, default_limits())
+    fake.configure(tokens=1, token_interval=0)
+    with ollama.Client(host=gate.url) as client:
+        for _ in range(6):
+            assert client.generate(model="llama3.2", prompt="hi").done
+        assert client.embed(model="nomic-embed-text", input="x").embeddings

@@ -17,7 +17,7 @@ from limiter.headers import REQUESTS, TOKENS, Quota, binding, limit_headers, ret
 from limiter.identity import client_address, presented_secret
 from limiter.keys import KeysFileError, hash_secret, load_keys, parse_keys
 from limiter.mint import new_secret, stanza
-from limiter.policy import normalize_limit, parse_limit
+from limiter.policy import Rate, burst_room, normalize_limit, parse_limit
 
 # -- limit strings -------------------------------------------------------------------------
 
@@ -69,6 +69,25 @@ def test_off_disables_and_limits_are_trimmed() -> None:
     assert parse_limit("OFF") == ()
     assert normalize_limit(" Off ") == "off"
     assert normalize_limit(" 60/minute ") == "60/minute"
+
+
+def test_burst_room_is_the_smallest_count() -> None:
+    assert burst_room("off") is None
+    assert burst_room("60/minute;5/second") == Rate(5, 1)
+    assert burst_room("120/minute;1000/day") == Rate(120, 60)
+
+
+def test_a_limit_that_refuses_a_queue_share_burst_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from limiter.extension import GateLimiter
+    from settings import Settings
+
+    GateLimiter(Settings())  # the defaults admit a whole queue share at once
+    assert "bursts the queue would hold" not in caplog.text
+    GateLimiter(Settings(limit_inference="60/minute;5/second", queue_max_per_client=32))
+    assert "GATE_LIMIT_INFERENCE=60/minute;5/second admits 5 requests per 1 s" in caplog.text
+    assert "GATE_LIMIT_EMBED" not in caplog.text
 
 
 # -- the keys file -------------------------------------------------------------------------
