@@ -246,7 +246,7 @@ def test_the_description_names_the_configuration_and_hides_passwords(tmp_path: P
     ).describe()
     assert "upstream http://gpu:11434" in line
     assert f"3 API keys from {keys}" in line
-    assert "inference 60/minute;5/second" in line and "light off" in line
+    assert "inference 120/minute" in line and "light off" in line
     assert "100 waiting at most, 7 per client, 30 s timeout" in line
     assert "nomic-embed-text:latest 4" in line
     assert "storage redis://:***@cache:6379/0" in line and "hunter2" not in line
