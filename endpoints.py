@@ -45,6 +45,27 @@ ROUTES: Final[tuple[tuple[str, tuple[str, ...], EndpointClass, bool], ...]] = (
     ("/v1/models/<path:model>", ("GET", "HEAD"), "light", False),
 )
 
+#: The blueprint under which proxy/views.py registers the routes above.
+PROXY_BLUEPRINT: Final = "proxy"
+
+
+def view_name(rule: str, cls: EndpointClass, needs_model: bool) -> str:
+    """The proxy's view for a route: one per class and body kind ("inference_model")."""
+    blob = rule.startswith("/api/blobs/")  # streamed through, never read whole
+    return cls + ("_model" if needs_model else "") + ("_blob" if blob else "")
+
+
+#: The proxy's catch-all view: anything else Ollama serves is forwarded as light.
+OTHER_VIEW: Final = "light_other"
+
+#: The endpoint class of each Flask endpoint the proxy registers ("proxy.inference_model": ...),
+#: which is how the limiter and the status page know a request's class.
+ENDPOINT_CLASSES: Final[dict[str, EndpointClass]] = {
+    f"{PROXY_BLUEPRINT}.{view_name(rule, cls, needs_model)}": cls
+    for rule, _methods, cls, needs_model in ROUTES
+}
+ENDPOINT_CLASSES[f"{PROXY_BLUEPRINT}.{OTHER_VIEW}"] = "light"
+
 # Model endpoints that go through the work queue (admin jobs take their own lane).
 QUEUED_CLASSES: Final = frozenset({"inference", "embed", "admin"})
 

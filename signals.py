@@ -7,7 +7,7 @@ from blinker import Namespace
 _signals = Namespace()
 
 #: Sent once per forwarded request when its answer ends, however it ends;
-#: ``call`` is the finished :class:`proxy.call.Call`. Sender: the Flask app.
+#: ``call`` is the finished :class:`pipeline.Call`. Sender: the Flask app.
 call_finished = _signals.signal("gate-call-finished")
 
 #: Sent when the gate answers a request itself with an error (``error`` is the

@@ -33,10 +33,9 @@ from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
-from endpoints import ADMIN, CLASSES, EMBED, INFERENCE, LIGHT, EndpointClass
+from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
 from errors import Forbidden, RateLimited, Unauthorized
-from proxy.call import Call
-from proxy.views import ENDPOINT_CLASSES
+from pipeline import Call
 from settings import Settings, SettingsError
 from signals import call_finished
 

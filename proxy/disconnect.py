@@ -18,11 +18,9 @@ from typing import Any
 import gevent
 import gevent.event
 
+from pipeline import ClientDisconnected
+
 logger = logging.getLogger(__name__)
-
-
-class ClientDisconnected(Exception):
-    """The client closed its connection before the gate finished answering."""
 
 
 class ClientWatch:

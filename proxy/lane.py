@@ -28,8 +28,8 @@ from werkzeug.wrappers import Response
 
 from endpoints import LIGHT, ROUTES
 from errors import GateError
+from pipeline import Call
 
-from .call import Call
 from .disconnect import ClientWatch
 from .relay import Relay
 from .upstream import Upstream

@@ -10,10 +10,10 @@ from collections.abc import Callable, Generator, Iterator
 from flask import Flask
 
 from errors import is_openai_path
+from pipeline import Call, ClientDisconnected
 from signals import call_finished
 
-from .call import Call
-from .disconnect import ClientDisconnected, ClientWatch
+from .disconnect import ClientWatch
 from .upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 logger = logging.getLogger(__name__)

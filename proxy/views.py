@@ -13,11 +13,11 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from endpoints import LIGHT, ROUTES, EndpointClass, model_of
+from endpoints import LIGHT, OTHER_VIEW, PROXY_BLUEPRINT, ROUTES, EndpointClass, model_of, view_name
 from errors import BadRequest, BodyTooLarge
+from pipeline import Call, ClientDisconnected
 
-from .call import Call
-from .disconnect import ClientDisconnected, ClientWatch
+from .disconnect import ClientWatch
 from .relay import Relay, stream_kind
 from .upstream import Upstream, UpstreamResponse
 
@@ -28,7 +28,7 @@ Admit = Callable[[Call, ClientWatch], Callable[[], None] | None]
 
 logger = logging.getLogger(__name__)
 
-bp = Blueprint("proxy", __name__)
+bp = Blueprint(PROXY_BLUEPRINT, __name__)
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -249,21 +249,17 @@ def _view(cls: EndpointClass, needs_model: bool, stream_body: bool = False) -> A
     return view
 
 
-# One view function per endpoint class and body kind, so the limiter can decorate a class.
-_views: dict[tuple[EndpointClass, bool, bool], Any] = {}
-#: The endpoint class of each endpoint this blueprint registers ("proxy.inference_model": ...).
-ENDPOINT_CLASSES: dict[str, EndpointClass] = {f"{bp.name}.light_other": LIGHT}
+# One view function per endpoint class and body kind (endpoints.view_name), so that the
+# endpoint names say the class (endpoints.ENDPOINT_CLASSES).
+_views: dict[str, Any] = {}
 for _rule, _methods, _cls, _needs_model in ROUTES:
-    _stream = _rule.startswith("/api/blobs/")
-    _key = (_cls, _needs_model, _stream)
-    if _key not in _views:
-        _name = _cls + ("_model" if _needs_model else "") + ("_blob" if _stream else "")
-        _views[_key] = _view(_cls, _needs_model, _stream)
-        _views[_key].__name__ = _name
-    bp.add_url_rule(_rule, view_func=_views[_key], methods=list(_methods))
-    ENDPOINT_CLASSES[f"{bp.name}.{_views[_key].__name__}"] = _cls
+    _name = view_name(_rule, _cls, _needs_model)
+    if _name not in _views:
+        _views[_name] = _view(_cls, _needs_model, _rule.startswith("/api/blobs/"))
+        _views[_name].__name__ = _name
+    bp.add_url_rule(_rule, view_func=_views[_name], methods=list(_methods))
 
 # Anything else Ollama serves is forwarded as light (DESIGN.md, endpoint classes).
 _other = _view(LIGHT, False)
-_other.__name__ = "light_other"
+_other.__name__ = OTHER_VIEW
 bp.add_url_rule("/<path:path>", view_func=_other, methods=ALL_METHODS)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import create_app
 from errors import Forbidden, QueueFull, Unauthorized
 from fakeollama import FakeOllama
-from proxy.call import Call
+from pipeline import Call
 from settings import Settings
 from signals import call_finished
 from status import access

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from flask import Flask
 
-from proxy.call import Call
-from proxy.disconnect import ClientDisconnected, ClientWatch
+from pipeline import Call, ClientDisconnected
+from proxy.disconnect import ClientWatch
 from settings import Settings
 
 from .gate import ClientGone, WorkQueue

@@ -1,4 +1,4 @@
-"""One forwarded request as the other layers see it: its class, model, client and outcome."""
+"""One forwarded request as every layer sees it: its class, model, client and outcome."""
 
 from __future__ import annotations
 
