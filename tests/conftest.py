@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fakeollama import FakeOllama
-from tests.nginx_support import Nginx, start_nginx
+from tests.nginx_support import Edits, Nginx, start_nginx
 from tests.redis_support import RedisServer, start_redis
 from tests.support import Gate, start_gate
 
@@ -101,12 +101,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def nginx_factory(tmp_path: Path) -> Iterator[Callable[[Gate], Nginx]]:
-    """Start nginx with deploy/nginx.conf in front of a gate; stopped after the test."""
+def nginx_factory(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """Start nginx with deploy/nginx.conf in front of a gate; stopped after the test.
+
+    ``edits`` changes lines of the site file (see tests/nginx_support.py)."""
     started: list[Nginx] = []
 
-    def factory(gate: Gate) -> Nginx:
-        server = start_nginx(f"127.0.0.1:{gate.port}", tmp_path)
+    def factory(gate: Gate, edits: Edits = ()) -> Nginx:
+        server = start_nginx(f"127.0.0.1:{gate.port}", tmp_path, edits=edits)
         started.append(server)
         return server
 

@@ -3,7 +3,9 @@
 The fixture writes a small main nginx.conf into a temporary directory whose
 http{} block includes a copy of deploy/nginx.conf with only its addresses
 substituted (listen port, the gate's address in the upstream block), so the
-tested configuration is the one that ships. nginx runs in the foreground as a
+tested configuration is the one that ships. A test (or a benchmark) may change
+more lines with ``edits``, each of which must match exactly once, e.g. a smaller
+connection cap, or the flood shield taken out. nginx runs in the foreground as a
 child process (``daemon off``) and is stopped with SIGQUIT (graceful) at teardown.
 """
 
@@ -62,10 +64,20 @@ class Nginx:
                 self.proc.wait(5)
 
 
-def site_conf(port: int, upstream: str) -> str:
-    """deploy/nginx.conf listening on 127.0.0.1:``port`` in front of ``upstream`` (host:port)."""
+Edits = tuple[tuple[str, str], ...]
+
+# Takes the flood shield out of the site file (for the benchmark that compares).
+NO_SHIELD: Edits = (
+    (r"^\s*limit_req zone=.*\n", ""),
+    (r"^\s*limit_conn ollama_gate_conn .*\n", ""),
+)
+
+
+def site_conf(port: int, upstream: str, edits: Edits = ()) -> str:
+    """deploy/nginx.conf listening on 127.0.0.1:``port`` in front of ``upstream`` (host:port),
+    with ``edits`` (regex, replacement) applied, each matching exactly once."""
     text = SITE_CONF.read_text()
-    for pattern, replacement in SUBSTITUTIONS:
+    for pattern, replacement in SUBSTITUTIONS + edits:
         replacement = replacement.format(port=port, upstream=upstream)
         text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
         if count != 1:
@@ -92,7 +104,7 @@ def main_conf(prefix: Path, site: Path) -> str:
     )
 
 
-def start_nginx(upstream: str, workdir: Path, timeout: float = 10) -> Nginx:
+def start_nginx(upstream: str, workdir: Path, timeout: float = 10, edits: Edits = ()) -> Nginx:
     """Start nginx with the shipped site file in front of ``upstream`` and wait until it listens."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
@@ -101,7 +113,7 @@ def start_nginx(upstream: str, workdir: Path, timeout: float = 10) -> Nginx:
     prefix = workdir / f"nginx-{port}"
     prefix.mkdir(parents=True)
     site = prefix / "ollama-gate.conf"
-    site.write_text(site_conf(port, upstream))
+    site.write_text(site_conf(port, upstream, edits))
     conf = prefix / "nginx.conf"
     conf.write_text(main_conf(prefix, site))
     directives = f"daemon off; pid {prefix / 'nginx.pid'}; error_log {prefix / 'error.log'} info;"

@@ -131,7 +131,7 @@ def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
             # Any HTTP answer means the worker is up (the upstream may be down on purpose).
             requests.get(gate.url + "/api/version", timeout=2)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not yet, or a busy machine
             time.sleep(0.05)
     gate.stop()
     raise AssertionError(f"gate did not start in {timeout}s:\n{gate.logs()}")

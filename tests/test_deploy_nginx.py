@@ -12,7 +12,9 @@ import http.client
 import json
 import signal
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ import requests
 
 from fakeollama import FakeOllama
 from tests.nginx_support import Nginx
-from tests.support import Gate, upstream_saw_leave
+from tests.support import Gate, client_requests, upstream_saw_leave
 
 GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
@@ -57,7 +59,7 @@ def post(
 def limited(
     fake: FakeOllama,
     gate_factory: Callable[..., Gate],
-    nginx_factory: Callable[[Gate], Nginx],
+    nginx_factory: Callable[..., Nginx],
 ) -> Nginx:
     """nginx in front of a gate that admits two generations per client a minute."""
     gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_LIMIT_INFERENCE": "2/minute"})
@@ -68,7 +70,7 @@ def limited(
 def proxied(
     fake: FakeOllama,
     gate_factory: Callable[..., Gate],
-    nginx_factory: Callable[[Gate], Nginx],
+    nginx_factory: Callable[..., Nginx],
 ) -> Nginx:
     """nginx in front of a gate without limits."""
     return nginx_factory(gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1"}))
@@ -175,7 +177,7 @@ def test_client_disconnect_through_nginx_reaches_upstream(proxied: Nginx, fake: 
 def test_sigterm_behind_nginx(
     fake: FakeOllama,
     gate_factory: Callable[..., Gate],
-    nginx_factory: Callable[[Gate], Nginx],
+    nginx_factory: Callable[..., Nginx],
 ) -> None:
     """A stream through nginx finishes; nginx's idle keep-alive pool does not hold the worker."""
     gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_GRACEFUL_TIMEOUT": "60"})
@@ -198,3 +200,155 @@ def test_sigterm_behind_nginx(
     assert gate.proc.wait(20) == 0, gate.logs()
     assert "Worker graceful timeout" not in gate.logs()
     assert requests.get(nginx.url + "/api/version", timeout=10).status_code == 502
+
+
+# The flood shield: nginx's own per-address caps (limit_req, limit_conn in deploy/nginx.conf).
+SHIELD_NATIVE = {"error": "too many requests from this address"}
+SHIELD_OPENAI = {
+    "error": {
+        "message": "too many requests from this address",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+def assert_shield_answer(path: str, status: int, headers: Any, body: bytes) -> None:
+    """A 429 written by nginx's flood shield, in the gate's error shape for ``path``."""
+    assert status == 429, body
+    assert headers["Content-Type"] == "application/json", headers
+    assert headers["Retry-After"] == "1", headers
+    expected = SHIELD_OPENAI if path.startswith("/v1/") else SHIELD_NATIVE
+    assert json.loads(body) == expected
+
+
+def flood(nginx: Nginx, source: str, want_refused: int, cap: int = 20000) -> Counter[int]:
+    """GET light paths from ``source`` on 8 keep-alive connections at once, as fast as
+    they go, until nginx has refused ``want_refused`` of them (or ``cap`` were sent).
+    Every 429 is checked to be the shield's; returns the count of each status."""
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def one_connection() -> None:
+        conn = connect(nginx, source)
+        try:
+            n = 0
+            while not done.is_set():
+                path = "/v1/models" if n % 2 else "/api/version"
+                n += 1
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status == 429:
+                    assert_shield_answer(path, response.status, response.headers, body)
+                with lock:
+                    statuses[response.status] += 1
+                    if statuses[429] >= want_refused or statuses.total() >= cap:
+                        done.set()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            failures.append(exc)
+            done.set()
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=one_connection) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if failures:
+        raise failures[0]
+    return statuses
+
+
+def test_a_one_address_flood_is_cut_by_nginx_before_the_gate(
+    proxied: Nginx, fake: FakeOllama
+) -> None:
+    before = len(client_requests(fake))  # the gate's start-up check
+    # The gate has no limit of its own here: every 429 comes from nginx's shield.
+    statuses = flood(proxied, ONE, want_refused=1000)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[429] >= 1000, statuses
+    # What nginx refused never reached the gate: the upstream saw exactly the 200s.
+    assert len(client_requests(fake)) - before == statuses[200], statuses
+    # Another address has its own allowance, flood or not.
+    conn = connect(proxied, TWO)
+    try:
+        for path in ("/api/version", "/v1/models"):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            response.read()
+    finally:
+        conn.close()
+
+
+def test_ordinary_traffic_passes_the_shield(proxied: Nginx, fake: FakeOllama) -> None:
+    """A burst as large as the gate's own per-client limits allow passes nginx whole:
+    20 chats at once and 200 light reads as fast as 4 connections send them."""
+    results: list[int] = []
+
+    def chat() -> None:
+        results.append(post(proxied, "/api/chat", {**CHAT, "stream": False}, ONE)[0])
+
+    def reads() -> None:
+        conn = connect(proxied, ONE)
+        try:
+            for _ in range(50):
+                conn.request("GET", "/api/tags")
+                response = conn.getresponse()
+                response.read()
+                results.append(response.status)
+        finally:
+            conn.close()
+
+    before = len(client_requests(fake))  # the gate's start-up check
+    threads = [threading.Thread(target=chat) for _ in range(20)]
+    threads += [threading.Thread(target=reads) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert Counter(results) == {200: 220}
+    assert len(client_requests(fake)) - before == 220
+
+
+def test_requests_in_progress_per_address_are_capped_by_nginx(
+    fake: FakeOllama,
+    gate_factory: Callable[..., Gate],
+    nginx_factory: Callable[..., Nginx],
+) -> None:
+    """limit_conn of the shipped file, its number lowered to 2 so that a test can reach it."""
+    gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1", "GATE_MODEL_CONCURRENCY": "2"})
+    nginx = nginx_factory(
+        gate, edits=((r"limit_conn ollama_gate_conn 512;", "limit_conn ollama_gate_conn 2;"),)
+    )
+    before = len(client_requests(fake))  # the gate's start-up check
+    slow = {"Content-Type": "application/json", "X-Fake-Tokens": "100"}
+    slow["X-Fake-Token-Interval"] = "0.1"
+    streams = []
+    try:
+        for _ in range(2):
+            conn = connect(nginx, ONE)
+            conn.request("POST", "/api/chat", json.dumps(CHAT), slow)
+            response = conn.getresponse()
+            assert response.status == 200
+            assert json.loads(response.readline())["done"] is False
+            streams.append(conn)
+        # Two requests of 127.0.0.1 in progress: a third is refused by nginx, in the
+        # shape of its endpoint, and the gate never sees it.
+        for path in ("/api/chat", "/v1/chat/completions"):
+            conn = connect(nginx, ONE)
+            conn.request("POST", path, json.dumps(CHAT), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert_shield_answer(path, response.status, response.headers, response.read())
+            conn.close()
+        assert len(client_requests(fake)) - before == 2
+        # Another address is not affected (a light read: both of the model's slots are taken).
+        assert post(nginx, "/api/show", {"model": "llama3.2"}, TWO)[0] == 200
+    finally:
+        for conn in streams:
+            conn.close()
