@@ -1,4 +1,4 @@
-"""``python -m fakeollama``: run the fake Ollama server until SIGTERM or SIGINT.
+"""``python -m fakeollama``: run the simulated Ollama until SIGTERM or SIGINT.
 
 Prints exactly one line, ``fakeollama listening on http://HOST:PORT``, once
 the socket listens. Control it over HTTP: ``GET /_fake/stats``,
@@ -14,48 +14,42 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from .server import SETTINGS_DEFAULTS, FakeOllama
+from .config import SETTINGS
+from .server import FakeOllama
 
 
 def _parser() -> argparse.ArgumentParser:
-    d = SETTINGS_DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m fakeollama", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=11434, help="port, 0 for any free one")
-    p.add_argument("--token-interval", type=float, default=d["token_interval"], metavar="S")
-    p.add_argument("--tokens", type=int, default=d["tokens"], metavar="N")
-    p.add_argument("--load-time", type=float, default=d["load_time"], metavar="S")
-    p.add_argument("--vram", type=int, default=None, metavar="N", help="models that fit at once")
-    p.add_argument("--on-overflow", choices=("queue", "crash"), default=d["on_overflow"])
-    p.add_argument("--num-parallel", type=int, default=None, metavar="N")
-    p.add_argument("--models", default=None, help="comma-separated catalog (replaces the default)")
-    p.add_argument("--version", dest="ollama_version", default=d["version"], metavar="V")
-    p.add_argument("--no-record", action="store_true", help="do not keep the request list")
-    p.add_argument("--stall", type=float, default=0.0, metavar="S")
-    p.add_argument("--die-after", type=int, default=None, metavar="N")
-    p.add_argument("--fail-status", type=int, default=None, metavar="CODE")
+    p = argparse.ArgumentParser(
+        prog="python -m fakeollama",
+        description="Run a simulated Ollama until SIGTERM or SIGINT.",
+        epilog=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=11434, help="port, 0 for any free one (default: 11434)"
+    )
+    for s in SETTINGS:
+        if s.metavar is None:  # a flag that turns a default-on setting off
+            p.add_argument(s.option, dest=s.name, action="store_false", help=s.doc)
+            continue
+        default = s.unset if s.default is None else s.default
+        p.add_argument(
+            s.option,
+            dest=s.name,
+            type=s.cli_type,
+            default=s.default,
+            metavar=s.metavar,
+            help=f"{s.doc} (default: {default})",
+        )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    settings = {s.name: getattr(args, s.name) for s in SETTINGS}
     try:
-        fake = FakeOllama(
-            host=args.host,
-            port=args.port,
-            token_interval=args.token_interval,
-            tokens=args.tokens,
-            load_time=args.load_time,
-            vram=args.vram,
-            on_overflow=args.on_overflow,
-            num_parallel=args.num_parallel,
-            models=args.models,
-            version=args.ollama_version,
-            record_requests=not args.no_record,
-            stall=args.stall,
-            die_after=args.die_after,
-            fail_status=args.fail_status,
-        )
+        fake = FakeOllama(host=args.host, port=args.port, **settings)
     except (TypeError, ValueError) as exc:
         print(f"fakeollama: {exc}", file=sys.stderr)
         return 2

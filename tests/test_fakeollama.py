@@ -814,3 +814,74 @@ def test_cli_subprocess():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_cli_help_describes_every_setting():
+    from fakeollama.config import SETTINGS
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fakeollama", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    flat = " ".join(out.split())
+    for s in SETTINGS:
+        assert s.option in flat, s.name
+        assert " ".join(s.doc.split()) in flat, s.name
+        if s.metavar is not None:
+            default = s.unset if s.default is None else s.default
+            assert f"(default: {default})" in flat, s.name
+    assert "(default: 11434)" in flat and "(default: 127.0.0.1)" in flat
+
+
+def _requirement_names(path):
+    names = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.append(re.split(r"[\[=<>!~; ]", line, maxsplit=1)[0])
+    return names
+
+
+def _closure(names):
+    """Distributions ``names`` need, themselves included (extras and markers ignored)."""
+    from importlib import metadata
+
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    seen, todo = set(), [norm(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            if "extra ==" in req:
+                continue
+            todo.append(norm(re.split(r"[\[=<>!~;( ]", req, maxsplit=1)[0]))
+    return seen
+
+
+def test_simulator_needs_only_the_runtime_requirements():
+    """`make run` installs requirements.txt only; `python -m fakeollama` must run with that."""
+    script = (
+        "import sys, json, importlib.metadata as md; before = set(sys.modules);"
+        "import fakeollama.__main__;"
+        "dists = md.packages_distributions();"
+        "mods = {m.split('.')[0] for m in set(sys.modules) - before};"
+        "print(json.dumps(sorted({d for m in mods for d in dists.get(m, [])})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    imported = {re.sub(r"[-_.]+", "-", d).lower() for d in json.loads(out.stdout)}
+    assert "aiohttp" in imported  # the check sees third-party imports at all
+    runtime = _closure(_requirement_names(ROOT / "requirements.txt"))
+    assert imported - runtime == set()
