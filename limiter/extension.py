@@ -367,8 +367,7 @@ class GateLimiter:
         return {
             "rejected": {cls: self.rejections[cls] for cls in CLASSES},
             "storage": _redacted(self.storage_uri),
-            # Flask-Limiter has no public flag for "storage down, counting in memory".
-            "storage_fallback": bool(self.enabled and self.limiter._storage_dead)
+            "storage_fallback": (self.enabled and counting_in_memory(self.limiter))
             or self.budgets.falling_back,
         }
 
@@ -386,6 +385,17 @@ class GateLimiter:
         for name, value in headers.items():
             response.headers[name] = value
         return response
+
+
+def counting_in_memory(limiter: Limiter) -> bool:
+    """Whether Flask-Limiter counts in its in-memory fallback because its storage failed.
+
+    It has no flag for that in its public API, but its public ``limiter`` property
+    hands out the fallback strategy, on a storage of its own, while the configured
+    ``storage`` is down. tests/test_limiter_units.py holds this reading to the
+    library's behaviour with a storage that refuses connections.
+    """
+    return limiter.limiter.storage is not limiter.storage
 
 
 def _spend_tokens(sender: Flask, call: Call, **_: Any) -> None:

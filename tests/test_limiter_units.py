@@ -401,3 +401,32 @@ def test_the_gates_own_endpoints_are_in_no_class() -> None:
             answer = client.get(path)
             assert answer.status_code == 200
             assert "X-RateLimit-Limit" not in answer.headers
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_flask_limiter_fallback_is_read_through_its_public_properties(reachable: bool) -> None:
+    # counting_in_memory reads Flask-Limiter's fallback from its public `limiter` and
+    # `storage` properties; should the library stop swapping strategies that way, this fails.
+    from flask import Flask
+    from flask_limiter import Limiter
+
+    from limiter.extension import counting_in_memory, storage_options
+    from tests.support import free_port
+
+    uri = "memory://" if reachable else f"redis://127.0.0.1:{free_port()}/0"
+    app = Flask(__name__)
+    limits = Limiter(
+        key_func=lambda: "client",
+        app=app,
+        default_limits=["5/minute"],
+        storage_uri=uri,
+        storage_options=storage_options(uri),
+        in_memory_fallback_enabled=True,
+        in_memory_fallback=["5/minute"],
+        swallow_errors=True,
+    )
+    app.add_url_rule("/", view_func=lambda: "ok")
+    assert not counting_in_memory(limits)
+    with app.test_client() as client:
+        assert [client.get("/").status_code for _ in range(6)] == [200] * 5 + [429]
+    assert counting_in_memory(limits) is not reachable
