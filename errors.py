@@ -71,6 +71,12 @@ class RateLimited(GateError):
     code = "rate_limit_exceeded"
 
 
+class TokenBudgetSpent(RateLimited):
+    """A client's token budget is spent: told apart from too many requests by its code."""
+
+    code = "token_budget_exceeded"
+
+
 class ClientShareFull(RateLimited):
     code = "client_queue_full"
 

@@ -34,7 +34,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
 from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
-from errors import Forbidden, RateLimited, Unauthorized
+from errors import Forbidden, RateLimited, TokenBudgetSpent, Unauthorized
 from pipeline import Call
 from settings import Settings, SettingsError
 from signals import call_finished
@@ -287,7 +287,9 @@ class GateLimiter:
             return
         g.gate_budget = state
         if state.spent:
-            raise self._reject(f"token budget spent: {state.limit} tokens per minute")
+            raise self._reject(
+                f"token budget spent: {state.limit} tokens per minute", TokenBudgetSpent
+            )
 
     def spend(self, call: Call) -> None:
         """Count a finished call's tokens against its client's budget."""
@@ -342,7 +344,7 @@ class GateLimiter:
             )
         return quotas
 
-    def _reject(self, message: str) -> RateLimited:
+    def _reject(self, message: str, error: type[RateLimited] = RateLimited) -> RateLimited:
         """The 429 for the current request; its client's class stays blocked until it frees."""
         cls: EndpointClass = g.gate_class
         g.gate_rate_limited = True
@@ -352,8 +354,8 @@ class GateLimiter:
         self.rejections[cls] += 1
         exhausted = [q.reset for q in quotas if q.exhausted]
         if self.cache is not None and exhausted:
-            self.cache.block(g.gate_limit_key, cls, max(exhausted), message, quotas)
-        return RateLimited(f"{message}; retry in {wait}s")
+            self.cache.block(g.gate_limit_key, cls, max(exhausted), message, quotas, error)
+        return error(f"{message}; retry in {wait}s")
 
     def _rate_limited(self, exc: RateLimitExceeded) -> Response:
         """Flask-Limiter's 429 in the contract's shape (Ollama's JSON, OpenAI's under /v1)."""

@@ -45,6 +45,7 @@ class Block:
     until: float
     message: str  # the 429's message without its "; retry in Ns" tail
     quotas: tuple[Quota, ...]
+    error: type[RateLimited] = RateLimited  # its type and code: request rate or token budget
     # Rendered answers by (OpenAI shape?, the whole seconds each quota has left): they
     # change about once a second, so a flood is answered from here.
     rendered: dict[tuple[bool, tuple[int, ...]], tuple[list[tuple[str, str]], bytes]] = field(
@@ -130,12 +131,18 @@ class RejectCache:
         self.turnstile = Turnstile(PER_TURN)
 
     def block(
-        self, key: str, cls: EndpointClass, until: float, message: str, quotas: Iterable[Quota]
+        self,
+        key: str,
+        cls: EndpointClass,
+        until: float,
+        message: str,
+        quotas: Iterable[Quota],
+        error: type[RateLimited] = RateLimited,
     ) -> None:
         if len(self.blocks) >= MAX_BLOCKS:
             now = time.time()
             self.blocks = {k: b for k, b in self.blocks.items() if b.until > now}
-        self.blocks[(key, cls)] = Block(until, message, tuple(quotas))
+        self.blocks[(key, cls)] = Block(until, message, tuple(quotas), error)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.blocks:
@@ -162,11 +169,11 @@ class RejectCache:
                 block.rendered.clear()
             headers = limit_headers(block.quotas, now, rejected=True)
             body = error_body(
-                RateLimited.status,
+                block.error.status,
                 f"{block.message}; retry in {headers['Retry-After']}s",
                 path,
-                openai_type=RateLimited.openai_type,
-                code=RateLimited.code,
+                openai_type=block.error.openai_type,
+                code=block.error.code,
             )
             out = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
             out.extend(headers.items())

@@ -111,6 +111,7 @@ def test_limit_headers_on_answers_and_rejections(fake: FakeOllama, gates: GatesF
         r = requests.post(gate.url + "/v1/completions", json={"model": "llama3.2", "prompt": "x"})
         assert r.status_code == 429
         assert r.json()["error"]["type"] == "rate_limit_error"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
         retry = int(r.headers["Retry-After"])
         assert 1 <= retry <= 60
         assert re.search(rf"retry in {retry}s$", r.json()["error"]["message"])

@@ -141,6 +141,15 @@ def test_token_budget_spent_by_plain_answers(gate: Gate) -> None:
             oai.chat.completions.create(model="llama3.2", messages=MESSAGES)  # type: ignore[arg-type]
     error = info.value
     _assert_budget_429(error.status_code, error.response.headers, error.message)
+    # "Out of tokens", told apart from "too many requests"; the 429 cache's answer too.
+    assert error.code == "token_budget_exceeded" and error.type == "rate_limit_error"
+    again = requests.post(
+        gate.url + "/v1/chat/completions",
+        json={"model": "llama3.2", "messages": MESSAGES},
+        headers=bearer("frugal"),
+    )
+    assert again.status_code == 429 and again.json()["error"]["code"] == "token_budget_exceeded"
+    assert "token budget" in again.json()["error"]["message"]
     # Other keys have budgets of their own (alice has none at all).
     assert requests.post(gate.url + "/api/generate", json=GEN, headers=bearer("alice")).ok
 
