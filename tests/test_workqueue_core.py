@@ -435,8 +435,9 @@ def test_snapshot_keeps_a_bounded_number_of_idle_models() -> None:
     for i in range(MAX_IDLE_MODELS + 50):
         s.submit(i, f"model{i}", "x", float(i))
         s.finish(i, float(i))
-    s.submit("busy", "busy", "x", 1000.0)
-    models = s.snapshot(1000.0)["models"]
+    last = float(MAX_IDLE_MODELS + 50)
+    s.submit("busy", "busy", "x", last)
+    models = s.snapshot(last)["models"]
     assert len(models) == MAX_IDLE_MODELS + 1
     assert "busy:latest" in models
     assert "model0:latest" not in models

@@ -38,9 +38,11 @@ ADMIN_LANE = "admin"
 EWMA_WEIGHT = 0.2
 DEFAULT_JOB_SECONDS = 10.0
 
-# Idle models are kept for their counters, but model names come from request bodies, so
-# only this many idle ones are kept (least recently used go first).
-MAX_IDLE_MODELS = 256
+# Idle models are kept for their counters and Retry-After estimates, but model names come
+# from request bodies: an idle model is forgotten IDLE_MODEL_SECONDS after its last job,
+# and at most MAX_IDLE_MODELS idle ones are kept (least recently used go first).
+MAX_IDLE_MODELS = 16
+IDLE_MODEL_SECONDS = 300.0
 
 
 class Admission(enum.Enum):
@@ -63,6 +65,7 @@ class _Lane:
         "admitted",
         "rejected",
         "avg_seconds",
+        "touched",
     )
 
     def __init__(self, name: str, slots: int, *, admin: bool = False) -> None:
@@ -77,6 +80,7 @@ class _Lane:
         self.admitted = 0
         self.rejected = dict.fromkeys(REASONS, 0)
         self.avg_seconds: float | None = None
+        self.touched = float("-inf")  # when a job of this lane last came or went
 
     def oldest(self) -> _Job | None:
         return next(iter(self.waiting.values()), None)
@@ -189,7 +193,7 @@ class Scheduler:
         model = normalize_model(model)
         if not model and not admin:
             raise ValueError("a model job needs a model name")
-        lane = self._admin if admin else self._lane(model)
+        lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
         job = _Job(job_id, model, client, lane, now, self._seq)
         if self._can_start(lane, now):
@@ -314,6 +318,7 @@ class Scheduler:
     def snapshot(self, now: float) -> dict[str, Any]:
         """Plain data for the status page: per model, per client, the admin lane and totals."""
         now = max(now, self._now)
+        self._evict_idle(now)
         target = self._switch_target(now)
         draining = sorted(self._active) if target is not None else []
         models = {
@@ -440,18 +445,22 @@ class Scheduler:
             self._now = float(now)
         return self._now
 
-    def _lane(self, model: str) -> _Lane:
+    def _lane(self, model: str, now: float) -> _Lane:
         lane = self._lanes.get(model)
         if lane is None:
             lane = self._lanes[model] = _Lane(model, self.overrides.get(model, self.concurrency))
-            self._evict_idle(keep=lane)
+            self._evict_idle(now, keep=lane)
         self._lanes.move_to_end(model)
+        lane.touched = now
         return lane
 
-    def _evict_idle(self, *, keep: _Lane) -> None:
+    def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
+        """Forget idle models past IDLE_MODEL_SECONDS, and all but MAX_IDLE_MODELS of the rest."""
         idle = [name for name, lane in self._lanes.items() if not lane.busy() and lane is not keep]
-        for name in idle[: max(0, len(idle) - MAX_IDLE_MODELS)]:
-            del self._lanes[name]
+        extra = len(idle) - MAX_IDLE_MODELS
+        for number, name in enumerate(idle):
+            if number < extra or self._lanes[name].touched + IDLE_MODEL_SECONDS <= now:
+                del self._lanes[name]
 
     def _client(self, client: str) -> _ClientCount:
         count = self._clients.get(client)
@@ -504,6 +513,7 @@ class Scheduler:
         self._clients[job.client].running -= 1
         self._drop_client_if_idle(job.client)
         held = now - job.started
+        lane.touched = now
         lane.avg_seconds = _ewma(lane.avg_seconds, held)
         self._avg_seconds = _ewma(self._avg_seconds, held)
 
