@@ -386,6 +386,14 @@ class Settings:
         "`public`, `admin` (admin API key) or `local` (loopback) for /gate/* and /metrics "
         "([docs/STATUS.md](docs/STATUS.md#gate_status_access))",
     )
+    status_mask_clients: bool = setting(
+        "GATE_STATUS_MASK_CLIENTS",
+        True,
+        validate_flag,
+        "`1`: the status page shows client addresses partly masked (`203.0.113.x`); `0`: in "
+        "full ([docs/STATUS.md](docs/STATUS.md#gate_status_mask_clients))",
+        shown="1",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import math
 import re
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +25,15 @@ RATE_SECONDS = 60
 RECENT_SECONDS = 900
 #: The history's "wait" is the mean queue wait of the jobs that ended in this many seconds.
 WAIT_SECONDS = 10
-#: At most this many clients are listed (the busiest first), so a crowd keeps the page small.
+#: Names come from clients (a model in a request body, an address, a key name), so the
+#: Board tracks at most this many of each; past the cap, new names are counted as OTHER
+#: until a tracked one has been idle for LABEL_IDLE seconds and expires.
+MAX_MODELS = 32
 MAX_CLIENTS = 200
+MAX_REASONS = 32
+LABEL_IDLE = 120.0
+#: What names past a cap are counted and shown as.
+OTHER = "other"
 
 SCHEMA_VERSION = 1
 
@@ -66,6 +73,52 @@ class Rolling:
     def _trim(self, second: int) -> None:
         while self._buckets and self._buckets[0][0] <= second - self.span:
             self._buckets.popleft()
+
+
+class Labels:
+    """A bounded set of names from clients: the first ``cap`` are kept, the rest fold into OTHER.
+
+    A name not seen for ``idle`` seconds expires and frees its place, so the set
+    follows the names in use without ever growing past ``cap``.
+    """
+
+    def __init__(self, cap: int, idle: float = math.inf) -> None:
+        self.cap = cap
+        self.idle = idle
+        self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._seen
+
+    def label(self, name: str, now: float, *, claim: bool = True) -> str:
+        """``name`` if it holds (or now takes) a place, else OTHER.
+
+        With ``claim`` false a name not yet held is counted as OTHER without taking a
+        place (a model the upstream answered 404 for must not crowd out real ones).
+        """
+        if name in self._seen:
+            self._seen[name] = now
+            self._seen.move_to_end(name)
+            return name
+        self.expire(now)
+        if not claim or len(self._seen) >= self.cap:
+            return OTHER
+        self._seen[name] = now
+        return name
+
+    def expire(self, now: float) -> list[str]:
+        """Drop the names not seen for ``idle`` seconds; return them."""
+        gone = []
+        while self._seen:
+            name, seen = next(iter(self._seen.items()))
+            if seen + self.idle > now:
+                break
+            del self._seen[name]
+            gone.append(name)
+        return gone
 
 
 @dataclass(frozen=True)
@@ -135,6 +188,15 @@ def reason_of(error: Any) -> tuple[int, str]:
     return 500, type(error).__name__
 
 
+def names_a_model(status: int | None) -> bool:
+    """Whether a call answered ``status`` may give its model a place among MAX_MODELS.
+
+    Not when the upstream refused it (4xx: an unknown model is 404), so made-up
+    names never crowd out the models in use; a call that got no answer may.
+    """
+    return status is None or not 400 <= status < 500
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     if value is None or not math.isfinite(value):
         return None
@@ -144,9 +206,14 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 class Board:
     """Counts and history of one worker, fed by signals and a once-a-second sample."""
 
-    def __init__(self, started_wall: float, started: float) -> None:
+    def __init__(self, started_wall: float, started: float, *, mask_clients: bool = True) -> None:
         self.started_wall = started_wall
         self.started = started
+        self.mask_clients = mask_clients
+        # The names the counts below are kept under (see Labels): bounded whatever clients send.
+        self.models = Labels(MAX_MODELS, LABEL_IDLE)
+        self.clients = Labels(MAX_CLIENTS, LABEL_IDLE)
+        self.reasons = Labels(MAX_REASONS)
         # ("jobs"|"in"|"out"|"wait"|"waited", model) and ("cjobs"|"ctokens", client)
         self.rates = Rolling(RATE_SECONDS)
         self.recent_rejections = Rolling(RECENT_SECONDS)
@@ -172,15 +239,18 @@ class Board:
         waited: float,
         prompt_tokens: int,
         completion_tokens: int,
+        ok: bool = True,
     ) -> None:
-        """A forwarded call ended (``queued``: an inference or embed job, queued per model)."""
+        """A forwarded call ended (``queued``: an inference or embed job, queued per model;
+        ``ok``: the upstream answered it, so its model may take one of MAX_MODELS places)."""
         self.requests += 1
         self.tokens_in += prompt_tokens
         self.tokens_out += completion_tokens
         if not queued or model is None:
             return
         tokens = prompt_tokens + completion_tokens
-        who = mask_client(client)
+        model = self.models.label(model, now, claim=ok)
+        who = self.clients.label(self.show_client(client), now)
         rates = self.rates
         rates.add(now, ("jobs", model))
         rates.add(now, ("waited", model), waited)
@@ -194,8 +264,13 @@ class Board:
 
     def rejected(self, now: float, status: int, reason: str, count: int = 1) -> None:
         """The gate answered ``count`` requests with an error of its own."""
+        reason = self.reasons.label(reason, now)
         self.total_rejections[(status, reason)] += count
         self.recent_rejections.add(now, (status, reason), count)
+
+    def show_client(self, client: str) -> str:
+        """A client as the page names it: masked (mask_client) unless masking is off."""
+        return mask_client(client) if self.mask_clients else client.strip()[:64]
 
     def sample(self, wall: float, snapshot: Mapping[str, Any] | None) -> Sample:
         """Record one second of history from the work queue's snapshot (None: no queue)."""
@@ -238,40 +313,41 @@ class Board:
         minutes = RATE_SECONDS / 60
         loaded = {m["name"]: m for m in upstream.get("loaded") or () if m.get("name")}
 
-        models: dict[str, dict[str, Any]] = {}
+        rows: dict[str, dict[str, Any]] = {}
         lanes = (snapshot or {}).get("models") or {}
         names = set(lanes) | set(loaded)
         names |= {key[1] for key in rates if key[0] == "jobs"}
-        for name in sorted(names):
+        for name in names:
             lane = lanes.get(name)
-            jobs = rates[("jobs", name)]
-            tokens_in, tokens_out = rates[("in", name)], rates[("out", name)]
-            models[name] = {
+            rows[name] = {
                 **_lane(lane),
                 "active": bool(lane.get("active")) if lane else False,
                 "draining": bool(lane.get("draining")) if lane else False,
                 "loaded": name in loaded,
-                "jobs_per_minute": _round(jobs / minutes, 1),
-                "tokens_per_minute": _round((tokens_in + tokens_out) / minutes, 1),
-                "tokens_in_per_minute": _round(tokens_in / minutes, 1),
-                "tokens_out_per_minute": _round(tokens_out / minutes, 1),
-                "wait_avg": _round(rates[("waited", name)] / jobs) if jobs else None,
+                "jobs": rates[("jobs", name)],
+                "in": rates[("in", name)],
+                "out": rates[("out", name)],
+                "waited": rates[("waited", name)],
             }
+        models = {
+            name: _model_row(row, minutes)
+            for name, row in sorted(_fold(rows, MAX_MODELS, _model_weight, _fold_model).items())
+        }
 
         clients: dict[str, dict[str, Any]] = {}
         for client, counts in ((snapshot or {}).get("clients") or {}).items():
-            entry = clients.setdefault(mask_client(client), _client_entry())
+            entry = clients.setdefault(self.show_client(client), _client_entry())
             entry["waiting"] += int(counts.get("waiting", 0))
             entry["running"] += int(counts.get("running", 0))
         for key, value in rates.items():
             if key[0] in ("cjobs", "ctokens"):
                 entry = clients.setdefault(key[1], _client_entry())
                 field = "jobs_per_minute" if key[0] == "cjobs" else "tokens_per_minute"
-                entry[field] = _round(value / minutes, 1)
+                entry[field] = _round(entry[field] + value / minutes, 1)
         busiest = sorted(
-            clients.items(),
-            key=lambda item: (-item[1]["running"] - item[1]["waiting"], item[0]),
-        )[:MAX_CLIENTS]
+            _fold(clients, MAX_CLIENTS, _client_weight, _fold_client).items(),
+            key=lambda item: (item[0] == OTHER, _client_weight(item[1]), item[0]),
+        )
 
         totals = (snapshot or {}).get("totals") or {}
         queue: dict[str, Any] | None = None
@@ -358,6 +434,82 @@ def _lane(lane: Mapping[str, Any] | None) -> dict[str, Any]:
     out["avg_seconds"] = _round(lane.get("avg_seconds"))
     out["rejected"] = dict(lane.get("rejected") or {})
     return out
+
+
+def _model_weight(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Sort key of a model row: busy first, then the most jobs, then by name."""
+    busy = (row["running"] or 0) + (row["waiting"] or 0)
+    return (-busy, not row["active"], -row["jobs"], not row["loaded"])
+
+
+def _fold_model(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row adding up ``rows`` (the models past MAX_MODELS)."""
+    out: dict[str, Any] = {}
+    for field in (*_LANE_FIELDS, "jobs", "in", "out", "waited"):
+        values = [row[field] for row in rows if row.get(field) is not None]
+        out[field] = sum(values) if values else None
+    waits = [row["oldest_wait"] for row in rows if row.get("oldest_wait") is not None]
+    out["oldest_wait"] = max(waits) if waits else None
+    out["avg_seconds"] = None
+    rejected: Counter[str] = Counter()
+    for row in rows:
+        rejected.update(row.get("rejected") or {})
+    out["rejected"] = dict(rejected)
+    for flag in ("active", "draining", "loaded"):
+        out[flag] = any(row.get(flag) for row in rows)
+    return out
+
+
+def _model_row(row: Mapping[str, Any], minutes: float) -> dict[str, Any]:
+    """A model's status.json entry from its lane and its rates over the last minute."""
+    out = {key: value for key, value in row.items() if key not in ("jobs", "in", "out", "waited")}
+    jobs, tokens_in, tokens_out = row["jobs"], row["in"], row["out"]
+    if row["draining"]:
+        state = "draining"
+    elif row["active"]:
+        state = "active"
+    elif row["waiting"]:
+        state = "waiting"
+    else:
+        state = "idle"
+    out["state"] = state
+    out["jobs_per_minute"] = _round(jobs / minutes, 1)
+    out["tokens_per_minute"] = _round((tokens_in + tokens_out) / minutes, 1)
+    out["tokens_in_per_minute"] = _round(tokens_in / minutes, 1)
+    out["tokens_out_per_minute"] = _round(tokens_out / minutes, 1)
+    out["wait_avg"] = _round(row["waited"] / jobs) if jobs else None
+    return out
+
+
+def _client_weight(entry: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (-entry["running"] - entry["waiting"], -entry["jobs_per_minute"])
+
+
+def _fold_client(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    out = _client_entry()
+    for entry in entries:
+        for field in out:
+            out[field] += entry[field]
+    out["jobs_per_minute"] = _round(out["jobs_per_minute"], 1)
+    out["tokens_per_minute"] = _round(out["tokens_per_minute"], 1)
+    return out
+
+
+def _fold(
+    rows: dict[str, dict[str, Any]],
+    cap: int,
+    weight: Any,
+    fold: Any,
+) -> dict[str, dict[str, Any]]:
+    """At most ``cap`` rows plus OTHER: the heaviest by ``weight``, the rest added up."""
+    named = [(name, row) for name, row in rows.items() if name != OTHER]
+    if len(named) <= cap:
+        return rows
+    named.sort(key=lambda item: (weight(item[1]), item[0]))
+    rest = [row for _, row in named[cap:]]
+    if OTHER in rows:
+        rest.append(rows[OTHER])
+    return {**dict(named[:cap]), OTHER: fold(rest)}
 
 
 def _lanes(snapshot: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:

@@ -25,7 +25,7 @@ from endpoints import ROUTES
 from settings import Settings
 from signals import call_finished, call_rejected
 
-from .board import Board, reason_of
+from .board import Board, names_a_model, reason_of
 from .metrics import Metrics
 from .probe import UpstreamProbe
 
@@ -49,7 +49,7 @@ class Status:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.board = Board(time.time(), time.monotonic())
+        self.board = Board(time.time(), time.monotonic(), mask_clients=settings.status_mask_clients)
         self.metrics = Metrics()
         self.probe = UpstreamProbe(settings.upstream)
         self.started_wall = time.time()
@@ -165,6 +165,7 @@ class Status:
             "started": round(self.started_wall, 3),
             "uptime": round(time.time() - self.started_wall, 1),
             "access": self.settings.status_access,
+            "clients_masked": self.settings.status_mask_clients,
             "sampling": self._sampler is not None,
             "polling": self._poller is not None and not self._poller.dead,
         }
@@ -180,7 +181,22 @@ class Status:
             history=history,
         )
         doc["limiter"] = limiter
+        doc["caps"] = self.caps()
         return doc
+
+    def caps(self) -> dict[str, Any]:
+        """The configured bounds, shown beside the live figures."""
+        s = self.settings
+        return {
+            "model_concurrency": s.model_concurrency,
+            "model_concurrency_overrides": dict(s.model_concurrency_overrides),
+            "max_active_models": s.max_active_models,
+            "queue_max": s.queue_max,
+            "queue_max_per_client": s.queue_max_per_client,
+            "queue_timeout": s.queue_timeout,
+            "switch_after": s.switch_after,
+            "admin_concurrency": s.admin_concurrency,
+        }
 
 
 def _snapshot(workqueue: Any) -> dict[str, Any] | None:
@@ -206,6 +222,7 @@ def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
         waited=call.waited,
         prompt_tokens=call.prompt_tokens,
         completion_tokens=call.completion_tokens,
+        ok=names_a_model(call.status),
     )
     ext.metrics.call_finished(call)
 

@@ -9,14 +9,31 @@ its own registry: see docs/STATUS.md, "Several workers".
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import Counter as Tally
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from endpoints import QUEUED_CLASSES
+
+from .board import Labels, names_a_model
+
+# Each counter and histogram would carry a `_created` series beside it, doubling the
+# lines of a scrape for a timestamp nobody graphs. (A switch of prometheus_client's own,
+# global to the process; the gate's worker has no other registry.)
+prometheus_client.disable_created_metrics()
+
+#: Model names come from request bodies: at most this many get series of their own;
+#: past it, new ones are counted under model="other" until one has had no call and
+#: no work-queue lane for MODEL_IDLE seconds, when its series are removed.
+MAX_MODELS = 32
+MODEL_IDLE = 600.0
 
 #: The content type of the text exposition format prometheus_client writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,7 +50,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.queue = QueueCollector()
+        self.models = Labels(MAX_MODELS, MODEL_IDLE)
+        # The labelled children of each model label, removed when the label expires.
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self.queue = QueueCollector(self)
         self.registry.register(self.queue)
         labels = ("class", "model")
         self.queue_wait = Histogram(
@@ -76,20 +96,36 @@ class Metrics:
             registry=self.registry,
         )
 
-    def call_finished(self, call: Any) -> None:
+    def model_label(self, model: str, now: float, *, claim: bool = True) -> str:
+        """The label ``model`` is counted under: itself, or OTHER past MAX_MODELS."""
+        for gone in self.models.expire(now):
+            for metric, labels in self._series.pop(gone, ()):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*labels)
+        return self.models.label(model, now, claim=claim)
+
+    def _child(self, metric: Any, model: str, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered under ``model`` for removal on expiry."""
+        self._series.setdefault(model, set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def call_finished(self, call: Any, now: float | None = None) -> None:
         """Count one forwarded call whose answer ended."""
         cls = call.cls
-        model = call.model or ""
+        ok = names_a_model(call.status)
+        now = time.monotonic() if now is None else now
+        model = self.model_label(call.model or "", now, claim=ok)
         if cls in QUEUED_CLASSES:
-            self.queue_wait.labels(cls, model).observe(call.waited)
+            self._child(self.queue_wait, model, cls, model).observe(call.waited)
         if call.ttfb is not None:
-            self.ttfb.labels(cls, model).observe(call.ttfb)
-        self.duration.labels(cls, model).observe(call.duration)
-        self.requests.labels(cls, model, call.outcome, str(call.status or "")).inc()
+            self._child(self.ttfb, model, cls, model).observe(call.ttfb)
+        self._child(self.duration, model, cls, model).observe(call.duration)
+        code = str(call.status or "")
+        self._child(self.requests, model, cls, model, call.outcome, code).inc()
         if call.prompt_tokens:
-            self.tokens.labels(model, "in").inc(call.prompt_tokens)
+            self._child(self.tokens, model, model, "in").inc(call.prompt_tokens)
         if call.completion_tokens:
-            self.tokens.labels(model, "out").inc(call.completion_tokens)
+            self._child(self.tokens, model, model, "out").inc(call.completion_tokens)
 
     def call_rejected(self, status: int, reason: str, cls: str | None, count: int = 1) -> None:
         self.rejections.labels(str(status), reason, cls or "none").inc(count)
@@ -106,9 +142,32 @@ class Metrics:
 class QueueCollector(Collector):
     """Gauges and counters read from the work queue's snapshot and the probe's cache."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.snapshot: Mapping[str, Any] | None = None
         self.upstream: Mapping[str, Any] = {}
+        self.metrics = metrics
+
+    def lanes(self, snapshot: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The snapshot's lanes by model label: at most MAX_MODELS, the rest added up as OTHER."""
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        lanes = (snapshot.get("models") or {}).items()
+        # Busy lanes first, so that they take the places that are free.
+        for name, lane in sorted(lanes, key=lambda item: not _busy(item[1])):
+            # An idle lane shows under its own name only if a call already gave it one.
+            label = self.metrics.model_label(name, now, claim=_busy(lane))
+            into = out.get(label)
+            if into is None:
+                out[label] = {**lane, "rejected": dict(lane.get("rejected") or {})}
+                continue
+            for field in ("running", "waiting", "slots", "admitted"):
+                into[field] = (into.get(field) or 0) + (lane.get(field) or 0)
+            into["oldest_wait"] = max(into.get("oldest_wait") or 0, lane.get("oldest_wait") or 0)
+            into["active"] = bool(into.get("active") or lane.get("active"))
+            rejected = Tally(into["rejected"])
+            rejected.update(lane.get("rejected") or {})
+            into["rejected"] = dict(rejected)
+        return out
 
     def describe(self) -> Iterator[Any]:
         # Names only, so that registering never asks for a snapshot.
@@ -166,7 +225,7 @@ class QueueCollector(Collector):
         ) = self._families()
         snapshot = self.snapshot
         if snapshot is not None:
-            for name, lane in (snapshot.get("models") or {}).items():
+            for name, lane in self.lanes(snapshot).items():
                 running.add_metric([name], lane.get("running") or 0)
                 waiting.add_metric([name], lane.get("waiting") or 0)
                 slots.add_metric([name], lane.get("slots") or 0)
@@ -188,3 +247,7 @@ class QueueCollector(Collector):
             families += [admin_running, admin_waiting]
         families += [up, loaded]
         yield from families
+
+
+def _busy(lane: Mapping[str, Any]) -> bool:
+    return bool(lane.get("running") or lane.get("waiting"))

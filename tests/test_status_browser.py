@@ -68,3 +68,63 @@ def test_status_page_shows_the_queue_appear_and_drain(
         assert not errors, errors
     for name in ("status-busy-1280.png", "status-idle-1280.png", "status-390.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_status_page_says_waiting_not_idle_and_shows_the_caps(
+    fake: FakeOllama, gate_factory: Callable[..., Gate]
+) -> None:
+    gate = gate_factory(
+        fake.url,
+        {"GATE_MODEL_CONCURRENCY": "1", "GATE_MAX_ACTIVE_MODELS": "1", "GATE_QUEUE_MAX": "40"},
+    )
+    slow = {"X-Fake-Tokens": "40", "X-Fake-Token-Interval": "0.15"}  # holds m1 for ~6 s
+    with chromium(1280, 900) as driver:
+        driver.get(gate.url + "/gate/status")
+        wait_for(driver, lambda d: text(d, "live").startswith("live"))
+        caps = text(driver, "caps")
+        assert "1 active model(s)" in caps and "queue 40, 32 per client" in caps, caps
+        assert text(driver, "active-models") == "0 / 1"
+        with Load(gate, 1, headers=slow) as first:
+            wait_for(driver, lambda d: text(d, "total-running") == "1")
+            with Load(gate, 1, model="m2", headers=slow) as second:
+                # m2 has a job waiting and no place yet: "waiting", never "idle".
+                row = wait_for(
+                    driver,
+                    lambda d: d.find_elements("css selector", 'tr[data-model="m2:latest"]'),
+                )[0]
+                state = row.find_element("css selector", "td.state").text
+                assert "waiting" in state and "idle" not in state, state
+                assert text(driver, "active-models") == "1 / 1"
+                assert text(driver, "total-waiting-sub") == "of max 40 · 32 per client"
+        assert first.results == [200] and second.results == [200]
+        # Once nothing runs or waits, both are idle.
+        wait_for(
+            driver,
+            lambda d: (
+                "idle" in d.find_element("css selector", 'tr[data-model="m2:latest"] td.state').text
+            ),
+        )
+
+
+def test_status_page_shows_a_banner_while_the_upstream_is_down(
+    fake: FakeOllama, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    gate = gate_factory(fake.url)
+
+    def banner(driver: Any) -> str:
+        found = driver.find_elements("css selector", "#banners .banner.down")
+        return str(found[0].text) if found else ""
+
+    with chromium(1280, 900) as driver:
+        driver.get(gate.url + "/gate/status")
+        wait_for(driver, lambda d: text(d, "upstream").startswith("upstream up"))
+        assert banner(driver) == ""
+        fake.stop()
+        try:
+            shown = wait_for(driver, banner, timeout=20)
+            assert shown.startswith("Ollama is down: " + fake.url), shown
+            assert "refused" in shown
+            full_page_screenshot(driver, str(tmp_path / "status-down-1280.png"), 1280)
+        finally:
+            fake.start()
+        wait_for(driver, lambda d: banner(d) == "", timeout=20)

@@ -450,3 +450,22 @@ def test_history_wait_is_the_mean_of_the_last_ten_seconds() -> None:
     waits = [board.sample(float(second), None).wait for second in range(12)]
     assert waits[:10] == [2.0] * 10  # the two jobs count for ten seconds
     assert waits[10:] == [None, None]
+
+
+def test_status_mask_clients_is_a_setting() -> None:
+    assert Settings.from_env({}).status_mask_clients is True
+    assert Settings.from_env({"GATE_STATUS_MASK_CLIENTS": "0"}).status_mask_clients is False
+    assert Settings.from_env({"GATE_STATUS_MASK_CLIENTS": "on"}).status_mask_clients is True
+    with pytest.raises(ValueError, match="GATE_STATUS_MASK_CLIENTS='maybe'"):
+        Settings.from_env({"GATE_STATUS_MASK_CLIENTS": "maybe"})
+
+
+def test_clients_unmasked_when_masking_is_off(make_app: Any) -> None:
+    app = make_app(status_mask_clients=False)
+    call = Call("inference", "POST", "/api/chat", "203.0.113.57", model="m1:latest")
+    call.status = 200
+    call_finished.send(app, call=call)
+    doc = app.test_client().get("/gate/status.json").get_json()
+    assert list(doc["clients"]) == ["203.0.113.57"]
+    assert doc["worker"]["clients_masked"] is False
+    assert doc["caps"]["queue_max"] == 512

@@ -124,11 +124,39 @@
         " workers: each keeps its own queue and counts."]);
     }
     if (failures > 2) items.push(["bad", "status.json does not answer: the figures below are stale."]);
+    var up = doc.upstream || {};
+    if (up.healthy === false) {
+      // The one thing an operator must not miss: first, and loud.
+      items.unshift(["down", "Ollama is down: " + (up.url || "the upstream") + " does not answer.",
+        (up.error || "no answer") + (up.age !== null && up.age !== undefined ? " · checked " + secs(up.age) + " ago" : "") +
+        " · jobs cannot run until it answers again."]);
+    }
     var key = JSON.stringify(items);
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     box.textContent = "";
-    items.forEach(function (it) { box.appendChild(el("p", { className: "banner " + it[0], text: it[1] })); });
+    items.forEach(function (it) {
+      var p = el("p", { className: "banner " + it[0], text: it[1], "data-kind": it[0] || "note" });
+      if (it[2]) p.appendChild(el("span", { className: "detail", text: it[2] }));
+      box.appendChild(p);
+    });
+  }
+
+  function renderCaps(doc) {
+    var c = doc.caps;
+    if (!c) { setText("caps", ""); return; }
+    var over = c.model_concurrency_overrides || {};
+    var extra = Object.keys(over).map(function (m) { return m + " " + over[m]; }).join(", ");
+    setText("caps", "Configured: " + num(c.model_concurrency) + " job(s) at once per model" +
+      (extra ? " (" + extra + ")" : "") +
+      " · " + num(c.max_active_models) + " active model(s)" +
+      " · queue " + num(c.queue_max) + ", " + num(c.queue_max_per_client) + " per client" +
+      " · wait at most " + secs(c.queue_timeout) +
+      " · switch after " + secs(c.switch_after) +
+      " · admin lane " + num(c.admin_concurrency));
+    var w = doc.worker || {};
+    setText("clients-note", (c.queue_max_per_client ? "· waiting at most " + num(c.queue_max_per_client) + " each" : "") +
+      (w.clients_masked === false ? " · full addresses" : " · addresses masked"));
   }
 
   function renderTiles(doc) {
@@ -139,8 +167,15 @@
     setText("total-running", q ? num(q.running) : "–");
     setText("total-running-sub", q ? (slots ? "of " + slots + " active slots" : "no active model") : "");
     setText("total-waiting", q ? num(q.waiting) : "–");
-    setText("total-waiting-sub", q && q.queue_max ? "max " + num(q.queue_max) : "");
+    var caps = doc.caps || {};
+    var queueMax = caps.queue_max || (q && q.queue_max);
+    setText("total-waiting-sub", queueMax ? "of max " + num(queueMax) +
+      (caps.queue_max_per_client ? " · " + num(caps.queue_max_per_client) + " per client" : "") : "");
+    var maxActive = caps.max_active_models || (q && q.max_active_models);
+    setText("active-models", q ? num((q.active_models || []).length) + (maxActive ? " / " + num(maxActive) : "") : "–");
+    setText("active-models-sub", q && (q.active_models || []).length ? q.active_models.join(", ") : "none running");
     setText("oldest-wait", q && q.waiting ? secs(q.oldest_wait) : "–");
+    setText("oldest-wait-sub", caps.queue_timeout ? "now · timeout " + secs(caps.queue_timeout) : "now");
     setText("jobs-rate", rate(doc.rates.jobs_per_minute));
     setText("tokens-rate", rate(doc.rates.tokens_per_minute));
     var recent = doc.rejections.recent || {};
@@ -156,11 +191,12 @@
     var models = doc.models || {};
     var rows = Object.keys(models).map(function (name) {
       var m = models[name];
-      var state = el("td");
-      if (m.active) state.appendChild(el("span", { className: "badge active", text: "active" }));
-      if (m.draining) state.appendChild(el("span", { className: "badge draining", text: "draining" }));
+      var state = el("td", { className: "state" });
+      // state: active, draining, waiting (jobs queued, no place yet) or idle (docs/STATUS.md).
+      var st = m.state || (m.draining ? "draining" : m.active ? "active" : m.waiting ? "waiting" : "idle");
+      if (st === "draining") state.appendChild(el("span", { className: "badge active", text: "active" }));
+      state.appendChild(el("span", { className: "badge " + st, text: st }));
       if (m.loaded) state.appendChild(el("span", { className: "badge loaded", text: "loaded" }));
-      if (!state.childNodes.length) state.appendChild(el("span", { className: "badge", text: "idle" }));
       var running = m.running === null ? "–" : num(m.running) + " / " + num(m.slots);
       var refused = sumValues(m.rejected);
       return el("tr", { "data-model": name }, [
@@ -332,6 +368,7 @@
     renderTop(doc);
     renderBanners(doc);
     renderTiles(doc);
+    renderCaps(doc);
     renderModels(doc);
     renderClients(doc);
     renderRejections(doc);
