@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakeollama import FakeOllama
-from proxy.call import Call
+from pipeline import Call
 from status import board as board_module
 from status import metrics as metrics_module
 from status.board import LABEL_IDLE, MAX_MODELS, OTHER, Board, Labels
