@@ -7,8 +7,8 @@ or nginx's upstream pool) counts as a connection, so the worker waits out
 gunicorn's keepalive (75 s) or the whole graceful timeout even when nothing runs.
 ``install(worker)`` adds what the gate needs:
 
-- at SIGTERM the app's shutdown hooks run (``app.extensions["gate.shutdown"]``, a
-  list of callables): the work queue turns away new and waiting jobs with 503;
+- at SIGTERM the app's shutdown hooks run (the ``shutdown`` list of its Pipeline):
+  the work queue turns away new and waiting jobs with 503;
 - running requests, streams included, finish (gunicorn's graceful_timeout bounds them);
 - an idle keep-alive connection stays open while requests still run, so a request
   sent on it gets an answer (503 for a job, with ``Connection: close``), and is
@@ -27,6 +27,8 @@ from typing import Any
 
 import gevent
 from gevent import Timeout
+
+from pipeline import pipeline_of
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +104,7 @@ class Drain:
             self.idle,
             self.worker.cfg.graceful_timeout,
         )
-        extensions = getattr(self.worker.wsgi, "extensions", {})
-        hooks = extensions.get("gate.shutdown", ())
-        for hook in [hooks] if callable(hooks) else hooks:
+        for hook in pipeline_of(self.worker.wsgi).shutdown:
             try:
                 hook()
             except Exception:

@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 
     from settings import Settings
 
+    from .extension import GateLimiter
 
-def init_app(app: Flask, settings: Settings) -> None:
+
+def init_app(app: Flask, settings: Settings) -> GateLimiter:
     """Install client identity, API keys, per-class limits and token budgets on ``app``."""
     from .extension import GateLimiter
 
-    GateLimiter(settings).init_app(app)
+    limiter = GateLimiter(settings)
+    limiter.init_app(app)
+    return limiter
 
 
 __all__ = ["init_app"]

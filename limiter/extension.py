@@ -2,6 +2,9 @@
 
 A request to a forwarded endpoint goes through, in order:
 
+0. The reject cache (``reject_cache``, limiter.fastpath), WSGI middleware that
+   create_app places after ProxyFix and before the proxy's light lane: a client
+   already over a limit gets its 429 there, without Flask.
 1. ``_identify`` (before_request): who the client is. With GATE_API_KEYS_FILE, the
    key its Bearer secret matches (401 without one, 403 for an admin endpoint with a
    user key); otherwise its address, X-Forwarded-For trusted for
@@ -22,7 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limit, Limiter, RateLimitExceeded
@@ -30,7 +33,6 @@ from limits import RateLimitItem, parse_many
 from limits.storage import Storage, storage_from_string
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
 from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
@@ -46,9 +48,11 @@ from .identity import client_address
 from .keys import ApiKey, Keyring, load_keys
 from .policy import OFF, burst_room
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
 logger = logging.getLogger(__name__)
 
-EXTENSION = "gate.limiter"
 # Answers of these classes cost tokens, so they count against (and wait for) budgets.
 TOKEN_CLASSES = frozenset({INFERENCE, EMBED})
 # Seconds a Redis may take to connect or answer before it counts as down and limits
@@ -88,7 +92,8 @@ def storage_options(uri: str) -> dict[str, Any]:
 
 
 class GateLimiter:
-    """The limiter extension: ``init_app`` installs it at app.extensions[EXTENSION]."""
+    """The limiter extension: ``init_app`` registers its hooks; create_app keeps it in the
+    app's Pipeline (its ``identify_light``, ``keyring`` and ``stats`` serve other layers)."""
 
     def __init__(self, settings: Settings) -> None:
         self.keyring: Keyring | None = (
@@ -156,13 +161,7 @@ class GateLimiter:
                 )
 
     def init_app(self, app: Flask) -> None:
-        if self.enabled or self._any_budget():
-            self.cache = RejectCache(app.wsgi_app, self.keyring, self.rejections)
-            app.wsgi_app = self.cache  # type: ignore[method-assign]
-        if self.trusted_proxies:
-            # REMOTE_ADDR becomes the address that many proxies back in X-Forwarded-For;
-            # with 0 trusted proxies a client-sent X-Forwarded-For changes nothing.
-            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=self.trusted_proxies)  # type: ignore[method-assign]
+        """Register the limiter's hooks on ``app`` (its WSGI part: ``reject_cache``)."""
         app.before_request(self._identify)
         storage: Storage | None = None
         if self.enabled:
@@ -182,11 +181,18 @@ class GateLimiter:
         app.before_request(self._check_budget)
         app.after_request(self._add_headers)
         app.register_error_handler(RateLimitExceeded, self._rate_limited)
-        call_finished.connect(_spend_tokens)
-        app.extensions[EXTENSION] = self
-        # The status page's "admin" access checks keys with the same keyring.
-        app.extensions["gate.keys"] = self.keyring
-        app.extensions["gate.identify_light"] = self.identify_light
+        call_finished.connect(self._spend_tokens, sender=app)
+
+    @property
+    def rejects_early(self) -> bool:
+        """Whether anything is limited, so that the reject cache has clients to answer."""
+        return self.enabled or self._any_budget()
+
+    def reject_cache(self, wsgi_app: WSGIApplication) -> RejectCache:
+        """The WSGI middleware that answers clients already over a limit (limiter.fastpath),
+        in front of ``wsgi_app``; create_app places it."""
+        self.cache = RejectCache(wsgi_app, self.keyring, self.rejections)
+        return self.cache
 
     # -- who the client is -------------------------------------------------------------
 
@@ -290,6 +296,9 @@ class GateLimiter:
             raise self._reject(
                 f"token budget spent: {state.limit} tokens per minute", TokenBudgetSpent
             )
+
+    def _spend_tokens(self, sender: Flask, call: Call, **_: Any) -> None:
+        self.spend(call)  # call_finished, sent when an answer ends
 
     def spend(self, call: Call) -> None:
         """Count a finished call's tokens against its client's budget."""
@@ -398,12 +407,6 @@ def counting_in_memory(limiter: Limiter) -> bool:
     library's behaviour with a storage that refuses connections.
     """
     return limiter.limiter.storage is not limiter.storage
-
-
-def _spend_tokens(sender: Flask, call: Call, **_: Any) -> None:
-    limiter: GateLimiter | None = sender.extensions.get(EXTENSION)
-    if limiter is not None:
-        limiter.spend(call)
 
 
 def _redacted(uri: str) -> str:

@@ -1,4 +1,4 @@
-"""The streaming relay to Ollama: routes, upstream pool and error mapping."""
+"""The streaming relay to Ollama: routes, upstream pool, light lane and error mapping."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ from flask import Flask
 
 from settings import Settings
 
-from . import lane
+from .lane import LightLane
 from .upstream import Upstream
 from .views import bp
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Open the upstream pool, register the forwarding routes and put the light lane
-    around Flask (call it before other middleware is installed: the lane must sit inside
-    ProxyFix and the limiter's reject cache)."""
-    app.extensions["gate.upstream"] = Upstream(settings.upstream, timeout=settings.upstream_timeout)
+def init_app(app: Flask, settings: Settings) -> Upstream:
+    """Register the forwarding routes; return the upstream pool they forward to."""
     app.register_blueprint(bp)
-    lane.init_app(app)
+    return Upstream(settings.upstream, timeout=settings.upstream_timeout)
 
 
-__all__ = ["bp", "init_app"]
+__all__ = ["LightLane", "Upstream", "bp", "init_app"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
@@ -28,19 +28,15 @@ from werkzeug.wrappers import Response
 
 from endpoints import LIGHT, ROUTES
 from errors import GateError
-from pipeline import Call
+from pipeline import Call, Identify, Upstream
 
 from .disconnect import ClientWatch
 from .relay import Relay
-from .upstream import Upstream
+from .upstream import UpstreamResponse
 from .views import LANE_FAILURE, RelayResponse, client_headers, upstream_headers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
-# Decides who a light request's client is, or that the limiter must see it in Flask:
-# (client, names of the headers that carried its API key) or None.
-Identify = Callable[["WSGIEnvironment"], "tuple[str, frozenset[str]] | None"]
 
 # The light routes a GET or HEAD may take: exact paths, and prefixes of a trailing
 # <path:...> variable ("/v1/models/" for /v1/models/<path:model>).
@@ -76,11 +72,24 @@ def status_line(code: int) -> str:
 
 
 class LightLane:
-    """WSGI middleware around Flask's own ``wsgi_app``: see the module's docstring."""
+    """WSGI middleware around Flask's own ``wsgi_app``: see the module's docstring.
 
-    def __init__(self, app: Flask, wsgi_app: WSGIApplication) -> None:
+    ``identify`` is the limiter's word on each light read (pipeline.Identify); without
+    it every request goes to Flask.
+    """
+
+    def __init__(
+        self,
+        app: Flask,
+        wsgi_app: WSGIApplication,
+        *,
+        upstream: Upstream,
+        identify: Identify | None,
+    ) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
+        self.upstream = upstream
+        self.identify = identify
         self.warm = False  # a request has been through Flask
         self.served = 0  # requests the lane forwarded itself
 
@@ -94,18 +103,16 @@ class LightLane:
             and environ.get("RAW_URI", "").startswith("/")
         ):
             return self._flask(environ, start_response)
-        identify: Identify | None = self.app.extensions.get("gate.identify_light")
-        who = identify(environ) if identify is not None else None
+        who = self.identify(environ) if self.identify is not None else None
         if who is None:
             return self._flask(environ, start_response)
         client, consumed = who
-        upstream: Upstream = self.app.extensions["gate.upstream"]
         method = environ["REQUEST_METHOD"]
         call = Call(LIGHT, method, environ["PATH_INFO"], client)
         headers = upstream_headers(EnvironHeaders(environ), consumed)
         opened = time.monotonic()
         try:
-            resp = upstream.open(method, environ["RAW_URI"], headers, None)
+            resp: UpstreamResponse = self.upstream.open(method, environ["RAW_URI"], headers, None)
         except GateError as exc:
             # Nothing was answered yet: the light view reports it, as for any request.
             environ[LANE_FAILURE] = exc
@@ -137,9 +144,3 @@ def _plain(method: str, status: int, headers: list[tuple[str, str]]) -> bool:
     if method != "GET" or not 200 <= status < 300 or status == 204:
         return False
     return not any(k.lower() in ("location", "content-location") for k, _ in headers)
-
-
-def init_app(app: Flask) -> None:
-    """Put the lane around Flask itself, inside any middleware installed later."""
-    app.wsgi_app = LightLane(app, app.wsgi_app)  # type: ignore[method-assign]
-    app.extensions["gate.lane"] = app.wsgi_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -15,16 +15,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from endpoints import LIGHT, OTHER_VIEW, PROXY_BLUEPRINT, ROUTES, EndpointClass, model_of, view_name
 from errors import BadRequest, BodyTooLarge
-from pipeline import Call, ClientDisconnected
+from pipeline import Call, ClientDisconnected, Release, pipeline_of
 
 from .disconnect import ClientWatch
 from .relay import Relay, stream_kind
-from .upstream import Upstream, UpstreamResponse
-
-# The work queue's hook: called before the upstream is opened, blocks until the call
-# may run (or raises a GateError), and returns the function that frees its slot (None
-# when the call is not queued).
-Admit = Callable[[Call, ClientWatch], Callable[[], None] | None]
+from .upstream import UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +176,8 @@ def client_id() -> str:
 
 def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False) -> Response:
     """Forward the current request to the upstream and relay its answer."""
-    upstream: Upstream = current_app.extensions["gate.upstream"]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    gate = pipeline_of(app)
     headers = forward_headers()
     body: bytes | Iterator[bytes] | None
     if stream_body:
@@ -201,23 +197,21 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         call.model, call.payload = read_json_model(body or b"")
     g.gate_call = call
 
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    admit: Admit | None = app.extensions.get("gate.admit")
     watch = ClientWatch(request.environ)
     if cls != LIGHT and (body is None or isinstance(body, bytes)):
         # The body is read: from here on, EOF on the socket means the client left. Light
         # requests answer at once and skip the watch (a loop watcher per request costs).
         watch.start()
-    release: Callable[[], None] | None = None
+    release: Release | None = None
     try:
         with watch.armed():
-            if admit is not None:
-                release = admit(call, watch)
+            if gate.admit is not None:
+                release = gate.admit(call, watch.gone)
             opened = time.monotonic()
             failed = request.environ.pop(LANE_FAILURE, None)
             if failed is not None:
                 raise failed  # the light lane's upstream failure, answered here (proxy/lane.py)
-            resp = upstream.open(request.method, target(), headers, body)
+            resp: UpstreamResponse = gate.upstream.open(request.method, target(), headers, body)
             call.ttfb = time.monotonic() - opened
             call.status = resp.status
     except ClientDisconnected:
@@ -235,7 +229,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
 
 
-def _abandon(watch: ClientWatch, release: Callable[[], None] | None) -> None:
+def _abandon(watch: ClientWatch, release: Release | None) -> None:
     """Free what a request held when it ends before a response exists."""
     watch.stop()
     if release is not None:

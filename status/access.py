@@ -26,7 +26,7 @@ class Headers(Protocol):
 
 
 class Keyring(Protocol):
-    """What the limiter's keyring offers (``app.extensions["gate.keys"]``)."""
+    """What the limiter's keyring offers (the ``keys`` of the app's Pipeline)."""
 
     def lookup(self, secret: str) -> Any: ...
 

@@ -22,6 +22,7 @@ import gevent.monkey
 from flask import Flask, current_app, g, has_request_context, request
 
 from endpoints import ROUTES
+from pipeline import LimiterView, QueueView, pipeline_of
 from settings import Settings
 from signals import call_finished, call_rejected
 
@@ -31,8 +32,6 @@ from .probe import UpstreamProbe
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "gate.status"
-LIMITER = "gate.limiter"
 RATE_LIMITED = "rate_limit_exceeded"
 #: The /api/ps poller stops after this many seconds without a status request.
 POLL_IDLE = 900.0
@@ -45,7 +44,7 @@ MODEL_CLASSES = frozenset({"inference", "embed"})
 
 
 class Status:
-    """What ``app.extensions["gate.status"]`` holds for one app."""
+    """The status page's state for one app (the ``status`` of its Pipeline)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -92,8 +91,9 @@ class Status:
             if app is None:
                 return
             try:
-                self.reconcile(app.extensions.get(LIMITER))
-                self.board.sample(time.time(), _snapshot(app.extensions.get("gate.workqueue")))
+                gate = pipeline_of(app)
+                self.reconcile(gate.limiter)
+                self.board.sample(time.time(), _snapshot(gate.queue))
             except Exception:  # a bug here must not stop the history
                 logger.exception("status: sampling failed")
             del app
@@ -113,7 +113,7 @@ class Status:
         if status == 429 and reason == RATE_LIMITED and cls:
             self._limited[cls] = self._limited.get(cls, 0) + 1
 
-    def reconcile(self, limiter: Any) -> None:
+    def reconcile(self, limiter: LimiterView | None) -> None:
         """Count the 429s the limiter answered before Flask saw the request.
 
         Once a client is over a limit, the limiter's WSGI fast path (limiter.fastpath)
@@ -122,7 +122,7 @@ class Status:
         counted beyond the 429s that came through the signal came through the fast
         path. Runs once a second (sampler) and before each status.json and scrape.
         """
-        if limiter is None or not hasattr(limiter, "stats"):
+        if limiter is None:
             return
         try:
             counts = limiter.stats()["rejected"]
@@ -144,13 +144,13 @@ class Status:
     # Documents
 
     def snapshot(self) -> dict[str, Any] | None:
-        return _snapshot(current_app.extensions.get("gate.workqueue"))
+        return _snapshot(pipeline_of(current_app).queue)
 
     def limiter(self) -> dict[str, Any] | None:
         """The limiter's own view (storage, fallback), after counting its fast-path 429s."""
-        limiter = current_app.extensions.get(LIMITER)
+        limiter = pipeline_of(current_app).limiter
         self.reconcile(limiter)
-        if limiter is None or not hasattr(limiter, "stats"):
+        if limiter is None:
             return None
         try:
             stats = limiter.stats()
@@ -199,7 +199,13 @@ class Status:
         }
 
 
-def _snapshot(workqueue: Any) -> dict[str, Any] | None:
+def status_of(app: Flask) -> Status | None:
+    """The Status of ``app``'s Pipeline, if the status page is installed."""
+    found = pipeline_of(app).status
+    return found if isinstance(found, Status) else None
+
+
+def _snapshot(workqueue: QueueView | None) -> dict[str, Any] | None:
     if workqueue is None:
         return None
     try:
@@ -211,7 +217,7 @@ def _snapshot(workqueue: Any) -> dict[str, Any] | None:
 
 
 def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
-    ext: Status | None = sender.extensions.get(EXTENSION)
+    ext = status_of(sender)
     if ext is None or call is None:
         return
     ext.board.finished(
@@ -234,7 +240,7 @@ def _on_rejected(
     cls: str | None = None,
     **_: Any,
 ) -> None:
-    ext: Status | None = sender.extensions.get(EXTENSION)
+    ext = status_of(sender)
     if ext is None or error is None:
         return
     if has_request_context() and request.blueprint == "status":
@@ -257,9 +263,9 @@ def _class_of(call: Any) -> str | None:
 
 
 def init_app(app: Flask, settings: Settings) -> Status:
-    """Install the extension and subscribe to the call signals of ``app``."""
+    """Subscribe a new Status to the call signals of ``app``; create_app keeps it in the
+    app's Pipeline."""
     ext = Status(settings)
-    app.extensions[EXTENSION] = ext
     call_finished.connect(_on_finished, sender=app)
     call_rejected.connect(_on_rejected, sender=app)
     app.before_request(ext.ensure_started)

@@ -14,8 +14,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, redirect, render_template, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from pipeline import pipeline_of
+
 from . import access
-from .extension import EXTENSION, LIMITER, Status
+from .extension import Status, status_of
 from .metrics import CONTENT_TYPE
 
 bp = Blueprint(
@@ -35,7 +37,8 @@ WATCHED = frozenset({"status.page", "status.status_json", "status.healthz", "sta
 
 
 def _ext() -> Status:
-    ext: Status = current_app.extensions[EXTENSION]
+    ext = status_of(current_app)
+    assert ext is not None, "status.init_app's Status is not in the app's Pipeline"
     return ext
 
 
@@ -47,7 +50,7 @@ def guard() -> None:
         ext.settings.status_access,
         request.remote_addr,
         request.headers,
-        current_app.extensions.get("gate.keys"),
+        pipeline_of(current_app).keys,
         trusted_proxies=ext.settings.trusted_proxies,
         loopback_ok=request.endpoint == "status.healthz",
     )
@@ -91,7 +94,7 @@ def healthz() -> Response:
 def metrics() -> Response:
     """Prometheus text format, this worker's registry only."""
     ext = _ext()
-    ext.reconcile(current_app.extensions.get(LIMITER))
+    ext.reconcile(pipeline_of(current_app).limiter)
     body = ext.metrics.exposition(ext.snapshot(), ext.probe.state())
     return Response(body, headers={**NO_STORE, "Content-Type": CONTENT_TYPE})
 

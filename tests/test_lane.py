@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from fakeollama import FakeOllama
+from pipeline import pipeline_of
 from proxy.lane import LightLane, lane_path
 from settings import Settings
 from tests.support import Gate, client_requests
@@ -41,12 +42,11 @@ def make_app(fake: FakeOllama) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in made:
-        app.extensions["gate.upstream"].close()  # its keep-alive connections
+        pipeline_of(app).upstream.close()  # its keep-alive connections
 
 
 def lane_of(app: Flask) -> LightLane:
-    lane = app.extensions["gate.lane"]
-    assert isinstance(lane, LightLane)
+    [lane] = [m for m in pipeline_of(app).middleware if isinstance(m, LightLane)]
     return lane
 
 

@@ -18,6 +18,7 @@ from limiter.identity import client_address, presented_secret
 from limiter.keys import KeysFileError, hash_secret, load_keys, parse_keys
 from limiter.mint import new_secret, stanza
 from limiter.policy import Rate, burst_room, normalize_limit, parse_limit
+from pipeline import pipeline_of
 
 # -- limit strings -------------------------------------------------------------------------
 
@@ -384,7 +385,9 @@ def test_the_extension_counts_rejections_for_the_status_page() -> None:
     assert [client.get("/api/tags").status_code for _ in range(2)] == [429, 429]
     assert client.get("/api/ps").status_code == 429  # the same class, and the same client
     assert client.get("/api/tags", environ_base={"REMOTE_ADDR": "127.0.0.2"}).status_code == 502
-    stats = app.extensions["gate.limiter"].stats()
+    limiter = pipeline_of(app).limiter
+    assert limiter is not None
+    stats = limiter.stats()
     assert stats["rejected"] == {"inference": 0, "embed": 0, "admin": 0, "light": 3}
     assert (stats["storage"], stats["storage_fallback"]) == ("memory://", False)
 

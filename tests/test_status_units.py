@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import create_app
 from errors import Forbidden, QueueFull, Unauthorized
 from fakeollama import FakeOllama
-from pipeline import Call
+from pipeline import Call, pipeline_of
 from settings import Settings
 from signals import call_finished
 from status import access
@@ -302,7 +302,7 @@ def test_routes_in_admin_mode(make_app: Any, path: str) -> None:
     resp = client.get(path, environ_base=LOOPBACK)
     assert resp.status_code == 401
     assert "GATE_API_KEYS_FILE" in resp.get_json()["error"]
-    app.extensions["gate.keys"] = KEYS  # what the limiter installs when keys are configured
+    pipeline_of(app).keys = KEYS  # what create_app puts there when keys are configured
     resp = client.get(path, environ_base=REMOTE)
     assert resp.status_code == 401 and "WWW-Authenticate" in resp.headers
     user = {"Authorization": "Bearer pleb"}
@@ -314,7 +314,7 @@ def test_routes_in_admin_mode(make_app: Any, path: str) -> None:
 
 def test_healthz_in_admin_mode_answers_loopback_without_a_key(make_app: Any) -> None:
     app = make_app(status_access="admin")
-    app.extensions["gate.keys"] = KEYS
+    pipeline_of(app).keys = KEYS
     client = app.test_client()
     assert client.get("/gate/healthz", environ_base=LOOPBACK).status_code == 200
     assert client.get("/gate/healthz", environ_base=REMOTE).status_code == 401
@@ -334,7 +334,7 @@ def test_the_gate_endpoints_are_never_forwarded(client: FlaskClient, fake: FakeO
 
 def test_status_json_without_a_work_queue(make_app: Any) -> None:
     app = make_app()
-    del app.extensions["gate.workqueue"]  # as in a gate built without workqueue/
+    pipeline_of(app).queue = None  # as in a gate built without workqueue/
     client = app.test_client()
     doc = client.get("/gate/status.json").get_json()
     assert doc["version"] == 1
@@ -357,7 +357,7 @@ class StubQueue:
 
 def test_metrics_parse_and_count_calls(make_app: Any) -> None:
     app = make_app()
-    app.extensions["gate.workqueue"] = StubQueue(snapshot(waiting=3, running=1, oldest=2.0))
+    pipeline_of(app).queue = StubQueue(snapshot(waiting=3, running=1, oldest=2.0))
     client = app.test_client()
     call = Call("inference", "POST", "/api/chat", "alice", model="m1:latest")
     call.waited, call.ttfb, call.status = 0.2, 0.05, 200

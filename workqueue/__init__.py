@@ -6,13 +6,14 @@ same rules to state in Redis (``scripts.py``), for every worker and host (docs/S
 See DESIGN.md, "Scheduling rules (workqueue/)".
 """
 
-from .admission import init_app
+from .admission import Admitter, init_app
 from .core import Admission, Scheduler
 from .gate import ClientGone, Slot, WorkQueue
 from .shared import SharedSlot, SharedWorkQueue
 
 __all__ = [
     "Admission",
+    "Admitter",
     "ClientGone",
     "Scheduler",
     "SharedSlot",

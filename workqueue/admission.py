@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 from flask import Flask
 
-from pipeline import Call, ClientDisconnected
-from proxy.disconnect import ClientWatch
+from pipeline import Call, ClientDisconnected, Release
+from pipeline import ClientGone as ClientLeft
 from settings import Settings
 
 from .gate import ClientGone, WorkQueue
 from .shared import SharedWorkQueue, is_shared
-
-logger = logging.getLogger(__name__)
 
 # Admin jobs that take the admin lane: the long-running model transfers.
 # copy, delete and blob transfers are quick or bounded by the client's own upload,
@@ -24,19 +19,13 @@ ADMIN_QUEUED = frozenset({"/api/pull", "/api/push", "/api/create"})
 ADMIN_MODEL = "admin"
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Put every inference, embed and admin job through one WorkQueue."""
-    queue = (SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(settings)
-    app.extensions["gate.workqueue"] = queue
-    app.extensions["gate.admit"] = _admitter(queue)
-    # Run on SIGTERM (graceful.py): waiting and new jobs get 503, running ones finish.
-    app.extensions.setdefault("gate.shutdown", []).append(queue.close)
+class Admitter:
+    """Puts every inference, embed and admin job through one work queue (pipeline.Admit)."""
 
+    def __init__(self, queue: WorkQueue | SharedWorkQueue) -> None:
+        self.queue = queue
 
-def _admitter(
-    queue: WorkQueue | SharedWorkQueue,
-) -> Callable[[Call, ClientWatch], Callable[[], None] | None]:
-    def admit(call: Call, watch: ClientWatch) -> Callable[[], None] | None:
+    def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         """Block until ``call`` may run; return what frees its slot (None: not queued)."""
         if call.cls == "admin":
             if call.path not in ADMIN_QUEUED:
@@ -47,10 +36,17 @@ def _admitter(
         else:
             return None
         try:
-            slot = queue.acquire(model, call.client, admin=admin, client_gone=watch.gone)
+            slot = self.queue.acquire(model, call.client, admin=admin, client_gone=client_gone)
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
         call.waited = slot.waited
         return slot.release
 
-    return admit
+    def close(self) -> None:
+        """On SIGTERM (graceful.py): waiting and new jobs get 503, running ones finish."""
+        self.queue.close()
+
+
+def init_app(app: Flask, settings: Settings) -> Admitter:
+    """The work queue of ``app``: in this process, or shared through Redis."""
+    return Admitter((SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(settings))
