@@ -116,11 +116,27 @@ def on_starting(server):
     server.log.info("ollama-gate: %s", gate_settings.describe())
 
 
+# The worker's graceful drain (graceful.py), set by post_worker_init in each worker.
+_drain = None
+
+
 def post_worker_init(worker):
     """Make SIGTERM graceful for the gate: 503 for new jobs, streams finish (graceful.py).
 
     Imported here, in the worker, after gevent has patched the standard library.
     """
+    global _drain
     import graceful
 
-    graceful.install(worker)
+    _drain = graceful.install(worker)
+
+
+def pre_request(worker, req):
+    """Count a running request: a drain closes idle connections once none runs."""
+    if _drain is not None:
+        _drain.request_started()
+
+
+def post_request(worker, req, environ, resp):
+    if _drain is not None:
+        _drain.request_finished()
