@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
@@ -132,7 +132,7 @@ class LightLane:
         start_response(status_line(resp.status), out_headers)
         return relay
 
-    def _flask(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+    def _flask(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:
             return self.wsgi_app(environ, start_response)
         finally:

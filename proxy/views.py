@@ -107,7 +107,7 @@ def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
 def target() -> str:
     """Path and query exactly as the client sent them."""
     raw = request.environ.get("RAW_URI")
-    if raw and raw.startswith("/"):
+    if isinstance(raw, str) and raw.startswith("/"):
         return raw
     path = quote(request.path)
     qs = request.query_string.decode("latin-1")

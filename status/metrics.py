@@ -27,7 +27,7 @@ from .board import Labels, names_a_model
 # Each counter and histogram would carry a `_created` series beside it, doubling the
 # lines of a scrape for a timestamp nobody graphs. (A switch of prometheus_client's own,
 # global to the process; the gate's worker has no other registry.)
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Model names come from request bodies: at most this many get series of their own;
 #: past it, new ones are counted under model="other" until one has had no call and
