@@ -22,6 +22,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
 )
 
 DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+_BYTES_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
 _TAG_RE = re.compile(r":[^/]+$")
 _SIZE_TAG_RE = re.compile(r"^(\d+(?:\.\d+)?)([bm])$", re.IGNORECASE)
 
@@ -32,6 +35,26 @@ def normalize_model(name: str) -> str:
     if not name or "@" in name:
         return name
     return name if _TAG_RE.search(name) else f"{name}:latest"
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as ``"4.7GB"``, ``"24GiB"`` or ``"512MB"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, float) and value.is_integer():
+        size = int(value)
+    else:
+        m = _BYTES_RE.fullmatch(value) if isinstance(value, str) else None
+        if m is None:
+            raise ValueError(
+                f"not a size (bytes, or a number with B, KB, MB, GB, GiB...): {value!r}"
+            )
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive: {value!r}")
+    return size
 
 
 def model_field(body: Any) -> str | None:
@@ -121,6 +144,9 @@ def _guess_details(name: str) -> tuple[dict[str, Any], bool, int]:
     return details, embedding, size
 
 
-def build_catalog(names: Iterable[str] | None) -> dict[str, Model]:
-    """The catalog of ``names`` (the defaults when None), in order."""
-    return {n: Model(n) for n in (names if names is not None else DEFAULT_MODELS)}
+def build_catalog(entries: Iterable[tuple[str, int | None]] | None) -> dict[str, Model]:
+    """The catalog of ``(name, size or None)`` entries (the defaults when None), in order.
+    A model without a size gets one guessed from its name."""
+    if entries is None:
+        entries = ((name, None) for name in DEFAULT_MODELS)
+    return {name: Model(name, size=size) for name, size in entries}

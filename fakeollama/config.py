@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .catalog import normalize_model
+from .catalog import normalize_model, parse_size
+from .wire import duration
 
 
 def _num(key: str, value: Any, *, integer: bool, optional: bool, minimum: float) -> Any:
@@ -69,15 +70,46 @@ def _on_overflow(key: str, value: Any) -> str:
     return str(value)
 
 
-def _models(key: str, value: Any) -> tuple[str, ...] | None:
+def _models(key: str, value: Any) -> tuple[tuple[str, int | None], ...] | None:
+    """Names with optional sizes: "a,b:7b=4.7GB", ["a", "b=2GiB"], {"a": None, "b": 2e9} or
+    [("a", None), ...]; canonical form: ((name:tag, bytes or None), ...)."""
     if value is None:
         return None
     if isinstance(value, str):
         value = value.split(",")
-    names = tuple(normalize_model(str(v)) for v in value if str(v).strip())
-    if not names:
+    items = value.items() if isinstance(value, dict) else value
+    entries: dict[str, int | None] = {}
+    for item in items:
+        if isinstance(item, list | tuple) and len(item) == 2:
+            name, size = item
+        else:
+            name, _, size = str(item).partition("=")
+        name = str(name).strip()
+        if not name:
+            continue
+        try:
+            entries[normalize_model(name)] = None if size in (None, "") else parse_size(size)
+        except ValueError as exc:
+            raise ValueError(f"models: {name}: {exc}") from None
+    if not entries:
         raise ValueError("models must name at least one model")
-    return names
+    return tuple(entries.items())
+
+
+def _size_or_none(key: str, value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _keep_alive(key: str, value: Any) -> float:
+    seconds = duration(value)
+    if seconds is None:
+        raise ValueError(f"{key} must be seconds or a duration such as '5m', got {value!r}")
+    return seconds
 
 
 def _version(key: str, value: Any) -> str:
@@ -120,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
         "vram",
         None,
         _positive_or_none,
-        "models that fit in VRAM at once",
+        "models loaded at once (OLLAMA_MAX_LOADED_MODELS)",
         "N",
         unset="no limit",
         cli_type=int,
@@ -132,6 +164,31 @@ SETTINGS: tuple[Setting, ...] = (
         "when a model must load and VRAM is full of busy models: 'queue' (wait, in arrival"
         " order, as Ollama does) or 'crash' (answer 500 as a killed runner does)",
         "MODE",
+    ),
+    Setting(
+        "vram_bytes",
+        None,
+        _size_or_none,
+        "VRAM in bytes (e.g. 24GiB): models load while their sizes fit",
+        "SIZE",
+        unset="no limit",
+    ),
+    Setting(
+        "keep_alive",
+        300.0,
+        _keep_alive,
+        "seconds (or '5m') an idle model stays loaded unless a request says otherwise;"
+        " negative: forever",
+        "DURATION",
+    ),
+    Setting(
+        "max_queue",
+        None,
+        _positive_or_none,
+        "requests that may wait for a model; more get 503 'server busy' (OLLAMA_MAX_QUEUE)",
+        "N",
+        cli_type=int,
+        unset="no limit",
     ),
     Setting(
         "num_parallel",
@@ -146,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
         "models",
         None,
         _models,
-        "comma-separated installed models",
+        "comma-separated installed models, each NAME or NAME=SIZE (e.g. llama3:8b=4.7GB)",
         "NAMES",
         unset="nine built-in models",
     ),

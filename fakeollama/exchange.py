@@ -20,11 +20,13 @@ from aiohttp import web
 from .catalog import Model, model_field, normalize_model
 from .scheduler import Ticket
 from .state import SimState
-from .wire import dumps, host_allowed
+from .wire import dumps, duration, host_allowed
 
 # Ollama's text when the runner process dies under a request (for example the
 # OOM killer taking it because two models did not fit).
 CRASH_ERROR = "llama runner process has terminated: exit status 2"
+# Ollama's text when more than OLLAMA_MAX_QUEUE requests wait (503).
+BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 FAKE_FAILURE = "fake failure"
 
 POLL = 0.02  # seconds between checks for a closed client connection
@@ -54,6 +56,18 @@ MODEL_PATHS = SCHEDULED_PATHS | {
     "/api/create",
     "/api/copy",
     "/api/delete",
+}
+
+# Ollama's openai.NewError and anthropic.NewError: the error type for a status.
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
 }
 
 Items = Iterable[tuple[float, bytes | Callable[[], bytes]]]
@@ -127,12 +141,15 @@ class Exchange:
             raise Reply(self.error(400, "model is required"))
         return raw
 
-    def installed(self, body: dict[str, Any]) -> tuple[str, Model]:
-        """The model the body names (as given) and its catalog entry; 400 or 404 raised."""
+    def installed(
+        self, body: dict[str, Any], not_found: str = "model '{}' not found"
+    ) -> tuple[str, Model]:
+        """The model the body names (as given) and its catalog entry; 400 or 404 raised, the
+        404 with Ollama's text ``not_found`` for the endpoint."""
         raw = self.model_name(body)
         model = self.sim.catalog.get(normalize_model(raw))
         if model is None:
-            raise Reply(self.error(404, f"model '{raw}' not found"))
+            raise Reply(self.error(404, not_found.format(raw)))
         return raw, model
 
     # -- per-request knobs (X-Fake-* headers over the settings)
@@ -207,12 +224,19 @@ class Exchange:
     # -- answers
 
     def error(self, status: int, message: str) -> web.Response:
-        """An error in the dialect's shape: OpenAI's under /v1/, Ollama's elsewhere."""
-        if self.path.startswith("/v1/"):
-            kind = "invalid_request_error" if status < 500 else "api_error"
-            body: dict[str, Any] = {
-                "error": {"message": message, "type": kind, "param": None, "code": None}
+        """An error in the dialect's shape, as Ollama's compatibility layers write it:
+        Anthropic's under /v1/messages, OpenAI's elsewhere under /v1/, Ollama's otherwise."""
+        body: dict[str, Any]
+        if self.path == "/v1/messages":
+            kind = _ANTHROPIC_TYPES.get(status, "api_error")
+            body = {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": f"req_{self.sim.next_id():024x}",
             }
+        elif self.path.startswith("/v1/"):
+            kind = _OPENAI_TYPES.get(status, "api_error")
+            body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         else:
             body = {"error": message}
         return web.Response(status=status, body=dumps(body), content_type="application/json")
@@ -292,12 +316,14 @@ class Exchange:
         model: str,
         work: Callable[[Ticket], Awaitable[web.StreamResponse]],
         *,
-        unload_after: bool = False,
+        keep_alive: Any = None,
     ) -> web.StreamResponse:
-        """Run ``work(ticket)`` once the scheduler admits this request for ``model``."""
+        """Run ``work(ticket)`` once the scheduler admits this request for ``model``; the
+        request's ``keep_alive`` (Ollama's: seconds or "5m"; 0 unloads after) then applies."""
         sch = self.sim.sched
         gen = sch.gen
         load_time = self.load_time()
+        seconds = duration(keep_alive)
         sch.arrive(model)
         ticket: Ticket | None = None
         try:
@@ -306,17 +332,21 @@ class Exchange:
                 return gone_response()
             if ticket.state == "crashed":
                 return self.error(500, CRASH_ERROR)
+            if ticket.state == "refused":
+                return self.error(503, BUSY_ERROR)
             return await work(ticket)
         finally:
             if ticket is not None and ticket.state == "admitted":
-                sch.release(ticket, unload=unload_after)
+                sch.release(ticket, keep_alive=seconds)
             sch.depart(model, gen)
 
     async def _admission(self, model: str, load_time: float) -> Ticket | None:
         sch = self.sim.sched
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket = Ticket(model, load_time, fut, sch.gen)
-        sch.enqueue(ticket)
+        if not sch.enqueue(ticket):
+            ticket.state = "refused"
+            return ticket
         try:
             while not fut.done():
                 if is_gone(self.request):

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .catalog import DIGEST_RE, Model, normalize_model
 from .exchange import Exchange, Handler, Items, gone_response, is_gone
+from .runner import FOREVER
 from .scheduler import Ticket
 from .wire import (
     EMBED_DIM,
@@ -31,6 +32,11 @@ from .wire import (
 )
 
 BLOB_CHUNK = 1 << 16
+# Ollama's 404 texts where they differ from "model 'NAME' not found" (Go's %q: double quotes).
+_NOT_PULLED = 'model "{}" not found, try pulling it first'
+_COPY_NOT_FOUND = 'model "{}" not found'
+# What /api/ps shows as the expiry of a model kept loaded forever (keep_alive < 0).
+_FAR_FUTURE = timedelta(days=365 * 100)
 
 
 # --------------------------------------------------------------------------- light endpoints
@@ -55,22 +61,29 @@ async def tags(x: Exchange) -> web.StreamResponse:
 
 
 async def ps(x: Exchange) -> web.StreamResponse:
-    expires = iso(datetime.now(UTC) + timedelta(minutes=5))
-    models = []
-    for name in x.sim.runner.loaded:
+    """The loaded models, longest time left first, as Ollama lists them."""
+    runner = x.sim.runner
+    if runner.expire():
+        x.sim.sched.schedule()
+    now = datetime.now(UTC)
+    rows = []
+    for name in runner.loaded:
         m = x.sim.catalog.get(name) or Model(name)
-        models.append(
-            {
-                "name": name,
-                "model": name,
-                "size": m.size,
-                "digest": m.digest,
-                "details": dict(m.details),
-                "expires_at": expires,
-                "size_vram": m.size,
-                "context_length": 4096,
-            }
-        )
+        left = runner.expires_in(name)
+        expires = now + (_FAR_FUTURE if left == FOREVER else timedelta(seconds=left))
+        row = {
+            "name": name,
+            "model": name,
+            "size": m.size,
+            "digest": m.digest,
+            "details": dict(m.details),
+            "expires_at": iso(expires),
+            "size_vram": runner.size_vram(name),
+            "context_length": 4096,
+        }
+        rows.append((expires, row))
+    rows.sort(key=lambda pair: pair[0], reverse=True)
+    models = [row for _, row in rows]
     return web.Response(body=dumps({"models": models}), content_type="application/json")
 
 
@@ -187,7 +200,7 @@ async def _inference(x: Exchange, *, chat: bool) -> web.StreamResponse:
 
         return await x.stream(items(), NDJSON, completed=True)
 
-    return await x.scheduled(m.name, work, unload_after=unload)
+    return await x.scheduled(m.name, work, keep_alive=body.get("keep_alive"))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -220,13 +233,12 @@ async def embed(x: Exchange) -> web.StreamResponse:
         }
         return x.reply(out, completed=True)
 
-    unload = is_zero_duration(body.get("keep_alive"))
-    return await x.scheduled(m.name, work, unload_after=unload)
+    return await x.scheduled(m.name, work, keep_alive=body.get("keep_alive"))
 
 
 async def embeddings(x: Exchange) -> web.StreamResponse:
     body = x.body()
-    _raw, m = x.installed(body)
+    _raw, m = x.installed(body, not_found=_NOT_PULLED)
     prompt = body.get("prompt") or ""
     interval = x.interval()
 
@@ -236,8 +248,7 @@ async def embeddings(x: Exchange) -> web.StreamResponse:
         vec = vector(str(prompt)) if prompt else []
         return x.reply({"embedding": vec}, completed=True)
 
-    unload = is_zero_duration(body.get("keep_alive"))
-    return await x.scheduled(m.name, work, unload_after=unload)
+    return await x.scheduled(m.name, work, keep_alive=body.get("keep_alive"))
 
 
 # --------------------------------------------------------------------------- model management
@@ -354,7 +365,7 @@ async def copy(x: Exchange) -> web.StreamResponse:
         return x.error(400, "source and destination are required")
     m = sim.catalog.get(normalize_model(source))
     if m is None:
-        return x.error(404, f"model '{source}' not found")
+        return x.error(404, _COPY_NOT_FOUND.format(source))
     if x.die_after() is not None:
         return x.abort()
     name = normalize_model(dest)

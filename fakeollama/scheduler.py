@@ -28,7 +28,7 @@ class Ticket:
         self.load_time = load_time
         self.fut = fut
         self.load_duration = 0.0
-        self.state = "queued"  # queued -> admitted -> released | crashed | dropped
+        self.state = "queued"  # queued -> admitted -> released | crashed | dropped | refused
         self.gen = gen
 
 
@@ -38,16 +38,20 @@ class Scheduler:
     def __init__(self, cfg: dict[str, Any], runner: Runner) -> None:
         self.cfg = cfg
         self.runner = runner
+        runner.on_freed = self.schedule
         self.gen = 0  # bumped by drop_all(): tickets of an older generation are ignored
         self.queue: deque[Ticket] = deque()
         self.in_flight: dict[str, int] = {}
         self.max_in_flight: dict[str, int] = {}
         self.max_models_in_flight = 0
+        self.model_requests: dict[str, int] = {}
         self.crashes = 0
+        self.busy_refusals = 0
 
     # -- in-flight accounting (arrival to end of response, queued time included)
 
     def arrive(self, model: str) -> None:
+        self.model_requests[model] = self.model_requests.get(model, 0) + 1
         n = self.in_flight.get(model, 0) + 1
         self.in_flight[model] = n
         if n > self.max_in_flight.get(model, 0):
@@ -66,9 +70,15 @@ class Scheduler:
 
     # -- admission
 
-    def enqueue(self, ticket: Ticket) -> None:
+    def enqueue(self, ticket: Ticket) -> bool:
+        """Queue ``ticket``; False (Ollama's "server busy") when ``max_queue`` are waiting."""
+        limit = self.cfg["max_queue"]
+        if limit is not None and len(self.queue) >= limit:
+            self.busy_refusals += 1
+            return False
         self.queue.append(ticket)
         self.schedule()
+        return True
 
     def cancel(self, ticket: Ticket) -> None:
         """A queued request went away (client disconnect)."""
@@ -80,12 +90,13 @@ class Scheduler:
                 pass
             self.schedule()
 
-    def release(self, ticket: Ticket, *, unload: bool = False) -> None:
-        """An admitted request ended; ``unload`` (keep_alive 0) unloads its model once idle."""
+    def release(self, ticket: Ticket, *, keep_alive: float | None = None) -> None:
+        """An admitted request ended; its ``keep_alive`` (seconds, 0: unload once idle; None:
+        unchanged) becomes its model's."""
         if ticket.state != "admitted" or ticket.gen != self.gen:
             return
         ticket.state = "released"
-        self.runner.vacate(ticket.model, unload=unload)
+        self.runner.vacate(ticket.model, keep_alive=keep_alive)
         self.schedule()
 
     def unload(self, model: str) -> None:
@@ -96,6 +107,7 @@ class Scheduler:
     def schedule(self) -> None:
         """Admit, load or crash queued requests as far as the rules allow."""
         runner = self.runner
+        runner.expire()
         strict = self.cfg["on_overflow"] == "queue"
         num_parallel = self.cfg["num_parallel"]
         q = self.queue
@@ -110,7 +122,7 @@ class Scheduler:
                     continue
             elif m in runner.loading:
                 pass  # wait for the load to finish
-            elif runner.has_room() or runner.evict_idle():
+            elif runner.make_room(m):
                 t.load_duration = t.load_time
                 runner.start_load(m, t.load_time, self.schedule)
                 if m in runner.loaded:  # loaded at once (load_time 0): look at it again
@@ -153,9 +165,12 @@ class Scheduler:
         self.queue.clear()
 
     def reset(self) -> None:
-        self.runner.reset_counters()
-        self.crashes = 0
-        self.max_in_flight = dict(self.in_flight)
-        self.max_models_in_flight = len(self.in_flight)
         for m in list(self.runner.loaded):
             self.unload(m)
+        self.runner.reset_counters()
+        self.runner.keep_alive.clear()
+        self.crashes = 0
+        self.busy_refusals = 0
+        self.model_requests.clear()
+        self.max_in_flight = dict(self.in_flight)
+        self.max_models_in_flight = len(self.in_flight)

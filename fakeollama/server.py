@@ -20,7 +20,7 @@ import concurrent.futures
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -50,14 +50,16 @@ class FakeOllama:
 
     ``start()`` runs it in a daemon thread; ``stop()`` closes the listening
     socket and aborts every open connection; ``start()`` again listens on the
-    same port. Every public method is thread-safe. Records, loaded models,
+    same port; ``kill()`` is ``stop()`` that also loses the loaded models, as a
+    killed process does. Every public method is thread-safe. Records, loaded models,
     the catalog and blobs survive ``stop()``/``start()``; requests that were
     in flight are dropped (not counted as client disconnects).
 
     Settings (constructor keywords, changeable with ``configure()``; see
     :mod:`.config` for each one's meaning and default): ``token_interval``,
-    ``tokens``, ``load_time``, ``vram``, ``on_overflow``, ``num_parallel``,
-    ``models``, ``version``, ``record_requests``, and the failure settings
+    ``tokens``, ``load_time``, ``vram``, ``vram_bytes``, ``keep_alive``,
+    ``max_queue``, ``on_overflow``, ``num_parallel``, ``models`` (names, or
+    name=size), ``version``, ``record_requests``, and the failure settings
     ``stall``, ``die_after`` and ``fail_status``. The failure settings apply to
     the model endpoints (inference, embed, pull/push/create/copy/delete,
     blobs); the light ones (/, version, tags, ps, show, /v1/models) fail only
@@ -81,9 +83,12 @@ class FakeOllama:
         vram: int | None = None,
         on_overflow: str = "queue",
         num_parallel: int | None = None,
-        models: Iterable[str] | str | None = None,
+        models: Iterable[str] | Mapping[str, int | str | None] | str | None = None,
         version: str = "0.12.6",
         *,
+        vram_bytes: int | str | None = None,
+        keep_alive: float | str = 300.0,
+        max_queue: int | None = None,
         record_requests: bool = True,
         stall: float = 0.0,
         die_after: int | None = None,
@@ -94,6 +99,9 @@ class FakeOllama:
             "tokens": tokens,
             "load_time": load_time,
             "vram": vram,
+            "vram_bytes": vram_bytes,
+            "keep_alive": keep_alive,
+            "max_queue": max_queue,
             "on_overflow": on_overflow,
             "num_parallel": num_parallel,
             "models": models,
@@ -178,6 +186,13 @@ class FakeOllama:
 
     close = stop
 
+    def kill(self) -> None:
+        """Die as a killed Ollama does: the listening socket closes, every open connection is
+        reset mid-stream, and the loaded models are gone. ``start()`` listens again on the
+        same port with nothing loaded; installed models, blobs, records and counters stay."""
+        self.stop()
+        self._call(self._sim.runner.forget)
+
     def __enter__(self) -> FakeOllama:
         if not self.running:
             self.start()
@@ -215,8 +230,11 @@ class FakeOllama:
         ``in_flight`` {model: n} now and ``max_in_flight`` {model: max} count
         inference and embed requests from arrival (queued time included) to the
         end of their response; ``max_models_in_flight`` is the most distinct
-        models in flight at one moment. ``loads`` {model: n}, ``total_loads``,
-        ``crashes``, ``disconnects`` and ``disconnect_times`` (clients that
+        models in flight at one moment. ``model_requests`` {model: n} counts them
+        all. ``loads`` {model: n}, ``total_loads``, ``evictions`` {model: n}
+        (unloaded to make room), ``unloads`` {model: n} (keep_alive 0 or expired,
+        or deleted), ``crashes``, ``busy_refusals`` (503s past ``max_queue``),
+        ``vram_used`` (bytes), ``disconnects`` and ``disconnect_times`` (clients that
         closed before their response was complete), ``completed`` (inference
         and embed responses sent whole), ``aborted`` (connections dropped on
         purpose by die-after), ``loaded``, ``loading``, ``queued`` (requests
@@ -301,6 +319,7 @@ class FakeOllama:
             self._port = int(addr[1])
             break
         self._runner = runner
+        self._sim.runner.resume()
 
     async def _astop(self) -> None:
         runner = self._runner

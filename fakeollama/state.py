@@ -18,7 +18,7 @@ class SimState:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.catalog: dict[str, Model] = build_catalog(cfg["models"])
-        self.runner = Runner(cfg)
+        self.runner = Runner(cfg, self.size_of)
         self.sched = Scheduler(cfg, self.runner)
         self.blobs: dict[str, int] = {}
         self.requests: list[dict[str, Any]] = []
@@ -30,6 +30,11 @@ class SimState:
         self.tags_body: bytes | None = None
         self.version_body: bytes | None = None
         self._seq = 0
+
+    def size_of(self, model: str) -> int:
+        """An installed model's size; a deleted one that is still loaded keeps its guess."""
+        entry = self.catalog.get(model)
+        return (entry or Model(model)).size
 
     def settings_view(self, host: str, port: int) -> dict[str, Any]:
         view = dict(self.cfg)
@@ -72,6 +77,8 @@ class SimState:
 
     def snapshot(self, with_requests: bool = True) -> dict[str, Any]:
         sch, runner = self.sched, self.runner
+        if runner.expire():
+            sch.schedule()
         return {
             "requests": [dict(r) for r in self.requests] if with_requests else [],
             "in_flight": dict(sch.in_flight),
@@ -79,12 +86,17 @@ class SimState:
             "max_models_in_flight": sch.max_models_in_flight,
             "loads": dict(runner.loads),
             "total_loads": runner.total_loads,
+            "evictions": dict(runner.evictions),
+            "unloads": dict(runner.unloads),
+            "model_requests": dict(sch.model_requests),
             "crashes": sch.crashes,
+            "busy_refusals": sch.busy_refusals,
             "disconnects": self.disconnects,
             "disconnect_times": list(self.disconnect_times),
             "completed": self.completed,
             "loaded": list(runner.loaded),
             "loading": list(runner.loading),
+            "vram_used": runner.vram_used(),
             "queued": len(sch.queue),
             "aborted": self.aborted,
             "blobs": dict(self.blobs),

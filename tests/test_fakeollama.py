@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import ollama
@@ -386,7 +387,7 @@ def test_openai_completions_embeddings_models(fake, oai):
     assert r.json() == {
         "error": {
             "message": "model 'nope' not found",
-            "type": "invalid_request_error",
+            "type": "not_found_error",
             "param": None,
             "code": None,
         }
@@ -446,7 +447,7 @@ def test_fake_status_header(fake, client):
     )
     assert r.status_code == 429
     assert r.json()["error"]["message"] == "fake failure"
-    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["type"] == "api_error"  # Ollama's type for statuses but 400, 404
     r = requests.get(fake.url + "/api/tags", headers={"X-Fake-Status": "500"}, timeout=5)
     assert r.status_code == 500
     with ollama.Client(host=fake.url, headers={"X-Fake-Status": "502"}) as failing:
@@ -822,6 +823,7 @@ def test_cli_help_describes_every_setting():
     out = subprocess.run(
         [sys.executable, "-m", "fakeollama", "--help"],
         cwd=ROOT,
+        env={**os.environ, "COLUMNS": "1000"},  # no wrapping, no hyphenation
         capture_output=True,
         text=True,
         timeout=30,
@@ -885,3 +887,220 @@ def test_simulator_needs_only_the_runtime_requirements():
     assert "aiohttp" in imported  # the check sees third-party imports at all
     runtime = _closure(_requirement_names(ROOT / "requirements.txt"))
     assert imported - runtime == set()
+
+
+# --------------------------------------------------------------------------- a fleet of fakes
+
+GB = 10**9
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def _slow_stream(f, model, tokens=200):
+    """A streamed generate that runs until read or cut; returns the open response."""
+    r = requests.post(
+        f.url + "/api/generate",
+        json={"model": model, "prompt": "x"},
+        headers={"X-Fake-Tokens": str(tokens), "X-Fake-Token-Interval": "0.02"},
+        stream=True,
+        timeout=10,
+    )
+    assert r.status_code == 200
+    return r
+
+
+def test_instances_have_their_own_models_sizes_vram_and_parallel():
+    a = FakeOllama(models={"big:8b": "5GB", "small": GB}, vram_bytes="6GB", num_parallel=1)
+    b = FakeOllama(models="small=1GB,other:2b=2GiB", vram=1, num_parallel=4)
+    with a, b:
+        tags_a = requests.get(a.url + "/api/tags", timeout=5).json()["models"]
+        tags_b = requests.get(b.url + "/api/tags", timeout=5).json()["models"]
+        assert [(m["name"], m["size"]) for m in tags_a] == [
+            ("big:8b", 5 * GB),
+            ("small:latest", GB),
+        ]
+        assert [(m["name"], m["size"]) for m in tags_b] == [
+            ("small:latest", GB),
+            ("other:2b", 2 * 2**30),
+        ]
+        assert a.settings["vram_bytes"] == 6 * GB and b.settings["vram_bytes"] is None
+        assert (a.settings["num_parallel"], b.settings["num_parallel"]) == (1, 4)
+        assert post(a, "/api/generate", {"model": "big:8b", "prompt": "x", "stream": False}).ok
+        r = post(b, "/api/generate", {"model": "big:8b", "prompt": "x", "stream": False})
+        assert r.status_code == 404
+        assert a.stats()["loaded"] == ["big:8b"] and b.stats()["loaded"] == []
+        assert a.stats()["vram_used"] == 5 * GB
+    with pytest.raises(ValueError, match="not a size"):
+        FakeOllama(models="a=lots")
+
+
+@pytest.mark.parametrize(
+    "path,body,expected",
+    [
+        ("/api/generate", {"model": "nope", "prompt": "x"}, {"error": "model 'nope' not found"}),
+        ("/api/chat", {"model": "nope", "messages": CHAT}, {"error": "model 'nope' not found"}),
+        ("/api/show", {"model": "nope"}, {"error": "model 'nope' not found"}),
+        ("/api/embed", {"model": "nope", "input": "x"}, {"error": "model 'nope' not found"}),
+        (
+            "/api/embeddings",
+            {"model": "nope", "prompt": "x"},
+            {"error": 'model "nope" not found, try pulling it first'},
+        ),
+        (
+            "/api/copy",
+            {"source": "nope", "destination": "x"},
+            {"error": 'model "nope" not found'},
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": CHAT},
+            {
+                "error": {
+                    "message": "model 'nope' not found",
+                    "type": "not_found_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        ),
+    ],
+)
+def test_not_installed_answers_ollamas_exact_404(fake, path, body, expected):
+    r = post(fake, path, body)
+    assert r.status_code == 404
+    assert r.content == json.dumps(expected, separators=(",", ":")).encode()
+    r = requests.delete(fake.url + "/api/delete", json={"model": "Nope:1b"}, timeout=5)
+    assert r.status_code == 404 and r.content == b'{"error":"model \'Nope:1b\' not found"}'
+    assert fake.stats()["model_requests"] == {} and fake.stats()["loads"] == {}
+
+
+def test_anthropic_errors_take_anthropics_shape(fake):
+    r = post(fake, "/v1/messages", {"model": "nope", "max_tokens": 5, "messages": CHAT})
+    assert r.status_code == 404
+    body = r.json()
+    assert body["type"] == "error" and body["request_id"].startswith("req_")
+    assert body["error"] == {"type": "not_found_error", "message": "model 'nope' not found"}
+
+
+def test_ps_lists_size_vram_and_expiry_longest_first():
+    models = {"a": 4 * GB, "b": 2 * GB, "huge": 20 * GB}
+    with FakeOllama(models=models, vram_bytes="8GB", keep_alive="5m") as f:
+        assert post(f, "/api/generate", {"model": "a", "prompt": "x", "stream": False}).ok
+        forever = {"model": "b", "prompt": "x", "stream": False, "keep_alive": -1}
+        assert post(f, "/api/generate", forever).ok
+        before = time.time()
+        ps = requests.get(f.url + "/api/ps", timeout=5).json()["models"]
+        assert [(m["name"], m["size"], m["size_vram"]) for m in ps] == [
+            ("b:latest", 2 * GB, 2 * GB),  # kept forever: listed first
+            ("a:latest", 4 * GB, 4 * GB),
+        ]
+        expires = [datetime.fromisoformat(m["expires_at"]).timestamp() for m in ps]
+        assert expires[0] > before + 10 * 365 * 86400
+        assert before + 290 < expires[1] < before + 310
+        # A model bigger than VRAM loads alone, partly "on the CPU": it holds the whole budget.
+        assert post(f, "/api/generate", {"model": "huge", "prompt": "x", "stream": False}).ok
+        ps = requests.get(f.url + "/api/ps", timeout=5).json()["models"]
+        assert [(m["name"], m["size_vram"]) for m in ps] == [("huge:latest", 8 * GB)]
+        assert f.stats()["evictions"] == {"a:latest": 1, "b:latest": 1}
+
+
+def test_keep_alive_expires_idle_models_and_zero_unloads(fake, client):
+    fake.configure(keep_alive=0.3)
+    client.generate(model="m1", prompt="x")
+    fake.wait_for(lambda s: s["loaded"] == [], timeout=3)
+    assert fake.stats()["unloads"] == {"m1:latest": 1}
+
+    fake.configure(keep_alive="5m")
+    client.generate(model="m2", prompt="x", keep_alive=0)  # served, then unloaded
+    st = fake.stats()
+    assert st["loaded"] == [] and st["unloads"]["m2:latest"] == 1 and st["completed"] == 2
+
+    client.generate(model="m3", prompt="x")
+    assert fake.stats()["loaded"] == ["m3:latest"]
+    # No prompt and keep_alive 0: just unload (nothing is loaded, nothing counted as a request).
+    r = post(fake, "/api/generate", {"model": "m3", "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload"
+    r = post(fake, "/api/chat", {"model": "m4", "messages": [], "keep_alive": "0s"})
+    assert r.json()["done_reason"] == "unload"
+    st = fake.stats()
+    assert st["loaded"] == [] and st["loads"] == {f"m{i}:latest": 1 for i in (1, 2, 3)}
+    assert st["model_requests"] == {f"m{i}:latest": 1 for i in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("on_overflow", ["queue", "crash"])
+def test_ollama_like_mode_evicts_idle_then_queues_or_crashes(on_overflow):
+    models = {"a": 4 * GB, "b": 4 * GB, "c": 2 * GB, "d": 4 * GB}
+    with FakeOllama(models=models, vram_bytes="6GB", on_overflow=on_overflow) as f:
+        assert post(f, "/api/generate", {"model": "a", "prompt": "x", "stream": False}).ok
+        slow_b = _slow_stream(f, "b")  # a is idle: evicted to make room for b
+        f.wait_for(lambda s: s["loaded"] == ["b:latest"])
+        slow_c = _slow_stream(f, "c")  # 4 + 2 GB fit: no eviction
+        st = f.wait_for(lambda s: sorted(s["loaded"]) == ["b:latest", "c:latest"])
+        assert st["evictions"] == {"a:latest": 1} and st["vram_used"] == 6 * GB
+        with ThreadPoolExecutor(1) as pool:
+            d = pool.submit(post, f, "/api/generate", {"model": "d", "prompt": "x"})
+            if on_overflow == "queue":
+                f.wait_for(lambda s: s["queued"] == 1)  # nothing idle to evict: d waits
+                slow_b.close()
+                slow_c.close()
+                assert d.result().status_code == 200
+                st = f.stats()
+                assert st["crashes"] == 0 and "d:latest" in st["loaded"]
+            else:
+                r = d.result()
+                assert r.status_code == 500 and r.json() == {"error": CRASH_ERROR}
+                slow_b.close()
+                slow_c.close()
+                st = f.stats()
+                assert st["crashes"] == 1 and "d:latest" not in st["loads"]
+        assert st["loads"]["a:latest"] == 1 and st["model_requests"]["d:latest"] == 1
+
+
+def test_max_queue_answers_ollamas_busy_503(fake):
+    fake.configure(num_parallel=1, max_queue=1)
+    running = _slow_stream(fake, "m1")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, fake, "/api/generate", {"model": "m1", "prompt": "x"})
+        fake.wait_for(lambda s: s["queued"] == 1)
+        r = post(fake, "/api/generate", {"model": "m1", "prompt": "x"})
+        assert r.status_code == 503
+        assert r.json() == {
+            "error": "server busy, please try again.  maximum pending requests exceeded"
+        }
+        running.close()
+        assert waiting.result().status_code == 200
+    assert fake.stats()["busy_refusals"] == 1
+
+
+def test_pull_create_copy_delete_change_the_installed_set(fake, client):
+    names = lambda: {m.model for m in client.list().models}  # noqa: E731
+    client.pull("fresh:1b")
+    client.copy("fresh:1b", "twin")
+    client.create(model="derived", from_="m1")
+    assert {"fresh:1b", "twin:latest", "derived:latest"} <= names()
+    client.generate(model="twin", prompt="x")
+    assert fake.stats()["loaded"] == ["twin:latest"]
+    client.delete("twin")
+    assert "twin:latest" not in names() and fake.stats()["loaded"] == []
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="twin", messages=CHAT)
+    assert err.value.status_code == 404 and err.value.error == "model 'twin' not found"
+
+
+def test_kill_resets_open_streams_and_restarts_on_the_same_port(fake):
+    port = fake.port
+    r = _slow_stream(fake, "m1")
+    lines = r.iter_lines()
+    assert json.loads(next(lines))["done"] is False
+    fake.kill()
+    with pytest.raises(requests.exceptions.RequestException):
+        for _ in lines:  # the connection is reset before the stream ends
+            pass
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(fake.url + "/", timeout=2)
+    assert fake.stats()["loaded"] == [] and fake.stats()["in_flight"] == {}
+    fake.start()
+    assert fake.port == port
+    assert requests.get(fake.url + "/api/ps", timeout=5).json() == {"models": []}
+    assert post(fake, "/api/generate", {"model": "m1", "prompt": "x", "stream": False}).ok
+    st = fake.stats()
+    assert st["loads"] == {"m1:latest": 2} and st["disconnects"] == 0

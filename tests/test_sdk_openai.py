@@ -79,7 +79,7 @@ def test_upstream_error_in_openai_shape(fake: FakeOllama, oai: openai.OpenAI) ->
     assert info.value.status_code == 404
     assert info.value.body == {
         "message": "model 'no-such-model' not found",
-        "type": "invalid_request_error",
+        "type": "not_found_error",
         "param": None,
         "code": None,
     }
