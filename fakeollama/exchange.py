@@ -178,7 +178,7 @@ class Exchange:
         value = self.header_num("X-Fake-Die-After", True)
         if value is None and self.path in MODEL_PATHS:
             value = self.cfg["die_after"]
-        return value
+        return None if value is None else int(value)
 
     def token_count(self, exact: Any = None, cap: Any = None) -> int:
         """Tokens to generate: X-Fake-Tokens, else ``exact`` (num_predict), else

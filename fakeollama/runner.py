@@ -65,7 +65,7 @@ class Runner:
         vram = self.cfg["vram"]
         if vram is not None and resident >= vram:
             return False
-        budget = self.cfg["vram_bytes"]
+        budget: int | None = self.cfg["vram_bytes"]
         if budget is None or model is None or resident == 0:
             return True  # alone, a model too big for VRAM still loads (partly on the CPU)
         return self.vram_used() + self.size_of(model) <= budget

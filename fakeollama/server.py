@@ -21,7 +21,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -31,6 +31,8 @@ from .config import SETTINGS_DEFAULTS, validate_setting
 from .exchange import CRASH_ERROR, MODEL_PATHS, SCHEDULED_PATHS, handler, middleware
 from .state import SimState
 from .wire import host_allowed
+
+T = TypeVar("T")
 
 __all__ = [
     "CRASH_ERROR",
@@ -269,7 +271,7 @@ class FakeOllama:
 
     # ------------------------------------------------------------------ threading
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the server loop (or directly when stopped) and return its result."""
         if threading.get_ident() == self._loop_tid:
             return fn()
@@ -277,7 +279,7 @@ class FakeOllama:
             loop = self._loop if self._thread is not None else None
             if loop is None:
                 return fn()
-            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
             def run() -> None:
                 try:
