@@ -129,7 +129,11 @@ def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
             raise AssertionError(f"gate exited with {gate.proc.returncode}:\n{gate.logs()}")
         try:
             # Any HTTP answer means the worker is up (the upstream may be down on purpose).
-            requests.get(gate.url + "/api/version", timeout=2)
+            # Once connected (the master listens), wait for the answer however long the
+            # worker takes to boot: a probe given up on would reach the app later as a
+            # request whose client left, and count in its metrics as one.
+            remaining = max(1.0, deadline - time.monotonic())
+            requests.get(gate.url + "/api/version", timeout=(2, remaining))
             return
         except (requests.ConnectionError, requests.Timeout):  # not yet, or a busy machine
             time.sleep(0.05)
