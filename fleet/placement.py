@@ -1,0 +1,879 @@
+"""Placement over several backends: which job runs next, and where, decided without clocks.
+
+``FleetScheduler`` generalises ``workqueue.core.Scheduler`` from one Ollama to several:
+slots are per (backend, model), places (distinct models with running jobs) per backend.
+With one backend that knows nothing of its models it decides exactly as ``Scheduler``
+does (tests/test_fleet_placement.py runs the two side by side). Every method takes the
+caller's monotonic ``now``; what the catalogue knows of each backend comes in through
+``observe``.
+
+Rules (docs/DESIGN.md, "Placement"), as implemented here:
+
+* Late binding: jobs wait in one fair queue per model (clients round-robin, as in
+  ``Scheduler``) and take a backend only when they start.
+* A backend runs at most ``slots(backend, model)`` jobs of a model (its
+  ``model_concurrency``, or GATE_MODEL_CONCURRENCY_OVERRIDES) and at most ``max_models``
+  distinct models, whose sizes stay within ``vram`` where set. A model holds a place on a
+  backend while it has running jobs there.
+* A backend takes a model only if it is healthy, allows it (``models`` globs), has it
+  installed (when known) and could hold it alone within its ``vram``.
+* Affinity: when a slot frees, a model running on a backend takes its own waiting jobs
+  there first. A place that frees goes to the waiting model whose oldest job has waited
+  longest; among the backends that can give it a place, the best is one where it is
+  loaded, then one with room to load it without evicting anything, then one where an idle
+  model must make way; ties go to the least busy backend for its weight.
+* Oldest first: a waiting model with no place anywhere reserves the backends that could
+  run it, so younger models take no new place there until it has one.
+* Switch, per backend: once that oldest model has waited ``switch_after`` (counted from
+  its oldest job's arrival or the backend's last new place, whichever is later), the
+  backends that could run it take no new jobs and drain; the first place freed goes to it.
+* Copies: a model running somewhere takes a place on another backend too when it is
+  loaded there, or when its queue is at least COPY_DEPTH times its running slots and the
+  backend has room without evicting anything. A copy keeps its place while jobs of its
+  model wait, and gives it up when they are done (hysteresis: it opens at a deep queue and
+  closes at an empty one).
+* A job whose backend failed before it answered goes back to its place in the queue
+  (``retry``), never to be placed on that backend again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from endpoints import normalize_model
+from errors import ClientShareFull, QueueFull
+from workqueue.core import (
+    ADMIN_LANE,
+    DEFAULT_JOB_SECONDS,
+    EWMA_WEIGHT,
+    MAX_IDLE_MODELS,
+    REASONS,
+    Admission,
+)
+
+from .config import Backend
+
+# A model running somewhere takes a place on another backend (loading it there) once
+# this many of its jobs wait for each slot it has.
+COPY_DEPTH = 2
+
+# Placement tiers, best first.
+TIER_LOADED = 1  # loaded here: running already, or idle (residency from /api/ps)
+TIER_ROOM = 2  # room to load it without evicting anything
+TIER_EVICT = 3  # an idle model must make way
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the catalogue knows of one backend (``FleetScheduler.observe``).
+
+    ``installed`` maps model to size in bytes, or is None while unknown (then any model
+    may run there, sizes unknown); ``loaded`` maps the models loaded now to their VRAM.
+    """
+
+    healthy: bool = True
+    installed: Mapping[str, int] | None = None
+    loaded: Mapping[str, int] = field(default_factory=dict)
+
+
+class _Lane:
+    """One model's queue across the fleet (or the admin lane's)."""
+
+    __slots__ = (
+        "name",
+        "admin",
+        "running",
+        "waiting",
+        "turns",
+        "admitted",
+        "rejected",
+        "avg_seconds",
+    )
+
+    def __init__(self, name: str, *, admin: bool = False) -> None:
+        self.name = name
+        self.admin = admin
+        self.running: dict[Hashable, _Job] = {}
+        self.waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # oldest first
+        self.turns: OrderedDict[str, OrderedDict[Hashable, _Job]] = OrderedDict()
+        self.admitted = 0
+        self.rejected = dict.fromkeys(REASONS, 0)
+        self.avg_seconds: float | None = None
+
+    def oldest(self) -> _Job | None:
+        return next(iter(self.waiting.values()), None)
+
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    key: Hashable
+    model: str
+    client: str
+    lane: _Lane
+    submitted: float
+    seq: int
+    started: float | None = None
+    host: _Host | None = None
+    avoid: frozenset[str] = frozenset()  # backends that failed this job
+
+
+@dataclass(slots=True)
+class _ClientCount:
+    waiting: int = 0
+    running: int = 0
+
+
+class _Host:
+    """One backend: its configuration, the catalogue's view, and its places."""
+
+    __slots__ = (
+        "backend",
+        "index",
+        "view",
+        "active",
+        "running",
+        "slice_start",
+        "activations",
+        "forced_switches",
+        "admitted",
+    )
+
+    def __init__(self, backend: Backend, index: int) -> None:
+        self.backend = backend
+        self.index = index
+        self.view = View()
+        self.active: dict[str, _Lane] = {}  # models holding a place here, by activation
+        self.running: dict[str, dict[Hashable, _Job]] = {}  # model -> its jobs running here
+        self.slice_start = float("-inf")  # when a model last took a place here
+        self.activations = 0
+        self.forced_switches = 0
+        self.admitted = 0
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def jobs(self) -> int:
+        return sum(len(jobs) for jobs in self.running.values())
+
+    def running_of(self, model: str) -> int:
+        jobs = self.running.get(model)
+        return len(jobs) if jobs else 0
+
+    def size_of(self, model: str) -> int:
+        """Bytes ``model`` takes here: its loaded VRAM if known, else its installed size."""
+        loaded = self.view.loaded.get(model)
+        if loaded is not None:
+            return loaded
+        installed = self.view.installed
+        return installed.get(model, 0) if installed is not None else 0
+
+    def could_hold(self, model: str) -> bool:
+        """Whether this backend may ever run ``model`` (health aside)."""
+        installed = self.view.installed
+        if installed is not None and model not in installed:
+            return False
+        if not self.backend.allows(model):
+            return False
+        vram = self.backend.vram
+        return vram is None or self.size_of(model) <= vram
+
+    def fits(self, model: str, others: Iterable[str]) -> bool:
+        """Whether ``model`` fits in the VRAM budget alongside ``others``."""
+        vram = self.backend.vram
+        if vram is None:
+            return True
+        return sum(self.size_of(other) for other in set(others)) + self.size_of(model) <= vram
+
+
+class FleetScheduler:
+    """Decides which jobs run on which backend, from events stamped with the caller's ``now``.
+
+    Job ids are any hashable the caller picks, unique among live jobs. Methods that can
+    start waiting jobs return their ids; ``backend_of`` says where each one runs.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        overrides: Mapping[str, int] | None = None,
+        queue_max: int = 512,
+        queue_max_per_client: int = 32,
+        queue_timeout: float = 300.0,
+        switch_after: float = 10.0,
+        admin_concurrency: int = 1,
+        copy_depth: int = COPY_DEPTH,
+    ) -> None:
+        if not backends:
+            raise ValueError("a fleet needs at least one backend")
+        for name, value in (
+            ("queue_max", queue_max),
+            ("queue_max_per_client", queue_max_per_client),
+            ("admin_concurrency", admin_concurrency),
+            ("copy_depth", copy_depth),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be 1 or more, not {value!r}")
+        for backend in backends:
+            if backend.max_models < 1 or backend.model_concurrency < 1:
+                raise ValueError(f"backend {backend.name!r}: max_models and slots must be 1+")
+        if len({backend.name for backend in backends}) != len(backends):
+            raise ValueError("backend names must be distinct")
+        if not queue_timeout > 0:
+            raise ValueError(f"queue_timeout must be above 0, not {queue_timeout!r}")
+        if not switch_after >= 0:
+            raise ValueError(f"switch_after must be 0 or more, not {switch_after!r}")
+        self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
+        self.queue_max = queue_max
+        self.queue_max_per_client = queue_max_per_client
+        self.queue_timeout = float(queue_timeout)
+        self.switch_after = float(switch_after)
+        self.admin_concurrency = admin_concurrency
+        self.copy_depth = copy_depth
+        self.concurrency = max(backend.model_concurrency for backend in backends)
+
+        self._hosts = [_Host(backend, index) for index, backend in enumerate(backends)]
+        self._by_name = {host.name: host for host in self._hosts}
+        self._jobs: dict[Hashable, _Job] = {}
+        self._waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # all lanes, oldest first
+        self._lanes: OrderedDict[str, _Lane] = OrderedDict()  # model lanes, least recent first
+        self._admin = _Lane(ADMIN_LANE, admin=True)
+        self._queued: dict[str, _Lane] = {}  # model lanes with waiting jobs
+        self._clients: dict[str, _ClientCount] = {}
+        self._now = float("-inf")
+        self._seq = 0
+        self._admitted = 0
+        self._rejected = dict.fromkeys(REASONS, 0)
+        self._avg_seconds: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, backends: Sequence[Backend]) -> FleetScheduler:
+        """A scheduler for ``backends`` configured from the gate's ``Settings``."""
+        return cls(
+            backends,
+            overrides=settings.model_concurrency_overrides,
+            queue_max=settings.queue_max,
+            queue_max_per_client=settings.queue_max_per_client,
+            queue_timeout=settings.queue_timeout,
+            switch_after=settings.switch_after,
+            admin_concurrency=settings.admin_concurrency,
+        )
+
+    @property
+    def backends(self) -> list[Backend]:
+        return [host.backend for host in self._hosts]
+
+    # Events
+
+    def submit(
+        self, job_id: Hashable, model: str, client: str, now: float, *, admin: bool = False
+    ) -> Admission:
+        """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised."""
+        now = self._advance(now)
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id!r} is already queued or running")
+        model = normalize_model(model)
+        if not model and not admin:
+            raise ValueError("a model job needs a model name")
+        lane = self._admin if admin else self._lane(model)
+        self._seq += 1
+        job = _Job(job_id, model, client, lane, now, self._seq)
+        if admin:
+            if not lane.waiting and len(lane.running) < self.admin_concurrency:
+                self._start(job, None, now)
+                return Admission.RUNNING
+        elif not lane.waiting:
+            choice = self._choose(lane, now, self._reserved(lane), new_job=True)
+            if choice is not None:
+                host, forced = choice
+                if lane.name not in host.active:
+                    self._activate(lane, host, now, forced=forced)
+                self._start(job, host, now)
+                return Admission.RUNNING
+        count = self._clients.get(client)
+        if count is not None and count.waiting >= self.queue_max_per_client:
+            self._reject(lane, "client_share")
+            raise ClientShareFull(
+                f"too many waiting requests from this client (limit {self.queue_max_per_client})",
+                retry_after=self._lane_estimate(lane),
+            )
+        if len(self._waiting) >= self.queue_max:
+            self._reject(lane, "queue_full")
+            estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
+            raise QueueFull(retry_after=estimate)
+        self._enqueue(job)
+        return Admission.WAITING
+
+    def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
+        """A running job ended (any way at all); free its slot and return the jobs started.
+
+        Unknown ids are ignored, so a release may be repeated; a job still waiting is
+        cancelled instead.
+        """
+        now = self._advance(now)
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []
+        if job.started is None:
+            self._dequeue(job)
+            self._reject(job.lane, "cancelled")
+        else:
+            self._stop(job, now)
+        return self._pump(now)
+
+    def cancel(self, job_id: Hashable, now: float) -> list[Hashable]:
+        """A job's client left: drop it from the queue (or free its slot); return jobs started."""
+        return self.finish(job_id, now)
+
+    def retry(self, job_id: Hashable, now: float) -> list[Hashable]:
+        """A running job's backend failed before answering: the job waits again in its place.
+
+        It keeps its arrival order and is never placed on that backend again; it may start
+        at once elsewhere (it is then among the ids returned). Unknown or waiting ids are
+        ignored.
+        """
+        now = self._advance(now)
+        job = self._jobs.get(job_id)
+        if job is None or job.started is None or job.host is None:
+            return []
+        failed = job.host
+        self._stop(job, now, count=False)
+        job.started = None
+        job.avoid = job.avoid | {failed.name}
+        job.lane.admitted -= 1
+        failed.admitted -= 1
+        self._admitted -= 1
+        self._enqueue(job)
+        self._restore_order(job)
+        return self._pump(now)
+
+    def observe(self, name: str, view: View, now: float) -> list[Hashable]:
+        """The catalogue's latest view of backend ``name``; return the jobs it lets start.
+
+        Jobs running on a backend that turned unhealthy keep their slots until they end.
+        """
+        now = self._advance(now)
+        host = self._by_name[name]
+        normalized = View(
+            healthy=view.healthy,
+            installed=(
+                None
+                if view.installed is None
+                else {normalize_model(m): size for m, size in view.installed.items()}
+            ),
+            loaded={normalize_model(m): size for m, size in view.loaded.items()},
+        )
+        host.view = normalized
+        return self._pump(now)
+
+    def expire(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
+        """Drop jobs that waited ``queue_timeout``; return (those jobs, the jobs started)."""
+        now = self._advance(now)
+        expired: list[Hashable] = []
+        while self._waiting:
+            job = next(iter(self._waiting.values()))
+            if job.submitted + self.queue_timeout > now:
+                break
+            self._dequeue(job)
+            self._reject(job.lane, "timeout")
+            expired.append(job.key)
+        return expired, self._pump(now)
+
+    def cancel_waiting(self, now: float) -> list[Hashable]:
+        """Drop every waiting job and start none (shutting down); return the jobs dropped."""
+        self._advance(now)
+        dropped = list(self._waiting)
+        for job in list(self._waiting.values()):
+            self._dequeue(job)
+            self._reject(job.lane, "cancelled")
+        return dropped
+
+    def tick(self, now: float) -> list[Hashable]:
+        """Re-apply the rules at ``now``; return the jobs started.
+
+        A timer calls this at deadlines, and the caller after a job had to wait: a queue
+        grown deep enough opens a copy of its model on another backend.
+        """
+        return self._pump(self._advance(now))
+
+    # Queries
+
+    def backend_of(self, job_id: Hashable) -> Backend | None:
+        """The backend a running job was placed on (None: waiting, admin, or unknown)."""
+        job = self._jobs.get(job_id)
+        if job is None or job.host is None:
+            return None
+        return job.host.backend
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which ``expire`` or a pending switch could change anything."""
+        deadlines = []
+        oldest = next(iter(self._waiting.values()), None)
+        if oldest is not None:
+            deadlines.append(oldest.submitted + self.queue_timeout)
+        for host in self._hosts:
+            due = self._switch_due(host)
+            if due is not None and due[1] > self._now:
+                deadlines.append(due[1])
+        return min(deadlines, default=None)
+
+    def pending_switch(self, now: float) -> tuple[str, list[str]] | None:
+        """The oldest model a switch is due for and the models draining for it, if any."""
+        now = max(now, self._now)
+        draining = [(host, lane) for host in self._hosts if (lane := self._target(host, now))]
+        if not draining:
+            return None
+        target = min((lane for _, lane in draining), key=_oldest_seq)
+        models = {name for host, lane in draining if lane is target for name in host.active}
+        return target.name, sorted(models)
+
+    def idle(self) -> bool:
+        """Whether nothing runs and nothing waits."""
+        return not self._jobs
+
+    def job_state(self, job_id: Hashable) -> Admission | None:
+        """Whether a job is running or waiting, or None if the scheduler does not know it."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        return Admission.WAITING if job.started is None else Admission.RUNNING
+
+    def retry_after(self, now: float, model: str | None = None, *, admin: bool = False) -> float:
+        """Seconds a turned-away client should wait (as ``Scheduler.retry_after``)."""
+        if admin:
+            return self._lane_estimate(self._admin)
+        if model is not None:
+            lane = self._lanes.get(normalize_model(model))
+            if lane is not None:
+                return self._lane_estimate(lane)
+        waiting = len(self._waiting) - len(self._admin.waiting)
+        slots = (
+            sum(self._slots(host, name) for host in self._hosts for name in host.active)
+            or self.concurrency
+        )
+        return self._estimate(self._avg_seconds, waiting, slots)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Plain data for the status page, in ``Scheduler.snapshot``'s shape plus ``backends``."""
+        now = max(now, self._now)
+        switch = self.pending_switch(now)
+        target = self._lanes.get(switch[0]) if switch is not None else None
+        draining = {name for host in self._hosts if self._target(host, now) for name in host.active}
+        active = self._active_models()
+        models = {
+            name: self._lane_snapshot(lane, now, name in active, name in draining)
+            for name, lane in sorted(self._lanes.items())
+        }
+        clients = {
+            name: {"waiting": count.waiting, "running": count.running}
+            for name, count in sorted(self._clients.items())
+        }
+        return {
+            "models": models,
+            "admin": self._lane_snapshot(self._admin, now, False, False),
+            "clients": clients,
+            "totals": {
+                "running": sum(count.running for count in self._clients.values()),
+                "waiting": len(self._waiting),
+                "admitted": self._admitted,
+                "rejected": dict(self._rejected),
+                "active_models": sorted(active),
+                "max_active_models": sum(host.backend.max_models for host in self._hosts),
+                "queue_max": self.queue_max,
+                "queue_max_per_client": self.queue_max_per_client,
+                "activations": sum(host.activations for host in self._hosts),
+                "forced_switches": sum(host.forced_switches for host in self._hosts),
+                "avg_seconds": self._avg_seconds,
+            },
+            "switch": {
+                "pending": target is not None,
+                "target": target.name if target is not None else None,
+                "waited": self._wait_of(target, now) if target is not None else 0.0,
+                "draining": sorted(draining),
+            },
+            "retry_after": self.retry_after(now),
+            "backends": [self._host_snapshot(host, now) for host in self._hosts],
+        }
+
+    # The rules
+
+    def _slots(self, host: _Host, model: str) -> int:
+        return self.overrides.get(model, host.backend.model_concurrency)
+
+    def _eligible(self, host: _Host, lane: _Lane, avoid: frozenset[str] = frozenset()) -> bool:
+        return host.view.healthy and host.name not in avoid and host.could_hold(lane.name)
+
+    def _placed_on(self, lane: _Lane) -> list[_Host]:
+        """The healthy backends where ``lane`` holds a place (a failed one's do not count)."""
+        return [host for host in self._hosts if lane.name in host.active and host.view.healthy]
+
+    def _target(self, host: _Host, now: float) -> _Lane | None:
+        """The model ``host`` drains for at ``now``, if a switch is due there."""
+        due = self._switch_due(host)
+        if due is None or due[1] > now:
+            return None
+        return due[0]
+
+    def _switch_due(self, host: _Host) -> tuple[_Lane, float] | None:
+        """The oldest waiting model ``host`` could run that has no place anywhere, and when
+        it may force a switch there (None if there is no such model, or it has room here)."""
+        lane = self._oldest_unplaced(host)
+        if lane is None:
+            return None
+        if self._room(host, lane):
+            return None  # it takes the room at the next pump, no switch needed
+        oldest = lane.oldest()
+        assert oldest is not None
+        return lane, max(oldest.submitted, host.slice_start) + self.switch_after
+
+    def _oldest_unplaced(self, host: _Host) -> _Lane | None:
+        best: _Lane | None = None
+        for lane in self._queued.values():
+            if best is not None and _oldest_seq(lane) > _oldest_seq(best):
+                continue
+            if self._placed_on(lane):
+                continue
+            job = lane.oldest()
+            if job is not None and self._eligible(host, lane, job.avoid):
+                best = lane
+        return best
+
+    def _room(self, host: _Host, lane: _Lane) -> bool:
+        """Whether ``lane`` may take a new place on ``host`` now (count and VRAM)."""
+        return len(host.active) < host.backend.max_models and host.fits(lane.name, host.active)
+
+    def _tier(self, host: _Host, lane: _Lane) -> int:
+        if lane.name in host.active or lane.name in host.view.loaded:
+            return TIER_LOADED
+        resident = set(host.active) | set(host.view.loaded)
+        if len(resident) < host.backend.max_models and host.fits(lane.name, resident):
+            return TIER_ROOM
+        return TIER_EVICT
+
+    def _reserved(self, lane: _Lane) -> set[str]:
+        """Backends reserved by waiting models older than ``lane``'s next job, with no place."""
+        seq = _oldest_seq(lane) if lane.waiting else self._seq + 1
+        reserved: set[str] = set()
+        for other in self._queued.values():
+            if other is lane or _oldest_seq(other) > seq:
+                continue
+            if self._placed_on(other):
+                continue
+            oldest = other.oldest()
+            assert oldest is not None
+            reserved.update(
+                host.name for host in self._hosts if self._eligible(host, other, oldest.avoid)
+            )
+        return reserved
+
+    def _choose(
+        self,
+        lane: _Lane,
+        now: float,
+        reserved: set[str],
+        targets: Mapping[str, _Lane | None] | None = None,
+        *,
+        new_job: bool = False,
+    ) -> tuple[_Host, bool] | None:
+        """The best backend for ``lane``'s next job and whether taking it forces a switch.
+
+        A new job (``new_job``) goes ahead of nobody: only backends where it may start
+        without a place that an older job should get. ``targets`` are the models each
+        backend drains for, as found before the places that just freed were given up.
+        """
+        job = lane.oldest()
+        avoid = job.avoid if job is not None else frozenset()
+        placed = self._placed_on(lane)
+        depth = len(lane.waiting) + (1 if new_job else 0)
+        running_slots = sum(self._slots(host, lane.name) for host in placed)
+        best: tuple[tuple[float, ...], _Host, bool] | None = None
+        for host in self._hosts:
+            if not self._eligible(host, lane, avoid):
+                continue
+            target = targets[host.name] if targets is not None else self._target(host, now)
+            if lane.name in host.active:
+                if target is not None or host.running_of(lane.name) >= self._slots(host, lane.name):
+                    continue
+                tier = TIER_LOADED
+                forced = False
+            else:
+                if host.name in reserved or not self._room(host, lane):
+                    continue
+                if target is not None and target is not lane:
+                    continue
+                tier = self._tier(host, lane)
+                if placed and (
+                    tier == TIER_EVICT
+                    or (tier == TIER_ROOM and depth < self.copy_depth * running_slots)
+                ):
+                    continue  # a copy only where it is loaded, or for a deep queue
+                forced = target is lane
+            key = (tier, (host.jobs() + 1) / host.backend.weight, host.index)
+            if best is None or key < best[0]:
+                best = (key, host, forced)
+        if best is None:
+            return None
+        return best[1], best[2]
+
+    def _pump(self, now: float) -> list[Hashable]:
+        """Start every job the rules allow at ``now``; return their ids in start order."""
+        started: list[Hashable] = []
+        self._fill_admin(now, started)
+        while True:
+            targets = {host.name: self._target(host, now) for host in self._hosts}
+            for host in self._hosts:
+                if targets[host.name] is None:
+                    # Affinity: models running here (even one that just drained) go on.
+                    for lane in list(host.active.values()):
+                        self._fill(host, lane, now, started)
+                for name in [name for name in host.active if not host.running_of(name)]:
+                    del host.active[name]
+            if not self._place_one(now, started, targets):
+                break
+        return started
+
+    def _place_one(
+        self, now: float, started: list[Hashable], targets: Mapping[str, _Lane | None]
+    ) -> bool:
+        """Give one waiting model a new place, oldest first; False if none can have one."""
+        reserved: set[str] = set()
+        for lane in sorted(self._queued.values(), key=_oldest_seq):
+            choice = self._choose(lane, now, reserved, targets)
+            if choice is not None:
+                host, forced = choice
+                if lane.name not in host.active:
+                    self._activate(lane, host, now, forced=forced)
+                before = len(started)
+                self._fill(host, lane, now, started)
+                return len(started) > before
+            if not self._placed_on(lane):
+                # Younger models take no new place where this one could run; a backend
+                # draining for a switch gives its next place to its target anyway.
+                oldest = lane.oldest()
+                assert oldest is not None
+                reserved.update(
+                    host.name
+                    for host in self._hosts
+                    if targets[host.name] is None and self._eligible(host, lane, oldest.avoid)
+                )
+        return False
+
+    def _fill(self, host: _Host, lane: _Lane, now: float, started: list[Hashable]) -> None:
+        """Start ``lane``'s waiting jobs on ``host`` up to its slots there, clients in turn.
+
+        A client whose waiting jobs all failed on ``host`` once keeps its turn for another
+        backend.
+        """
+        if not host.view.healthy:
+            return
+        slots = self._slots(host, lane.name)
+        while lane.turns and host.running_of(lane.name) < slots:
+            pick = None
+            for client, jobs in lane.turns.items():
+                job = next((job for job in jobs.values() if host.name not in job.avoid), None)
+                if job is not None:
+                    pick = client, job
+                    break
+            if pick is None:
+                return
+            client, job = pick
+            self._dequeue(job)
+            if client in lane.turns:
+                lane.turns.move_to_end(client)  # _dequeue dropped the client if it had no more
+            self._start(job, host, now)
+            started.append(job.key)
+
+    def _fill_admin(self, now: float, started: list[Hashable]) -> None:
+        lane = self._admin
+        while lane.turns and len(lane.running) < self.admin_concurrency:
+            client, jobs = next(iter(lane.turns.items()))
+            job = next(iter(jobs.values()))
+            self._dequeue(job)
+            if jobs:
+                lane.turns.move_to_end(client)
+            self._start(job, None, now)
+            started.append(job.key)
+
+    def _activate(self, lane: _Lane, host: _Host, now: float, *, forced: bool) -> None:
+        host.active[lane.name] = lane
+        host.slice_start = now
+        host.activations += 1
+        if forced:
+            host.forced_switches += 1
+
+    # Bookkeeping
+
+    def _active_models(self) -> set[str]:
+        return {name for host in self._hosts for name in host.active}
+
+    def _advance(self, now: float) -> float:
+        if now > self._now:
+            self._now = float(now)
+        return self._now
+
+    def _lane(self, model: str) -> _Lane:
+        lane = self._lanes.get(model)
+        if lane is None:
+            lane = self._lanes[model] = _Lane(model)
+            idle = [n for n, other in self._lanes.items() if not other.busy() and other is not lane]
+            for name in idle[: max(0, len(idle) - MAX_IDLE_MODELS)]:
+                del self._lanes[name]
+        self._lanes.move_to_end(model)
+        return lane
+
+    def _client(self, client: str) -> _ClientCount:
+        count = self._clients.get(client)
+        if count is None:
+            count = self._clients[client] = _ClientCount()
+        return count
+
+    def _drop_client_if_idle(self, client: str) -> None:
+        count = self._clients[client]
+        if not count.waiting and not count.running:
+            del self._clients[client]
+
+    def _enqueue(self, job: _Job) -> None:
+        lane = job.lane
+        self._jobs[job.key] = job
+        self._waiting[job.key] = job
+        lane.waiting[job.key] = job
+        lane.turns.setdefault(job.client, OrderedDict())[job.key] = job
+        if not lane.admin:
+            self._queued[lane.name] = lane
+        self._client(job.client).waiting += 1
+
+    def _restore_order(self, job: _Job) -> None:
+        """Put a job that waits again back at its arrival place, its client's turn next."""
+        lane = job.lane
+        for queue in (self._waiting, lane.waiting, lane.turns[job.client]):
+            items = sorted(queue.values(), key=lambda other: other.seq)
+            queue.clear()
+            queue.update((other.key, other) for other in items)
+        lane.turns.move_to_end(job.client, last=False)
+
+    def _dequeue(self, job: _Job) -> None:
+        lane = job.lane
+        del self._jobs[job.key]
+        del self._waiting[job.key]
+        del lane.waiting[job.key]
+        jobs = lane.turns[job.client]
+        del jobs[job.key]
+        if not jobs:
+            del lane.turns[job.client]
+        if not lane.waiting:
+            self._queued.pop(lane.name, None)
+        self._clients[job.client].waiting -= 1
+        self._drop_client_if_idle(job.client)
+
+    def _start(self, job: _Job, host: _Host | None, now: float) -> None:
+        job.started = now
+        job.host = host
+        self._jobs[job.key] = job
+        job.lane.running[job.key] = job
+        if host is not None:
+            host.running.setdefault(job.lane.name, {})[job.key] = job
+            host.admitted += 1
+        job.lane.admitted += 1
+        self._admitted += 1
+        self._client(job.client).running += 1
+
+    def _stop(self, job: _Job, now: float, *, count: bool = True) -> None:
+        assert job.started is not None
+        lane = job.lane
+        del self._jobs[job.key]
+        del lane.running[job.key]
+        host = job.host
+        if host is not None:
+            jobs = host.running[lane.name]
+            del jobs[job.key]
+            if not jobs:
+                del host.running[lane.name]
+        job.host = None
+        self._clients[job.client].running -= 1
+        self._drop_client_if_idle(job.client)
+        if count:
+            held = now - job.started
+            lane.avg_seconds = _ewma(lane.avg_seconds, held)
+            self._avg_seconds = _ewma(self._avg_seconds, held)
+
+    def _reject(self, lane: _Lane, reason: str) -> None:
+        lane.rejected[reason] += 1
+        self._rejected[reason] += 1
+
+    # Estimates and reports
+
+    def _lane_slots(self, lane: _Lane) -> int:
+        if lane.admin:
+            return self.admin_concurrency
+        placed = self._placed_on(lane)
+        if placed:
+            return sum(self._slots(host, lane.name) for host in placed)
+        return max(self._slots(host, lane.name) for host in self._hosts)
+
+    def _lane_estimate(self, lane: _Lane) -> float:
+        return self._estimate(
+            lane.avg_seconds or self._avg_seconds, len(lane.waiting), self._lane_slots(lane)
+        )
+
+    def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
+        seconds = (avg or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
+        return min(max(seconds, 1.0), max(1.0, self.queue_timeout))
+
+    def _wait_of(self, lane: _Lane, now: float) -> float:
+        oldest = lane.oldest()
+        return float(now - oldest.submitted) if oldest is not None else 0.0
+
+    def _lane_snapshot(
+        self, lane: _Lane, now: float, active: bool, draining: bool
+    ) -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "running": len(lane.running),
+            "slots": self._lane_slots(lane),
+            "waiting": len(lane.waiting),
+            "oldest_wait": self._wait_of(lane, now),
+            "clients_waiting": len(lane.turns),
+            "admitted": lane.admitted,
+            "rejected": dict(lane.rejected),
+            "avg_seconds": lane.avg_seconds,
+        }
+        if not lane.admin:
+            snap["active"] = active
+            snap["draining"] = draining
+        return snap
+
+    def _host_snapshot(self, host: _Host, now: float) -> dict[str, Any]:
+        target = self._target(host, now)
+        backend = host.backend
+        return {
+            "name": backend.name,
+            "healthy": host.view.healthy,
+            "max_models": backend.max_models,
+            "vram": backend.vram,
+            "vram_used": sum(host.view.loaded.values()),
+            "loaded": sorted(host.view.loaded),
+            "models": {
+                name: {"running": host.running_of(name), "slots": self._slots(host, name)}
+                for name in sorted(set(host.active) | set(host.running))
+            },
+            "running": host.jobs(),
+            "draining_for": target.name if target is not None else None,
+            "activations": host.activations,
+            "forced_switches": host.forced_switches,
+            "admitted": host.admitted,
+        }
+
+
+def _oldest_seq(lane: _Lane) -> int:
+    job = lane.oldest()
+    return job.seq if job is not None else 1 << 62
+
+
+def _ewma(avg: float | None, value: float) -> float:
+    return value if avg is None else avg + EWMA_WEIGHT * (value - avg)

@@ -1,0 +1,602 @@
+"""Placement over several backends: a fleet of one is today's Scheduler; then each rule;
+then random runs over random fleets."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import tests.test_workqueue_core as core_tests
+from errors import ClientShareFull, QueueFull
+from fleet.config import Backend
+from fleet.placement import FleetScheduler, View
+from tests.test_workqueue_core import SchedulerMachine
+from workqueue import Admission, Scheduler
+
+RUNNING = Admission.RUNNING
+WAITING = Admission.WAITING
+GB = 10**9
+
+
+def fleet_of_one(
+    *, concurrency: int = 1, max_active_models: int = 1, **kwargs: Any
+) -> FleetScheduler:
+    """A FleetScheduler taking Scheduler's arguments, with one backend that knows nothing."""
+    solo = Backend("solo", "http://127.0.0.1:11434", max_active_models, concurrency)
+    return FleetScheduler([solo], **kwargs)
+
+
+def where(s: FleetScheduler, job_id: Hashable) -> str:
+    """The name of the backend a running job was placed on."""
+    placed = s.backend_of(job_id)
+    assert placed is not None
+    return placed.name
+
+
+def backend(name: str, max_models: int = 1, slots: int = 1, **kwargs: Any) -> Backend:
+    return Backend(name, f"http://{name}:11434", max_models, slots, **kwargs)
+
+
+# A fleet of one decides exactly as Scheduler does.
+
+CORE_RULE_TESTS = [
+    name
+    for name, function in inspect.getmembers(core_tests, inspect.isfunction)
+    if name.startswith("test_") and "make(" in inspect.getsource(function)
+]
+
+
+def test_the_core_rule_tests_are_found() -> None:
+    assert len(CORE_RULE_TESTS) >= 25
+
+
+@pytest.mark.parametrize("name", CORE_RULE_TESTS)
+def test_each_core_rule_holds_for_a_fleet_of_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_tests, "make", fleet_of_one)
+    test: Callable[..., None] = getattr(core_tests, name)
+    marks = getattr(test, "pytestmark", [])
+    params = [mark for mark in marks if mark.name == "parametrize"]
+    if not params:
+        test()
+        return
+    (mark,) = params
+    for values in mark.args[1]:
+        test(*values) if isinstance(values, tuple) else test(values)
+
+
+class FleetOfOneMachine(SchedulerMachine):
+    """Today's scheduler state machine, every check included, run on a fleet of one."""
+
+    @initialize(
+        concurrency=st.integers(1, 3),
+        c_slots=st.integers(1, 3),
+        max_active=st.integers(1, 2),
+        queue_max=st.integers(2, 10),
+        per_client=st.integers(1, 5),
+        timeout=st.sampled_from([3.0, 5.0, 30.0]),
+        switch_after=st.sampled_from([0.0, 1.0, 2.5]),
+        admin_slots=st.integers(1, 2),
+        job_max=st.sampled_from([1.0, 2.5, 6.0]),
+    )
+    def setup(self, **kwargs: Any) -> None:
+        super().setup(**kwargs)
+        self.s = fleet_of_one(  # type: ignore[assignment]
+            concurrency=kwargs["concurrency"],
+            overrides={"c": kwargs["c_slots"]},
+            max_active_models=kwargs["max_active"],
+            queue_max=kwargs["queue_max"],
+            queue_max_per_client=kwargs["per_client"],
+            queue_timeout=kwargs["timeout"],
+            switch_after=kwargs["switch_after"],
+            admin_concurrency=kwargs["admin_slots"],
+        )
+
+
+FleetOfOneMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None
+)
+test_scheduler_rules_hold_for_a_fleet_of_one = FleetOfOneMachine.TestCase
+
+
+class SideBySide(RuleBasedStateMachine):
+    """The same events to a Scheduler and a fleet of one: every answer is the same."""
+
+    @initialize(
+        concurrency=st.integers(1, 3),
+        max_active=st.integers(1, 3),
+        queue_max=st.integers(2, 12),
+        per_client=st.integers(1, 6),
+        timeout=st.sampled_from([3.0, 30.0]),
+        switch_after=st.sampled_from([0.0, 1.0, 2.5]),
+    )
+    def setup(self, **kwargs: Any) -> None:
+        args = {
+            "concurrency": kwargs["concurrency"],
+            "overrides": {"c": 2},
+            "max_active_models": kwargs["max_active"],
+            "queue_max": kwargs["queue_max"],
+            "queue_max_per_client": kwargs["per_client"],
+            "queue_timeout": kwargs["timeout"],
+            "switch_after": kwargs["switch_after"],
+        }
+        self.old = Scheduler(**args)
+        self.new = fleet_of_one(**args)
+        self.now = 0.0
+        self.ids = itertools.count()
+        self.live: set[int] = set()
+
+    def both(self, call: Callable[[Any], Any]) -> Any:
+        outcomes = []
+        for s in (self.old, self.new):
+            try:
+                outcomes.append(("ok", call(s)))
+            except (QueueFull, ClientShareFull) as exc:
+                outcomes.append((type(exc).__name__, exc.retry_after))
+        assert outcomes[0] == outcomes[1]
+        return outcomes[0]
+
+    @rule(
+        model=st.sampled_from(["a", "b", "c", "d"]),
+        client=st.sampled_from(["x", "y", "z"]),
+        admin=st.sampled_from([False, False, False, True]),
+    )
+    def submit(self, model: str, client: str, admin: bool) -> None:
+        job_id = next(self.ids)
+        kind, _ = self.both(lambda s: s.submit(job_id, model, client, self.now, admin=admin))
+        if kind == "ok":
+            self.live.add(job_id)
+
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        if not self.live:
+            return
+        job_id = data.draw(st.sampled_from(sorted(self.live)))
+        self.live.discard(job_id)
+        self.both(lambda s: s.finish(job_id, self.now))
+
+    @rule(step=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]))
+    def advance(self, step: float) -> None:
+        self.now += step
+        kind, (expired, _) = self.both(lambda s: s.expire(self.now))
+        self.live.difference_update(expired)
+        self.both(lambda s: s.tick(self.now))
+
+    @invariant()
+    def same_view(self) -> None:
+        if not hasattr(self, "old"):
+            return
+        assert self.old.next_deadline() == self.new.next_deadline()
+        assert self.old.pending_switch(self.now) == self.new.pending_switch(self.now)
+        assert self.old.retry_after(self.now) == self.new.retry_after(self.now)
+        old, new = self.old.snapshot(self.now), self.new.snapshot(self.now)
+        backends = new.pop("backends")
+        assert old == new
+        (solo,) = backends
+        assert solo["running"] == sum(row["running"] for row in old["models"].values())
+        for job_id in self.live:
+            assert self.old.job_state(job_id) == self.new.job_state(job_id)
+
+
+SideBySide.TestCase.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+test_a_fleet_of_one_answers_as_the_scheduler = SideBySide.TestCase
+
+
+# The placement rules, one by one
+
+
+def test_a_job_goes_where_its_model_is_loaded() -> None:
+    s = FleetScheduler([backend("a"), backend("b"), backend("c")])
+    s.observe("b", View(loaded={"llama3.2": 2 * GB}), 0.0)
+    assert s.submit(1, "llama3.2", "x", 0.0) is RUNNING
+    assert where(s, 1) == "b"
+
+
+def test_then_where_it_fits_without_evicting_then_where_an_idle_model_makes_way() -> None:
+    big, small = backend("big", max_models=2), backend("small", max_models=1)
+    s = FleetScheduler([small, big])
+    s.observe("small", View(loaded={"other": GB}), 0.0)
+    s.observe("big", View(loaded={"other": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert where(s, 1) == "big"  # room for a second model: nothing evicted
+    s.finish(1, 1.0)
+    s.observe("big", View(loaded={"other": GB, "n": GB}), 1.0)
+    assert s.submit(2, "m2", "x", 1.0) is RUNNING
+    assert s.backend_of(2).name == "small"  # both full: the least busy evicts (weights equal)
+
+
+def test_the_least_busy_backend_for_its_weight_takes_a_model_loaded_everywhere() -> None:
+    s = FleetScheduler([backend("a", slots=4), backend("b", slots=4, weight=3.0)])
+    for name in ("a", "b"):
+        s.observe(name, View(loaded={"m": GB}), 0.0)
+    placed = []
+    for job in range(8):
+        assert s.submit(job, "m", "x", 0.0) is RUNNING
+        placed.append(where(s, job))
+    # b, three times the weight, takes three jobs for each of a's until it is full
+    assert placed[:4] == ["b", "b", "a", "b"]
+    assert sorted(placed) == ["a"] * 4 + ["b"] * 4
+
+
+def test_vram_budget_counts_the_sizes_of_the_models_running_there() -> None:
+    gpu = backend("gpu", max_models=3, vram=10 * GB)
+    s = FleetScheduler([gpu])
+    s.observe("gpu", View(installed={"a": 6 * GB, "b": 3 * GB, "c": 3 * GB, "huge": 11 * GB}), 0)
+    assert s.submit(1, "a", "x", 0.0) is RUNNING
+    assert s.submit(2, "b", "x", 0.0) is RUNNING
+    assert s.submit(3, "c", "x", 0.0) is WAITING  # 6 + 3 + 3 > 10
+    assert s.finish(2, 1.0) == [3]
+    snap = s.snapshot(1.0)["backends"][0]
+    assert snap["models"] == {
+        "a:latest": {"running": 1, "slots": 1},
+        "c:latest": {"running": 1, "slots": 1},
+    }
+
+
+def test_a_model_too_big_for_a_backend_or_not_allowed_there_never_runs_there() -> None:
+    s = FleetScheduler(
+        [backend("small", vram=4 * GB), backend("pinned", models=("llama3.2:*",)), backend("any")]
+    )
+    s.observe("small", View(installed={"big": 8 * GB, "llama3.2": 2 * GB}), 0.0)
+    assert s.submit(1, "big", "x", 0.0) is RUNNING
+    assert where(s, 1) == "any"
+    assert s.submit(2, "big", "y", 0.0) is WAITING  # not on small (VRAM), not on pinned
+    assert s.submit(3, "llama3.2", "x", 0.0) is RUNNING
+    assert where(s, 3) == "small"
+    assert s.submit(4, "llama3.2:latest", "y", 0.0) is WAITING  # no copy for a short queue
+    assert s.submit(5, "llama3.2", "z", 0.0) is WAITING
+    assert s.tick(0.0) == [4]  # a deep queue: a copy where it is allowed
+    assert where(s, 4) == "pinned"
+
+
+def test_a_model_not_installed_on_a_backend_does_not_go_there() -> None:
+    s = FleetScheduler([backend("a"), backend("b")])
+    s.observe("a", View(installed={"x": GB}), 0.0)
+    assert s.submit(1, "y", "c", 0.0) is RUNNING
+    assert where(s, 1) == "b"
+
+
+def test_an_unhealthy_backend_takes_nothing_and_its_waiting_work_goes_elsewhere() -> None:
+    s = FleetScheduler([backend("a"), backend("b")])
+    s.observe("a", View(loaded={"m": GB}), 0.0)
+    s.observe("b", View(healthy=False), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "m", "x", 0.0) is WAITING  # b is down
+    # b rejoins with m loaded: the waiting job goes there
+    assert s.observe("b", View(loaded={"m": GB}), 1.0) == [2]
+    assert where(s, 2) == "b"
+    s.observe("a", View(healthy=False), 2.0)
+    assert s.submit(3, "m", "y", 2.0) is WAITING
+    assert s.finish(2, 3.0) == [3]
+    assert where(s, 3) == "b"
+    # Jobs running on a backend that went down keep their slot until they end.
+    assert where(s, 1) == "a"
+    assert s.finish(1, 4.0) == []
+
+
+def test_a_job_whose_backend_failed_keeps_its_place_and_goes_elsewhere() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
+    s.observe("a", View(loaded={"m": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "m", "y", 1.0) is RUNNING  # b: loads m there, the queue is empty
+    assert where(s, 2) == "b"
+    assert s.submit(3, "m", "z", 2.0) is WAITING
+    s.observe("a", View(healthy=False), 3.0)
+    assert s.retry(1, 3.0) == []  # job 1 waits again, ahead of job 3 (it came first)
+    assert s.job_state(1) is WAITING
+    assert s.finish(2, 4.0) == [1]
+    assert where(s, 1) == "b"
+    assert s.snapshot(4.0)["totals"]["admitted"] == 2  # a retried job is admitted once
+    assert s.finish(1, 5.0) == [3]
+
+
+def test_a_retried_job_never_goes_back_to_the_backend_that_failed_it() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert where(s, 1) == "a"
+    assert s.submit(2, "m", "x", 0.0) is RUNNING
+    assert where(s, 2) == "b"
+    assert s.retry(1, 1.0) == []  # a still has the slot free, but not for job 1
+    assert s.finish(2, 2.0) == [1]
+    assert where(s, 1) == "b"
+
+
+def test_a_second_copy_opens_for_a_deep_queue_and_closes_when_it_drains() -> None:
+    s = FleetScheduler([backend("a", max_models=2), backend("b", max_models=2)], copy_depth=2)
+    s.observe("a", View(loaded={"m": GB}), 0.0)
+    s.observe("b", View(loaded={"other": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING  # on a, where it is loaded
+    assert s.submit(2, "m", "x", 0.0) is WAITING  # depth 1 < 2 × 1 slot: no copy yet
+    assert s.tick(0.0) == []
+    assert s.submit(3, "m", "y", 0.0) is WAITING  # depth 2: a copy on b, with room ...
+    assert s.tick(0.0) == [2]  # ... opened by the next look at the queue
+    assert where(s, 2) == "b"
+    assert s.snapshot(0.0)["backends"][1]["models"] == {"m:latest": {"running": 1, "slots": 1}}
+    assert s.finish(2, 1.0) == [3]  # the copy takes its model's next job (affinity)
+    assert s.finish(3, 2.0) == []  # queue empty: the copy gives its place up
+    assert s.snapshot(2.0)["backends"][1]["models"] == {}
+
+
+def test_a_copy_never_evicts() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
+    s.observe("b", View(loaded={"other": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert where(s, 1) == "a"
+    for job in range(2, 6):
+        assert s.submit(job, "m", "x", 0.0) is WAITING  # b would have to evict: no copy
+
+
+def test_the_oldest_model_without_a_place_reserves_its_backends() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], switch_after=5.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "n", "x", 0.0) is RUNNING
+    assert s.submit(3, "p", "x", 1.0) is WAITING  # p could run on both: reserves both
+    assert s.submit(4, "q", "x", 2.0) is WAITING
+    assert s.finish(1, 3.0) == [3]  # the oldest model gets the first place
+    assert s.finish(2, 4.0) == [4]
+
+
+def test_a_switch_drains_only_the_backends_that_can_run_the_waiting_model() -> None:
+    s = FleetScheduler(
+        [backend("a", models=("m", "p")), backend("b", models=("n",))], switch_after=2.0
+    )
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "n", "x", 0.0) is RUNNING
+    assert s.submit(3, "p", "y", 1.0) is WAITING
+    assert s.submit(4, "m", "x", 1.5) is WAITING
+    assert s.submit(5, "n", "x", 1.5) is WAITING
+    assert s.next_deadline() == 3.0
+    assert s.tick(3.0) == []
+    assert s.pending_switch(3.0) == ("p:latest", ["m:latest"])  # only a drains
+    assert s.finish(2, 3.5) == [5]  # b goes on with n
+    assert s.finish(1, 4.0) == [3]  # a's place goes to p, m's next job waits
+    snap = s.snapshot(4.0)
+    assert snap["backends"][0]["forced_switches"] == 1
+    assert snap["backends"][0]["draining_for"] is None
+
+
+# Random runs over random fleets
+
+MODELS = ("a:latest", "b:latest", "c:latest", "d:latest")
+CLIENTS = ("x", "y", "z")
+SIZES = {"a:latest": 4 * GB, "b:latest": 3 * GB, "c:latest": 6 * GB, "d:latest": 1 * GB}
+
+
+@dataclass
+class Job:
+    model: str
+    client: str
+    submitted: float
+    started: float = math.nan
+    backend: str = ""
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> list[Backend]:
+    count = draw(st.integers(1, 3))
+    backends = []
+    for index in range(count):
+        pinned = draw(st.sampled_from([(), ("a", "b"), ("c:*",), ("d", "a")]))
+        backends.append(
+            Backend(
+                f"b{index}",
+                f"http://b{index}:11434",
+                max_models=draw(st.integers(1, 2)),
+                model_concurrency=draw(st.integers(1, 2)),
+                vram=draw(st.sampled_from([None, 7 * GB, 10 * GB])),
+                models=pinned,
+                weight=draw(st.sampled_from([1.0, 2.0])),
+            )
+        )
+    return backends
+
+
+class FleetMachine(RuleBasedStateMachine):
+    """Random fleets, health flips and failures: the bounds hold and nothing starves."""
+
+    @initialize(
+        backends=fleets(),
+        switch_after=st.sampled_from([0.0, 1.0, 2.5]),
+        job_max=st.sampled_from([1.0, 2.5]),
+        copy_depth=st.integers(1, 3),
+    )
+    def setup(
+        self, backends: list[Backend], switch_after: float, job_max: float, copy_depth: int
+    ) -> None:
+        self.backends = {backend.name: backend for backend in backends}
+        self.s = FleetScheduler(
+            backends,
+            queue_max=40,
+            queue_max_per_client=20,
+            queue_timeout=1000.0,
+            switch_after=switch_after,
+            copy_depth=copy_depth,
+        )
+        self.installed = {
+            name: {model: SIZES[model] for model in MODELS if model != "b:latest" or index}
+            for index, name in enumerate(self.backends)
+        }
+        self.healthy = dict.fromkeys(self.backends, True)
+        for name in self.backends:
+            self.s.observe(name, View(installed=self.installed[name]), 0.0)
+        self.switch_after, self.job_max = switch_after, job_max
+        self.now = 0.0
+        self.ids = itertools.count()
+        self.waiting: dict[Hashable, Job] = {}
+        self.running: dict[Hashable, Job] = {}
+        self.failed: dict[Hashable, set[str]] = {}
+
+    def could_run(self, model: str, name: str) -> bool:
+        backend = self.backends[name]
+        return (
+            backend.allows(model)
+            and model in self.installed[name]
+            and (backend.vram is None or SIZES[model] <= backend.vram)
+        )
+
+    def apply(self, started: list[Hashable]) -> None:
+        for job_id in started:
+            job = self.waiting.pop(job_id)
+            where = self.s.backend_of(job_id)
+            assert where is not None
+            assert self.healthy[where.name], "placed on an unhealthy backend"
+            assert self.could_run(job.model, where.name), "placed where it may not run"
+            assert where.name not in self.failed.get(job_id, set()), "back where it failed"
+            if any(other.model == job.model for other in self.running.values()):
+                if all(other.backend != where.name for other in self.running.values()):
+                    event("a second backend for a model")
+            job.started, job.backend = self.now, where.name
+            self.running[job_id] = job
+        self.check()
+
+    def check(self) -> None:
+        for name, backend in self.backends.items():
+            here = [job for job in self.running.values() if job.backend == name]
+            models = {job.model for job in here}
+            assert len(models) <= backend.max_models, "above a backend's models"
+            for model in models:
+                assert sum(job.model == model for job in here) <= backend.model_concurrency
+            if backend.vram is not None:
+                assert sum(SIZES[model] for model in models) <= backend.vram
+        snap = self.s.snapshot(self.now)
+        assert snap["totals"]["running"] == len(self.running)
+        assert snap["totals"]["waiting"] == len(self.waiting)
+
+    @rule(model=st.sampled_from(MODELS), client=st.sampled_from(CLIENTS), count=st.integers(1, 3))
+    def submit(self, model: str, client: str, count: int) -> None:
+        for _ in range(count):
+            job_id = next(self.ids)
+            if not any(self.could_run(model, name) for name in self.backends):
+                continue  # the gate answers 404 before queueing
+            try:
+                admission = self.s.submit(job_id, model, client, self.now)
+            except (QueueFull, ClientShareFull):
+                event("turned away")
+                continue
+            self.waiting[job_id] = Job(model, client, self.now)
+            if admission is RUNNING:
+                self.apply([job_id])
+
+    @rule(data=st.data())
+    def fail_one(self, data: st.DataObject) -> None:
+        """A running job's backend failed before answering: it goes down, the job retries."""
+        if not self.running:
+            return
+        job_id = data.draw(st.sampled_from(sorted(self.running, key=str)))
+        job = self.running[job_id]
+        self.healthy[job.backend] = False
+        self.apply(self.s.observe(job.backend, self.view(job.backend), self.now))
+        self.failed.setdefault(job_id, set()).add(job.backend)
+        self.waiting[job_id] = self.running.pop(job_id)
+        self.apply(self.s.retry(job_id, self.now))
+        event("retried")
+
+    @rule(data=st.data())
+    def heal(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.backends)))
+        self.healthy[name] = True
+        self.apply(self.s.observe(name, self.view(name), self.now))
+
+    def view(self, name: str) -> View:
+        return View(healthy=self.healthy[name], installed=self.installed[name])
+
+    def finish(self, job_id: Hashable) -> None:
+        self.running.pop(job_id)
+        self.apply(self.s.finish(job_id, self.now))
+
+    @rule(step=st.sampled_from([0.5, 1.0, 3.0]))
+    def advance(self, step: float) -> None:
+        until = self.now + step
+        while True:
+            ends = [job.started + self.job_max for job in self.running.values()]
+            deadline = self.s.next_deadline()
+            if deadline is not None:
+                ends.append(deadline)
+            at = min(ends, default=math.inf)
+            if at > until:
+                break
+            self.now = max(self.now, at)
+            for job_id, job in sorted(self.running.items(), key=lambda item: item[1].started):
+                if job.started + self.job_max <= self.now:
+                    self.finish(job_id)
+            self.apply(self.s.tick(self.now))
+        self.now = until
+        self.apply(self.s.tick(self.now))
+        self.starvation_bound()
+
+    def starvation_bound(self) -> None:
+        """A job that some healthy backend could run does not wait past the switch bound.
+
+        Jobs last at most job_max, so the oldest waiting job gets a place within
+        switch_after + job_max of arriving, plus one job_max per model ahead of it on
+        the backends that could run it: the bound below is generous but finite.
+        """
+        runnable = [
+            job
+            for job_id, job in self.waiting.items()
+            if any(
+                self.healthy[name]
+                and self.could_run(job.model, name)
+                and name not in self.failed.get(job_id, set())
+                for name in self.backends
+            )
+        ]
+        if not runnable or not all(self.healthy.values()):
+            return
+        event("starvation bound checked")
+        oldest = min(runnable, key=lambda job: job.submitted)
+        ahead = len(MODELS) * len(CLIENTS) * 3
+        bound = self.switch_after + self.job_max * (ahead + 2)
+        assert self.now - oldest.submitted <= bound, ("starved", oldest, self.now)
+
+    @invariant()
+    def no_backend_idles_while_a_job_it_could_run_waits(self) -> None:
+        """An empty healthy backend that could run a waiting job's model is never left idle,
+        unless the model runs elsewhere (a copy waits for a deep queue) or failed there."""
+        if not hasattr(self, "s"):
+            return
+        busy = {job.backend for job in self.running.values()}
+        for job in self.waiting.values():
+            if any(
+                j.model == job.model and j_id in self.failed for j_id, j in self.waiting.items()
+            ):
+                continue
+            if any(
+                other.model == job.model and self.healthy[other.backend]
+                for other in self.running.values()
+            ):
+                continue
+            for name in self.backends:
+                if self.healthy[name] and name not in busy:
+                    assert not self.could_run(job.model, name), ("idle backend", name, job)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "s"):
+            return
+        for name in self.backends:
+            self.healthy[name] = True
+            self.apply(self.s.observe(name, self.view(name), self.now))
+        while self.waiting or self.running:
+            if self.running:
+                self.finish(min(self.running, key=str))
+            else:
+                job_id = min(self.waiting, key=str)
+                self.waiting.pop(job_id)
+                self.apply(self.s.cancel(job_id, self.now))
+        assert self.s.idle()
+        for row in self.s.snapshot(self.now)["backends"]:
+            assert row["running"] == 0 and row["models"] == {}
+
+
+FleetMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
+test_fleet_bounds_hold_in_random_runs = FleetMachine.TestCase
