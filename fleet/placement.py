@@ -49,6 +49,7 @@ from workqueue.core import (
     ADMIN_LANE,
     DEFAULT_JOB_SECONDS,
     EWMA_WEIGHT,
+    IDLE_MODEL_SECONDS,
     MAX_IDLE_MODELS,
     REASONS,
     Admission,
@@ -91,6 +92,7 @@ class _Lane:
         "admitted",
         "rejected",
         "avg_seconds",
+        "touched",
     )
 
     def __init__(self, name: str, *, admin: bool = False) -> None:
@@ -102,6 +104,7 @@ class _Lane:
         self.admitted = 0
         self.rejected = dict.fromkeys(REASONS, 0)
         self.avg_seconds: float | None = None
+        self.touched = float("-inf")  # when a job of this lane last came or went
 
     def oldest(self) -> _Job | None:
         return next(iter(self.waiting.values()), None)
@@ -282,7 +285,7 @@ class FleetScheduler:
         model = normalize_model(model)
         if not model and not admin:
             raise ValueError("a model job needs a model name")
-        lane = self._admin if admin else self._lane(model)
+        lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
         job = _Job(job_id, model, client, lane, now, self._seq)
         if admin:
@@ -463,6 +466,7 @@ class FleetScheduler:
     def snapshot(self, now: float) -> dict[str, Any]:
         """Plain data for the status page, in ``Scheduler.snapshot``'s shape plus ``backends``."""
         now = max(now, self._now)
+        self._evict_idle(now)
         switch = self.pending_switch(now)
         target = self._lanes.get(switch[0]) if switch is not None else None
         draining = {name for host in self._hosts if self._target(host, now) for name in host.active}
@@ -718,15 +722,22 @@ class FleetScheduler:
             self._now = float(now)
         return self._now
 
-    def _lane(self, model: str) -> _Lane:
+    def _lane(self, model: str, now: float) -> _Lane:
         lane = self._lanes.get(model)
         if lane is None:
             lane = self._lanes[model] = _Lane(model)
-            idle = [n for n, other in self._lanes.items() if not other.busy() and other is not lane]
-            for name in idle[: max(0, len(idle) - MAX_IDLE_MODELS)]:
-                del self._lanes[name]
+            self._evict_idle(now, keep=lane)
         self._lanes.move_to_end(model)
+        lane.touched = now
         return lane
+
+    def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
+        """Forget idle models past IDLE_MODEL_SECONDS, and all but MAX_IDLE_MODELS of the rest."""
+        idle = [name for name, lane in self._lanes.items() if not lane.busy() and lane is not keep]
+        extra = len(idle) - MAX_IDLE_MODELS
+        for number, name in enumerate(idle):
+            if number < extra or self._lanes[name].touched + IDLE_MODEL_SECONDS <= now:
+                del self._lanes[name]
 
     def _client(self, client: str) -> _ClientCount:
         count = self._clients.get(client)
@@ -800,6 +811,7 @@ class FleetScheduler:
         self._drop_client_if_idle(job.client)
         if count:
             held = now - job.started
+            lane.touched = now
             lane.avg_seconds = _ewma(lane.avg_seconds, held)
             self._avg_seconds = _ewma(self._avg_seconds, held)
 

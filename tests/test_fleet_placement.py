@@ -147,7 +147,7 @@ class SideBySide(RuleBasedStateMachine):
         return outcomes[0]
 
     @rule(
-        model=st.sampled_from(["a", "b", "c", "d"]),
+        model=st.sampled_from(["a", "b", "c", "d"] + [f"m{i}" for i in range(20)]),
         client=st.sampled_from(["x", "y", "z"]),
         admin=st.sampled_from([False, False, False, True]),
     )
@@ -165,7 +165,7 @@ class SideBySide(RuleBasedStateMachine):
         self.live.discard(job_id)
         self.both(lambda s: s.finish(job_id, self.now))
 
-    @rule(step=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]))
+    @rule(step=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0, 400.0]))
     def advance(self, step: float) -> None:
         self.now += step
         kind, (expired, _) = self.both(lambda s: s.expire(self.now))
