@@ -292,3 +292,51 @@ def test_admin_access_without_keys_refuses_and_says_why(
     assert "GATE_API_KEYS_FILE" in resp.json()["error"]
     assert fetch(gate.url + "/metrics", timeout=5).status == 401
     assert fetch(gate.url + "/gate/healthz", timeout=5).status == 200  # loopback
+
+
+def test_queue_refusals_have_one_name_everywhere(
+    fake: FakeOllama, gate_factory: Callable[..., Gate]
+) -> None:
+    gate = gate_factory(
+        fake.url,
+        {
+            "GATE_MODEL_CONCURRENCY": "1",
+            "GATE_QUEUE_MAX_PER_CLIENT": "1",
+            "GATE_QUEUE_TIMEOUT": "1",
+        },
+    )
+    long = {"X-Fake-Tokens": "40", "X-Fake-Token-Interval": "0.15"}  # holds the slot ~6 s
+    with Load(gate, 1, headers=long) as running:
+        wait_until(lambda: status(gate, history="0")["queue"]["running"] == 1)
+        with Load(gate, 1) as waiting:  # waits, then gives up after GATE_QUEUE_TIMEOUT
+            wait_until(lambda: status(gate, history="0")["queue"]["waiting"] == 1)
+            share = fetch(
+                gate.url + "/api/generate", "POST", json={"model": "m1", "prompt": "x"}, timeout=10
+            )
+            assert share.status == 429
+            assert "too many waiting requests" in share.json()["error"]
+            openai = fetch(
+                gate.url + "/v1/chat/completions",
+                "POST",
+                json={"model": "m1", "messages": [{"role": "user", "content": "x"}]},
+                timeout=10,
+            )
+            assert openai.json()["error"]["code"] == "client_queue_full"  # what a client reads
+    assert running.results == [200] and waiting.results == [503]
+
+    doc = status(gate, history="0")
+    by_status = {"429": {"client_queue_full": 2}, "503": {"queue_timeout": 1}}
+    assert doc["rejections"]["total"] == by_status
+    assert doc["queue"]["rejected"] == {
+        "queue_full": 0,
+        "client_queue_full": 2,
+        "queue_timeout": 1,
+        "cancelled": 0,
+    }
+    assert doc["models"]["m1:latest"]["rejected"] == doc["queue"]["rejected"]
+    samples = metric_samples(gate)
+    for reason, count in (("client_queue_full", 2), ("queue_timeout", 1)):
+        assert total(samples, "gate_rejections_total", reason=reason) == count
+        assert total(samples, "gate_queue_rejected_total", reason=reason) == count
+    reasons = {dict(labels)["reason"] for name, labels in samples if "rejected" in name}
+    assert reasons == {"queue_full", "client_queue_full", "queue_timeout", "cancelled"}

@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -469,3 +470,30 @@ def test_clients_unmasked_when_masking_is_off(make_app: Any) -> None:
     assert list(doc["clients"]) == ["203.0.113.57"]
     assert doc["worker"]["clients_masked"] is False
     assert doc["caps"]["queue_max"] == 512
+
+
+# -- one set of refusal reasons ------------------------------------------------------------
+
+
+def test_queue_reasons_are_the_error_codes_clients_get() -> None:
+    from errors import ClientShareFull, QueueTimeout
+    from workqueue.core import REASONS
+
+    assert REASONS == (QueueFull.code, ClientShareFull.code, QueueTimeout.code, "cancelled")
+
+
+def test_docs_name_every_reason_the_code_uses() -> None:
+    import errors
+    from workqueue.core import REASONS
+
+    text = (Path(__file__).parent.parent / "docs" / "STATUS.md").read_text()
+    section = text.split("## Refusal reasons")[1].split("\n## ")[0]
+    codes = {
+        cls.code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.GateError) and cls.code
+    }
+    assert codes, "no error codes found"
+    for reason in codes | set(REASONS):
+        assert f"`{reason}`" in section, reason
+    assert "client_share" not in text and '"timeout"' not in text

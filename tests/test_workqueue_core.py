@@ -262,8 +262,8 @@ def test_client_share_rejects_with_429() -> None:
     assert caught.value.retry_after is not None and caught.value.retry_after >= 1.0
     assert s.submit(4, "a", "y", 0.0) is WAITING  # other clients still queue
     snap = s.snapshot(0.0)
-    assert snap["models"]["a:latest"]["rejected"]["client_share"] == 1
-    assert snap["totals"]["rejected"]["client_share"] == 1
+    assert snap["models"]["a:latest"]["rejected"]["client_queue_full"] == 1
+    assert snap["totals"]["rejected"]["client_queue_full"] == 1
     assert snap["clients"]["x"] == {"waiting": 2, "running": 1}
 
 
@@ -290,7 +290,7 @@ def test_waiting_jobs_time_out_and_next_deadline_says_when() -> None:
     assert s.expire(40.0) == ([2], [])
     assert s.next_deadline() is None
     snap = s.snapshot(40.0)
-    assert snap["models"]["a:latest"]["rejected"]["timeout"] == 2
+    assert snap["models"]["a:latest"]["rejected"]["queue_timeout"] == 2
     assert snap["totals"]["waiting"] == 0
 
 
@@ -379,7 +379,7 @@ def test_snapshot_reports_models_clients_admin_and_totals() -> None:
     s.cancel(2, 3.0)
     s.submit(5, "a", "carol", 3.0)
     snap = s.snapshot(4.0)
-    rejected_none = {"queue_full": 0, "client_share": 0, "timeout": 0, "cancelled": 0}
+    rejected_none = {"queue_full": 0, "client_queue_full": 0, "queue_timeout": 0, "cancelled": 0}
     assert snap["models"] == {
         "a:latest": {
             "running": 1,

@@ -116,7 +116,7 @@ def test_waiting_longer_than_the_queue_timeout_raises(make_queue: MakeQueue) -> 
     assert caught.value.status == 503
     assert caught.value.retry_after is not None and caught.value.retry_after >= 1.0
     snap = queue.snapshot()
-    assert snap["models"]["a:latest"]["rejected"]["timeout"] == 1
+    assert snap["models"]["a:latest"]["rejected"]["queue_timeout"] == 1
     assert snap["totals"]["waiting"] == 0
     holder.release()
     assert queue.idle()

@@ -73,14 +73,14 @@ M1, M2, M3 = lane_of("m1", False), lane_of("m2", False), lane_of("m3", False)
 def test_slots_then_waiting_then_bounds(rdb: redis.Redis) -> None:
     s = sched(rdb, concurrency=2, queue_max=3, queue_max_per_client=2)
     outcomes = [s.submit(f"j{i}", M1, "c1", "o", now_ms=1000 + i).outcome for i in range(5)]
-    assert outcomes == ["running", "running", "waiting", "waiting", "client_share"]
+    assert outcomes == ["running", "running", "waiting", "waiting", "client_queue_full"]
     assert s.submit("k1", M1, "c2", "o", now_ms=1010).outcome == "waiting"
     full = s.submit("k2", M1, "c3", "o", now_ms=1011)
     assert (full.outcome, full.waiting) == ("queue_full", 3)
     snap = s.snapshot(now_ms=1012)
     assert snap["models"]["m1:latest"]["running"] == 2
     assert snap["totals"]["waiting"] == 3
-    assert snap["totals"]["rejected"] == {"queue_full": 1, "client_share": 1}
+    assert snap["totals"]["rejected"] == {"queue_full": 1, "client_queue_full": 1}
 
 
 def test_clients_take_turns_within_a_model(rdb: redis.Redis) -> None:
@@ -220,7 +220,7 @@ def test_the_lua_rules_decide_as_core_does(
                 try:
                     expected = core.submit(job, model, f"c{who}", now, admin=admin).value
                 except ClientShareFull:
-                    expected = "client_share"
+                    expected = "client_queue_full"
                 except QueueFull:
                     expected = "queue_full"
                 decision = lua.submit(job, lane_of(model, admin), f"c{who}", "o", now_ms=now)

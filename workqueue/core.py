@@ -29,7 +29,10 @@ from typing import Any
 from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
 
-REASONS = ("queue_full", "client_share", "timeout", "cancelled")
+# Why the queue turned a job away: the first three are the error codes its client got
+# (errors.py: 503 queue_full, 429 client_queue_full, 503 queue_timeout); "cancelled" is
+# a job dropped without an answer from the queue (its client left, or shutdown).
+REASONS = ("queue_full", "client_queue_full", "queue_timeout", "cancelled")
 ADMIN_LANE = "admin"
 
 # Retry-After estimate: an exponentially weighted moving average of how long jobs held
@@ -203,7 +206,7 @@ class Scheduler:
             return Admission.RUNNING
         count = self._clients.get(client)
         if count is not None and count.waiting >= self.queue_max_per_client:
-            self._reject(lane, "client_share")
+            self._reject(lane, "client_queue_full")
             raise ClientShareFull(
                 f"too many waiting requests from this client (limit {self.queue_max_per_client})",
                 retry_after=self._lane_estimate(lane),
@@ -245,7 +248,7 @@ class Scheduler:
             if job.submitted + self.queue_timeout > now:
                 break
             self._dequeue(job)
-            self._reject(job.lane, "timeout")
+            self._reject(job.lane, "queue_timeout")
             expired.append(job.key)
         return expired, self._pump(now)
 

@@ -188,7 +188,7 @@ end
 """
 
 # ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client.
-# Returns {'running'} | {'waiting'} | {'client_share', lane_waiting} | {'queue_full', waiting}.
+# Returns {'running'} | {'waiting'} | {'client_queue_full', lane_waiting} | {'queue_full', waiting}.
 _SUBMIT = (
     _PRELUDE
     + r"""
@@ -207,8 +207,8 @@ if can_start(lane) then
   return {'running'}
 end
 if tonumber(redis.call('HGET', P .. 'cw', client) or '0') >= per_client then
-  redis.call('HINCRBY', P .. 'stats', 'client_share', 1)
-  return {'client_share', redis.call('ZCARD', P .. 'q:' .. lane)}
+  redis.call('HINCRBY', P .. 'stats', 'client_queue_full', 1)
+  return {'client_queue_full', redis.call('ZCARD', P .. 'q:' .. lane)}
 end
 if redis.call('ZCARD', P .. 'wait') >= queue_max then
   redis.call('HINCRBY', P .. 'stats', 'queue_full', 1)
@@ -304,7 +304,7 @@ def lane_of(model: str, admin: bool) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    """The submit script's answer: running, waiting, client_share or queue_full."""
+    """The submit script's answer: running, waiting, client_queue_full or queue_full."""
 
     outcome: str
     waiting: int = 0
@@ -413,7 +413,7 @@ class RedisScheduler:
                 "admitted": int(stats.get("admitted", 0)),
                 "rejected": {
                     "queue_full": int(stats.get("queue_full", 0)),
-                    "client_share": int(stats.get("client_share", 0)),
+                    "client_queue_full": int(stats.get("client_queue_full", 0)),
                 },
                 "reaped": int(stats.get("reaped", 0)),
                 "activations": int(stats.get("activations", 0)),

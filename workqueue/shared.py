@@ -277,7 +277,7 @@ class SharedWorkQueue:
         if decision.outcome != "waiting":
             self._waiters.pop(job_id, None)
             slots = self._sched.slots(lane)
-            if decision.outcome == "client_share":
+            if decision.outcome == "client_queue_full":
                 limit = self._sched.queue_max_per_client
                 error: GateError = ClientShareFull(
                     f"too many waiting requests from this client (limit {limit})",
