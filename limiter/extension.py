@@ -199,7 +199,7 @@ class GateLimiter:
     def _identify(self) -> None:
         """Set g.gate_client; on forwarded endpoints, demand a valid key when keys are on."""
         if self.cache is not None and not self.cache.routes:
-            # Built on the first request: the proxy's routes are registered after this extension.
+            # Built on the first request, once every blueprint's routes are registered.
             self.cache.routes = static_routes(current_app.url_map.iter_rules(), ENDPOINT_CLASSES)
         cls = ENDPOINT_CLASSES.get(request.endpoint or "")
         key: ApiKey | None = None
