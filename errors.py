@@ -59,6 +59,12 @@ class Forbidden(GateError):
     code = "forbidden"
 
 
+class ModelNotAllowed(Forbidden):
+    """The request names a model outside its API key's allow-list."""
+
+    code = "model_not_allowed"
+
+
 class BodyTooLarge(GateError):
     status = 413
     openai_type = "invalid_request_error"

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import posixpath
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -36,11 +38,21 @@ from redis.retry import Retry
 
 import errors
 from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
-from errors import Forbidden, RateLimited, TokenBudgetSpent, Unauthorized
+from errors import (
+    BadRequest,
+    Forbidden,
+    ModelNotAllowed,
+    RateLimited,
+    TokenBudgetSpent,
+    Unauthorized,
+    UpstreamUnavailable,
+)
 from pipeline import Call
+from proxy.views import read_body
 from settings import Settings, SettingsError
 from signals import call_finished
 
+from .allow import LISTINGS, NotAllowed, Unreadable, filter_listing, named_models
 from .budget import WINDOW, BudgetState, TokenBudgets
 from .fastpath import RejectCache, static_routes
 from .headers import TOKENS, Quota, limit_headers, policy_name, retry_after
@@ -180,6 +192,7 @@ class GateLimiter:
         self.budgets = TokenBudgets(storage)
         app.before_request(self._check_budget)
         app.after_request(self._add_headers)
+        app.after_request(_filter_listing)
         app.register_error_handler(RateLimitExceeded, self._rate_limited)
         call_finished.connect(self._spend_tokens, sender=app)
 
@@ -220,6 +233,8 @@ class GateLimiter:
                     raise Forbidden(
                         f"API key {key.name!r} has role user; {request.path} needs role admin"
                     )
+                if key.models is not None:
+                    _check_models(key)
         if key is not None:
             g.gate_key = key
             g.gate_client = key.name
@@ -244,6 +259,8 @@ class GateLimiter:
         header, key = self.keyring.presented(environ)
         if header is None or key is None or self.limit_for(LIGHT, key) != OFF:
             return None
+        if key.models is not None:
+            return None  # its model listings are filtered, its /v1/models/:model checked
         return key.name, frozenset({header})
 
     def _limit_key(self) -> str:
@@ -396,6 +413,59 @@ class GateLimiter:
         for name, value in headers.items():
             response.headers[name] = value
         return response
+
+
+def _check_models(key: ApiKey) -> None:
+    """403 when the request names a model outside ``key``'s allow-list, wherever it names it.
+
+    The path's model (/v1/models/:model) and every model field of a JSON body; a
+    body the gate cannot read as Ollama would is refused (400), never forwarded.
+    """
+    assert key.models is not None
+    names = []
+    path_model = (request.view_args or {}).get("model")
+    if isinstance(path_model, str):
+        names.append(path_model)
+    if not (request.url_rule and request.url_rule.rule.startswith("/api/blobs/")):
+        try:
+            names.extend(named_models(read_body()))
+        except Unreadable as exc:
+            raise BadRequest(str(exc)) from None
+    try:
+        key.models.check(names)
+    except NotAllowed as exc:
+        raise ModelNotAllowed(
+            f"model {exc.name!r} is not allowed for API key {key.name!r}"
+        ) from None
+
+
+def listing_path(path: str) -> str | None:
+    """The model listing (LISTINGS) that ``path`` reaches at Ollama, if any, however spelt."""
+    clean = posixpath.normpath(re.sub("/+", "/", path)) if path else path
+    return clean if clean in LISTINGS else None
+
+
+def _filter_listing(response: Response) -> Response:
+    """A key with an allow-list sees only its own models in /api/tags, /api/ps, /v1/models."""
+    key: ApiKey | None = g.get("gate_key")
+    if key is None or key.models is None or request.method != "GET":
+        return response
+    path = listing_path(request.path)
+    if path is None or not 200 <= response.status_code < 300:
+        return response
+    try:
+        body = b"".join(response.iter_encoded())
+        if response.headers.get("Content-Encoding", "identity") != "identity":
+            raise Unreadable(f"upstream's {path} answer is encoded")
+        body = filter_listing(path, body, key.models)
+    except Exception as exc:  # anything but a listing the gate can filter: show nothing
+        logger.warning("%s for API key %r not filtered, refused: %s", path, key.name, exc)
+        return errors.render(UpstreamUnavailable(f"cannot read the upstream's {path} answer"))
+    finally:
+        response.close()
+    response.set_data(body)
+    response.headers["Content-Length"] = str(len(body))
+    return response
 
 
 def counting_in_memory(limiter: Limiter) -> bool:

@@ -8,9 +8,10 @@ secret itself (DESIGN.md, "API keys file")::
     role = "user"                    # "user" or "admin"
     limit_inference = "30/minute"    # optional overrides of GATE_LIMIT_*
     tokens_per_minute = 20000        # optional token budget
+    models = ["llama3.2:*"]          # optional allow-list of model globs (limiter.allow)
 
 A file the gate cannot use raises ``KeysFileError`` naming the file and line.
-Only the standard library and ``limiter.policy`` are imported here: gunicorn's
+Only the standard library, ``limiter.policy`` and ``limiter.allow`` are imported here: gunicorn's
 master checks the file at start-up, before gevent patches the workers.
 """
 
@@ -27,12 +28,13 @@ from typing import Any
 
 from endpoints import CLASSES, EndpointClass
 
+from .allow import AllowList, check_pattern
 from .identity import presented_secret
 from .policy import normalize_limit
 
 ROLES = ("user", "admin")
 LIMIT_FIELDS: dict[str, EndpointClass] = {f"limit_{cls}": cls for cls in CLASSES}
-FIELDS = frozenset({"key_sha256", "role", "tokens_per_minute", *LIMIT_FIELDS})
+FIELDS = frozenset({"key_sha256", "role", "tokens_per_minute", "models", *LIMIT_FIELDS})
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -59,6 +61,7 @@ class ApiKey:
     # Per-class overrides of GATE_LIMIT_* ("off" allowed); classes not listed use the default.
     limits: Mapping[EndpointClass, str] = field(default_factory=dict)
     tokens_per_minute: int | None = None  # None: no token budget
+    models: AllowList | None = None  # None: every model
 
     @property
     def is_admin(self) -> bool:
@@ -190,7 +193,18 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
         isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
     ):
         raise fail("tokens_per_minute must be a whole number of 1 or more", "tokens_per_minute")
-    return ApiKey(name, digest.strip().lower(), role, limits, budget)
+    models = None
+    if "models" in table:
+        patterns = table["models"]
+        if not isinstance(patterns, list):
+            raise fail(
+                'models must be a list of model names or globs, e.g. ["llama3.2:*"]', "models"
+            )
+        try:
+            models = AllowList(tuple(check_pattern(p) for p in patterns))
+        except ValueError as exc:
+            raise fail(f"models: {exc}", "models") from None
+    return ApiKey(name, digest.strip().lower(), role, limits, budget, models)
 
 
 def _find(lines: list[str], pattern: str, start: int = 0) -> int | None:

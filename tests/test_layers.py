@@ -31,6 +31,7 @@ RANKS = {
     "limiter.policy": 1,
     "limiter.keys": 1,
     "limiter.identity": 1,
+    "limiter.allow": 1,
 }
 CORE = 1
 
