@@ -302,7 +302,7 @@ class FleetScheduler:
                 return Admission.RUNNING
         count = self._clients.get(client)
         if count is not None and count.waiting >= self.queue_max_per_client:
-            self._reject(lane, "client_share")
+            self._reject(lane, "client_queue_full")
             raise ClientShareFull(
                 f"too many waiting requests from this client (limit {self.queue_max_per_client})",
                 retry_after=self._lane_estimate(lane),
@@ -385,7 +385,7 @@ class FleetScheduler:
             if job.submitted + self.queue_timeout > now:
                 break
             self._dequeue(job)
-            self._reject(job.lane, "timeout")
+            self._reject(job.lane, "queue_timeout")
             expired.append(job.key)
         return expired, self._pump(now)
 
