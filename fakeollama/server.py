@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import functools
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -29,7 +28,7 @@ from . import anthropic_compat, control, native, openai_compat
 from .catalog import DEFAULT_MODELS, normalize_model
 from .config import SETTINGS_DEFAULTS, validate_setting
 from .exchange import CRASH_ERROR, MODEL_PATHS, SCHEDULED_PATHS, handler, middleware
-from .state import SimState
+from .state import SimState, wait_for
 from .wire import host_allowed
 
 T = TypeVar("T")
@@ -252,22 +251,7 @@ class FakeOllama:
         A predicate that raises LookupError (a key not there yet) counts as false.
         Raises AssertionError, with the last stats, when ``timeout`` passes.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.stats()
-            try:
-                ok = pred(st)
-            except LookupError:
-                ok = False
-            if ok:
-                return st
-            if time.monotonic() >= deadline:
-                brief = {k: v for k, v in st.items() if k != "requests"}
-                brief["requests"] = f"<{len(st['requests'])} records>"
-                err = AssertionError(f"condition not met within {timeout}s; last stats: {brief}")
-                err.stats = st  # type: ignore[attr-defined]
-                raise err
-            time.sleep(interval)
+        return wait_for(self.stats, pred, timeout, interval)
 
     # ------------------------------------------------------------------ threading
 

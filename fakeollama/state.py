@@ -4,7 +4,7 @@ and the records and counters tests read. It survives ``stop()``/``start()``."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .catalog import Model, build_catalog
@@ -101,3 +101,32 @@ class SimState:
             "aborted": self.aborted,
             "blobs": dict(self.blobs),
         }
+
+
+def wait_for(
+    stats: Callable[[], dict[str, Any]],
+    pred: Callable[[dict[str, Any]], Any],
+    timeout: float,
+    interval: float,
+) -> dict[str, Any]:
+    """Poll ``stats()`` until ``pred(stats)`` is true and return those stats.
+
+    A predicate that raises LookupError (a key not there yet) counts as false.
+    Raises AssertionError, with the last stats, when ``timeout`` passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        st = stats()
+        try:
+            ok = pred(st)
+        except LookupError:
+            ok = False
+        if ok:
+            return st
+        if time.monotonic() >= deadline:
+            brief = {k: v for k, v in st.items() if k != "requests"}
+            brief["requests"] = f"<{len(st['requests'])} records>"
+            err = AssertionError(f"condition not met within {timeout}s; last stats: {brief}")
+            err.stats = st  # type: ignore[attr-defined]
+            raise err
+        time.sleep(interval)

@@ -1104,3 +1104,40 @@ def test_kill_resets_open_streams_and_restarts_on_the_same_port(fake):
     assert post(fake, "/api/generate", {"model": "m1", "prompt": "x", "stream": False}).ok
     st = fake.stats()
     assert st["loads"] == {"m1:latest": 2} and st["disconnects"] == 0
+
+
+def test_a_fleet_of_subprocesses_killed_and_restarted():
+    from fakeollama import FakeOllamaProcess
+
+    big = FakeOllamaProcess(models={"a": 4 * GB, "b": 4 * GB}, vram_bytes="8GB", num_parallel=2)
+    small = FakeOllamaProcess(models="b=4GB", vram=1, record_requests=False, keep_alive="1m")
+    with big, small:
+        assert big.port != small.port
+        tags = requests.get(small.url + "/api/tags", timeout=5).json()["models"]
+        assert [(m["name"], m["size"]) for m in tags] == [("b:latest", 4 * GB)]
+        assert post(small, "/api/generate", {"model": "a", "prompt": "x"}).status_code == 404
+        settings = small.configure(tokens=3)
+        assert settings["vram"] == 1 and settings["keep_alive"] == 60 and settings["tokens"] == 3
+        assert settings["record_requests"] is False
+        assert post(small, "/api/generate", {"model": "b", "prompt": "x", "stream": False}).ok
+
+        r = _slow_stream(big, "a")
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        st = big.wait_for(lambda s: s["loaded"] == ["a:latest"])
+        assert st["model_requests"] == {"a:latest": 1} and st["vram_used"] == 4 * GB
+        port = big.port
+        big.kill()
+        with pytest.raises(requests.exceptions.RequestException):
+            for _ in lines:  # cut mid-stream by the process's death
+                pass
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(big.url + "/", timeout=2)
+        big.start()
+        assert big.port == port
+        st = big.stats(requests=False)
+        assert st["loaded"] == [] and st["total_loads"] == 0 and st["requests"] == []
+        assert post(big, "/api/generate", {"model": "b", "prompt": "x", "stream": False}).ok
+        st = small.stats()  # the other one is untouched
+        assert st["loaded"] == ["b:latest"] and st["completed"] == 1 and st["requests"] == []
+    assert not big.running and not small.running
