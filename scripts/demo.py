@@ -1,29 +1,93 @@
 """`make demo`: the gate in front of the built-in Ollama simulator, with some load.
 
 Starts the simulator (fakeollama: room for two models, slow loads, streamed
-tokens), the gate under gunicorn in front of it, and a handful of clients that
-keep asking four models for completions. Open the printed URL and watch; stop
-with Ctrl-C (or pass --duration to stop by itself).
+tokens), the gate under gunicorn in front of it on GATE_BIND (default
+127.0.0.1:8000), and eight clients that keep asking four models for
+completions, each with one of five API keys (one of them limited to 6
+generations a minute, so some 429s show). Open the printed URL and watch; stop
+with Ctrl-C (or pass --duration to stop by itself). When something already
+listens on the gate's address, the demo stops at once and says so.
+scripts/status_screenshot.py takes docs/status.png under this same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
+DEFAULT_BIND = "127.0.0.1:8000"
 MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "m1:latest", "m2:latest"]
+# The load's API keys: the secret of NAME is "NAME-secret". "you" is for your own curl.
+KEYS = ["alice", "bob", "carol", "ci-batch", "notebook-7"]
+LIMITED = "ci-batch"  # limit_inference = "6/minute"
+CLIENTS = 8
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """GATE_BIND's host and port; the demo needs a TCP port its clients and your browser reach."""
+    host, sep, port = bind.rpartition(":")
+    if bind.startswith("unix:") or not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(
+            f"demo: GATE_BIND={bind!r}: the demo needs HOST:PORT with a port from 1 to 65535 "
+            f"(default {DEFAULT_BIND})"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def url_for(host: str, port: int) -> str:
+    """Where a client on this host reaches a server bound to host:port."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def check_free(host: str, port: int) -> None:
+    """Stop at once when something already listens on the gate's address: else gunicorn
+    would retry for seconds and give up, while the load went to whatever listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"demo: cannot listen on {host}:{port}: {exc.strerror}. Something else "
+                f"(another gate?) is using it: stop it, or give the demo another address, "
+                f"e.g. `make demo GATE_BIND=127.0.0.1:{port + 1 if port < 65535 else 8080}`."
+            ) from None
+
+
+def keys_file(folder: Path) -> Path:
+    """The demo's keys file: one user key per name in KEYS, and "you" for your own requests."""
+    lines = []
+    for name in [*KEYS, "you"]:
+        digest = hashlib.sha256(f"{name}-secret".encode()).hexdigest()
+        lines += [f"[keys.{name}]", f'key_sha256 = "{digest}"', 'role = "user"']
+        if name == LIMITED:
+            lines.append('limit_inference = "6/minute"')
+    path = folder / "keys.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def start_simulator() -> tuple[subprocess.Popen[str], str]:
@@ -40,25 +104,30 @@ def start_simulator() -> tuple[subprocess.Popen[str], str]:
     return proc, line.split("listening on ", 1)[1].strip()
 
 
-def start_gate(upstream: str, port: int) -> subprocess.Popen[bytes]:
+def start_gate(upstream: str, bind: str, keys: Path) -> subprocess.Popen[bytes]:
+    """The gate under gunicorn on ``bind``; returns once it answers, stops the demo if it exits."""
     env = dict(os.environ)
     env.setdefault("GATE_MAX_ACTIVE_MODELS", "1")
     env.setdefault("GATE_MODEL_CONCURRENCY", "2")
     env.setdefault("GATE_SWITCH_AFTER", "8")
     env.setdefault("GATE_LIMIT_INFERENCE", "off")
-    env.update({"GATE_UPSTREAM": upstream, "GATE_BIND": f"127.0.0.1:{port}"})
+    env.update({"GATE_UPSTREAM": upstream, "GATE_BIND": bind, "GATE_API_KEYS_FILE": str(keys)})
     gunicorn = Path(sys.executable).parent / "gunicorn"
     proc = subprocess.Popen(
         [str(gunicorn), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=env
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    url = url_for(*parse_bind(bind))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: the gate exited with status {proc.returncode} (see above)")
         try:
             requests.get(url + "/api/version", timeout=1)
             return proc
-        except requests.ConnectionError:
+        except requests.RequestException:
             time.sleep(0.05)
-    raise SystemExit("the gate did not start")
+    proc.kill()
+    raise SystemExit("demo: the gate did not answer within 30 s")
 
 
 def client(
@@ -74,11 +143,11 @@ def client(
         body = {"model": model, "prompt": f"hello from {name}", "stream": True}
         try:
             with session.post(url + "/api/generate", json=body, stream=True, timeout=120) as r:
-                key = str(r.status_code)
+                outcome = str(r.status_code)
                 for line in r.iter_lines():
                     if line and json.loads(line).get("done"):
-                        key = "ok"
-                stats[key] = stats.get(key, 0) + 1
+                        outcome = "ok"
+                stats[outcome] = stats.get(outcome, 0) + 1
         except requests.RequestException as exc:
             stats[type(exc).__name__] = stats.get(type(exc).__name__, 0) + 1
         stop.wait(rng.uniform(0.2, 1.5))
@@ -99,45 +168,72 @@ def shut_down(
             proc.kill()
 
 
+@dataclass
+class Demo:
+    """The running demo: where the gate answers, and its clients' answers so far."""
+
+    url: str
+    stop: threading.Event
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def running(bind: str, clients: int = CLIENTS) -> Iterator[Demo]:
+    """The simulator, the gate on ``bind`` and the load, until the block ends."""
+    host, port = parse_bind(bind)
+    check_free(host, port)
+    folder = Path(tempfile.mkdtemp(prefix="gate-demo-"))
+    sim, sim_url = start_simulator()
+    procs: tuple[subprocess.Popen, ...] = (sim,)
+    threads: list[threading.Thread] = []
+    demo = Demo(url_for(host, port), threading.Event())
+    try:
+        procs = (start_gate(sim_url, bind, keys_file(folder)), sim)
+        for i in range(clients):
+            name = KEYS[i % len(KEYS)]
+            args = (demo.url, f"{name}-{i}", demo.stop, demo.stats, f"{name}-secret")
+            threads.append(threading.Thread(target=client, args=args, daemon=True))
+        for t in threads:
+            t.start()
+        yield demo
+    finally:
+        shut_down(demo.stop, threads, procs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=8000, help="gate port (default 8000)")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--bind",
+        default=os.environ.get("GATE_BIND") or DEFAULT_BIND,
+        help=f"the gate's HOST:PORT (default: $GATE_BIND, else {DEFAULT_BIND})",
+    )
+    parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--duration", type=float, default=0, help="seconds; 0 = until Ctrl-C")
     args = parser.parse_args()
 
-    sim, sim_url = start_simulator()
-    try:
-        gate = start_gate(sim_url, args.port)
-    except BaseException:
-        sim.terminate()
-        raise
-    url = f"http://127.0.0.1:{args.port}"
-    print(f"\nOllama Gate demo: gate at {url} in front of the simulator.")
-    print(f"  status page: {url}/gate/status   JSON: {url}/gate/status.json")
-    print(f'  try: curl {url}/api/generate -d \'{{"model": "m1", "prompt": "hi"}}\'\n')
-
-    stop = threading.Event()
-    stats: dict[str, int] = {}
-    threads = [
-        threading.Thread(target=client, args=(url, f"client-{i}", stop, stats), daemon=True)
-        for i in range(args.clients)
-    ]
-    for t in threads:
-        t.start()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    started = time.monotonic()
-    try:
-        while not stop.is_set():
-            stop.wait(5)
-            print(f"[{time.monotonic() - started:5.0f}s] answers: {dict(sorted(stats.items()))}")
-            if args.duration and time.monotonic() - started >= args.duration:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        shut_down(stop, threads, (gate, sim))
-    print(f"done: {dict(sorted(stats.items()))}")
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    with running(args.bind, args.clients) as demo:
+        url = demo.url
+        print(f"\nOllama Gate demo: gate at {url} in front of the simulator.")
+        print(f"  status page: {url}/gate/status   JSON: {url}/gate/status.json")
+        print(
+            f"  try: curl {url}/api/generate -H 'Authorization: Bearer you-secret' "
+            '-d \'{"model": "m1", "prompt": "hi"}\'\n',
+            flush=True,
+        )
+        started = time.monotonic()
+        try:
+            while not stop_requested.is_set():
+                left = args.duration - (time.monotonic() - started) if args.duration else 5
+                if left <= 0:
+                    break
+                stop_requested.wait(min(5, left))
+                elapsed = time.monotonic() - started
+                print(f"[{elapsed:5.0f}s] answers: {dict(sorted(demo.stats.items()))}", flush=True)
+        except KeyboardInterrupt:
+            pass
+    print(f"done: {dict(sorted(demo.stats.items()))}")
 
 
 if __name__ == "__main__":
