@@ -7,15 +7,25 @@ way `make run` starts it, on a free loopback port.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fakeollama import FakeOllama
 from tests.nginx_support import Edits, Nginx, start_nginx
 from tests.redis_support import RedisServer, start_redis
-from tests.support import Gate, start_gate
+from tests.support import Gate, hypothesis_profile, start_gate
+
+# Property tests (hypothesis) state their full example count through
+# tests.support.example_count(). The "ci" profile runs that count; it is loaded where CI is
+# set (CI=true, as CI services set it) or with HYPOTHESIS_PROFILE=ci. Elsewhere the
+# "dev" profile runs a fifth of it, for a quicker local suite.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(hypothesis_profile(os.environ))
 
 
 @pytest.fixture(scope="session")

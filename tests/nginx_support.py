@@ -6,7 +6,7 @@ substituted (listen port, the gate's address in the upstream block), so the
 tested configuration is the one that ships. A test (or a benchmark) may change
 more lines with ``edits``, each of which must match exactly once, e.g. a smaller
 connection cap, or the flood shield taken out. nginx runs in the foreground as a
-child process (``daemon off``) and is stopped with SIGQUIT (graceful) at teardown.
+child process (``daemon off``) and is stopped with SIGTERM (fast shutdown) at teardown.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Nginx:
 
     def stop(self, timeout: float = 10) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
+            self.proc.send_signal(signal.SIGTERM)  # fast shutdown: nothing left to drain
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -29,6 +30,28 @@ BASE_ENV = {
     "GATE_LOG_LEVEL": "info",
     "GATE_GRACEFUL_TIMEOUT": "5",
 }
+
+
+# The share of a property test's examples that the "dev" hypothesis profile runs
+# (tests/conftest.py): the "ci" profile runs them all.
+DEV_SHARE = 5
+
+
+def hypothesis_profile(environ: Mapping[str, str]) -> str:
+    """The hypothesis profile to load: HYPOTHESIS_PROFILE if set; else "ci" where CI is
+    set (CI=true, as CI services set it), "dev" elsewhere."""
+    if environ.get("HYPOTHESIS_PROFILE"):
+        return environ["HYPOTHESIS_PROFILE"]
+    ci = environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return "ci" if ci else "dev"
+
+
+def example_count(full: int) -> int:
+    """A property test's example count: ``full`` under the "ci" hypothesis profile, a
+    fifth of it (at least 10) under "dev", the local default."""
+    if settings.get_current_profile_name() == "ci":
+        return full
+    return max(10, full // DEV_SHARE)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,15 +108,43 @@ class Gate:
                 raise AssertionError(f"gate left jobs behind: {queue}")
             time.sleep(0.05)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    def stop(self, sig: int = signal.SIGKILL, timeout: float = 15) -> int:
+        """Stop gunicorn; return its exit status.
+
+        By default at once: SIGKILL to its process group, master and workers alike,
+        since a test that is not about shutdown has nothing left to drain (a graceful
+        stop costs about a second per gate). Tests of shutdown send SIGTERM themselves
+        or pass it here. Whatever is left of the group afterwards is killed too.
+        """
+        workers = self.worker_pids()
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self._kill_group()
+            else:
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._kill_group()
                 self.proc.wait(5)
+        self._kill_group()  # a worker the master left behind
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.proc.returncode
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def start_gate(
@@ -115,6 +166,7 @@ def start_gate(
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: Gate.stop kills it whole
         )
     gate = Gate(f"http://127.0.0.1:{port}", port, proc, log, full_env)
     if wait:

@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from errors import BUSY_TEXT, ClientShareFull, QueueFull
 from settings import Settings
+from tests.support import example_count
 from workqueue import Admission, Scheduler
 from workqueue.core import DEFAULT_JOB_SECONDS, MAX_IDLE_MODELS
 
@@ -804,6 +805,6 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 SchedulerMachine.TestCase.settings = settings(
-    max_examples=500, stateful_step_count=50, deadline=None
+    max_examples=example_count(500), stateful_step_count=50, deadline=None
 )
 test_scheduler_rules_hold_in_random_runs = SchedulerMachine.TestCase

@@ -28,7 +28,7 @@ from fakeollama import FakeOllama
 from settings import Settings
 from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
-from tests.support import Gate, clients
+from tests.support import Gate, clients, example_count
 from tests.test_workqueue_gate import generate, open_stream
 from workqueue.core import Scheduler
 from workqueue.gate import Slot
@@ -179,7 +179,7 @@ def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
 Event = tuple[str, int, int, int]  # (submit | finish, model or job index, client, ms later)
 
 
-@examples(max_examples=150, deadline=None)
+@examples(max_examples=example_count(150), deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -274,7 +274,7 @@ Factory = Callable[..., Gate]
 
 @pytest.fixture
 def gates(gate_factory: Factory) -> Iterator[Factory]:
-    """gate_factory, but gates stop with SIGQUIT: no test leaves a stream to finish."""
+    """gate_factory, stopping its gates at once as soon as the test ends."""
     yield from quick_gates(gate_factory)
 
 
