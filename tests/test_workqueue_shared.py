@@ -148,11 +148,49 @@ def test_lapsed_leases_free_slots_and_queue_places(rdb: redis.Redis) -> None:
     assert s.submit("live", M1, "c2", "live", now_ms=4_000).outcome == "queue_full"
     assert s.submit("live", M1, "c2", "live", now_ms=5_002).outcome == "running"
     assert s.snapshot(now_ms=5_003)["totals"]["reaped"] == 2
-    # Renewal keeps a lease alive; a job Redis forgot is reported missing.
-    assert s.tick(["live", "ghost"], now_ms=9_000) == ["ghost"]
+    # Renewal keeps a lease alive; a waiting job Redis forgot is reported missing.
+    ticked = s.tick("live", running=[("live", M1, "c2")], waiting=["ghost"], now_ms=9_000)
+    assert (ticked.missing, ticked.counted) == (["ghost"], [])
     assert s.submit("x", M1, "c3", "o", now_ms=12_000).outcome == "waiting"
     s.finish("live", now_ms=12_001)
     assert woken(rdb, "o") == ["x"]
+
+
+def test_a_running_job_redis_forgot_is_counted_again(rdb: redis.Redis) -> None:
+    """A job that ran while Redis could not count it holds its slot once Redis answers."""
+    s = sched(rdb, lease=5.0, max_active_models=1)
+    assert s.submit("shared", M1, "c", "other", now_ms=0).outcome == "running"
+    # "own" ran on its process's own slots (m2) while Redis was out of reach: counted
+    # now, past the slots and the model cap, since it runs whatever Redis says.
+    ticked = s.tick("o", running=[("own", M2, "c2")], now_ms=100)
+    assert ticked.counted == ["own"]
+    snap = s.snapshot(now_ms=101)
+    assert snap["models"]["m2:latest"]["running"] == 1
+    assert snap["totals"]["active_models"] == ["m1:latest", "m2:latest"]
+    assert snap["totals"]["admitted"] == 1 and snap["totals"]["counted_again"] == 1
+    # So m1's slot, once free, is not handed to a new model: m2 still runs.
+    assert s.submit("next", M3, "c3", "o", now_ms=200).outcome == "waiting"
+    s.finish("shared", now_ms=300)
+    assert woken(rdb, "o") == []
+    # Its lease is renewed by the next tick, and finishing it lets the queue move on.
+    ticked = s.tick("o", running=[("own", M2, "c2")], waiting=["next"], now_ms=4_000)
+    assert (ticked.counted, ticked.missing) == ([], [])
+    s.finish("own", now_ms=6_000)
+    assert woken(rdb, "o") == ["next"]
+
+
+def test_a_requeued_job_passes_the_bounds_and_keeps_its_wait(rdb: redis.Redis) -> None:
+    s = sched(rdb, queue_max=1, queue_max_per_client=1)
+    assert s.submit("run", M1, "c", "o", now_ms=0).outcome == "running"
+    assert s.submit("w", M1, "c", "o", now_ms=1).outcome == "waiting"
+    assert s.submit("x", M1, "c", "o", now_ms=2).outcome == "client_queue_full"
+    assert s.submit("x", M1, "c2", "o", now_ms=3).outcome == "queue_full"
+    # A job that already waited 4 s in its process's own queue is queued all the same.
+    requeued = s.submit("x", M1, "c2", "o", requeue=True, waited=4.0, now_ms=5_000)
+    assert requeued.outcome == "waiting"
+    snap = s.snapshot(now_ms=5_000)
+    assert snap["totals"]["waiting"] == 2
+    assert snap["models"]["m1:latest"]["oldest_wait"] == pytest.approx(4.999)
 
 
 def test_finish_is_idempotent_and_cancels_waiters(rdb: redis.Redis) -> None:
@@ -172,7 +210,7 @@ def test_finish_is_idempotent_and_cancels_waiters(rdb: redis.Redis) -> None:
 def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
     s = sched(rdb)
     assert s.submit("a", M1, "c", "o").outcome == "running"
-    assert s.tick(["a"]) == []
+    assert s.tick("o", running=[("a", M1, "c")]).counted == []
     assert s.finish("a") == "running"
 
 
@@ -453,6 +491,62 @@ def test_a_paused_redis_falls_back_and_recovers(
         before = int(client.hget("gate:wq:stats", "admitted") or 0)
         assert timed("m1") == 200
         assert int(client.hget("gate:wq:stats", "admitted") or 0) == before + 1
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 15) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def local_queue(gate: Gate) -> tuple[int, int]:
+    """(running, waiting) of the gate's own work queue, from its /gate/status.json."""
+    queue = requests.get(gate.url + "/gate/status.json", timeout=5).json()["queue"]
+    return queue["running"], queue["waiting"]
+
+
+def test_after_redis_returns_the_shared_cap_holds_again(
+    fake: FakeOllama, gates: Factory, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Jobs that queued on each gate's own slots during an outage are counted in Redis again."""
+    env = shared_env(redis_url, GATE_QUEUE_TIMEOUT="60")  # lease 2 s, one job per model
+    one, two = gates(fake.url, env), gates(fake.url, env)
+    job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "8"}  # about 0.8 s
+    named = (("one", one), ("two", two))
+    with ThreadPoolExecutor(10) as pool:
+        with redis_server.paused():
+            backlog = [
+                pool.submit(generate, gate, "m1", prompt=f"{name}{i}", headers=job)
+                for i in range(4)
+                for name, gate in named
+            ]
+            # Each gate falls back to its own slot: one job runs there, three wait there.
+            for name, gate in named:
+                wait_until(f"{name} runs 1 and queues 3", lambda g=gate: local_queue(g) == (1, 3))
+            assert fake.stats()["in_flight"]["m1:latest"] == 2  # the price of serving at all
+        for name, gate in named:
+            wait_until(f"{name} shares again", lambda g=gate: "shared again" in g.logs())
+        # New jobs now go through Redis, which must count what runs and waits on each gate.
+        late = [
+            pool.submit(generate, gate, "m1", prompt=f"late-{name}", headers=job)
+            for name, gate in named
+        ]
+        # The jobs running when Redis came back finish; from then on one at a time.
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest", 0) <= 1, timeout=10)
+        before = fake.stats()["max_in_flight"]["m1:latest"]
+        fake.reset()  # max_in_flight counts from here
+        assert [f.result()[0] for f in backlog + late] == [200] * 10
+    after = fake.stats()
+    # Never more than the outage's own slots (one per gate), and one at a time again.
+    assert before <= 2
+    assert after["max_in_flight"]["m1:latest"] == 1
+    assert len(clients(after)) >= 3  # the check above saw jobs run, not an empty queue
+    for gate in (one, two):
+        logs = gate.logs()
+        assert "Redis unreachable" in logs and "Traceback" not in logs
 
 
 def test_leaving_or_timing_out_while_waiting_frees_everything(

@@ -252,13 +252,18 @@ class Scheduler:
             expired.append(job.key)
         return expired, self._pump(now)
 
-    def cancel_waiting(self, now: float) -> list[Hashable]:
-        """Drop every waiting job and start none (shutting down); return the jobs dropped."""
+    def cancel_waiting(self, now: float, *, reason: str | None = "cancelled") -> list[Hashable]:
+        """Drop every waiting job and start none; return the jobs dropped, oldest first.
+
+        Each counts as a rejection for ``reason`` (shutting down: "cancelled"); with None
+        it is not counted (the jobs wait on elsewhere).
+        """
         self._advance(now)
         dropped = list(self._waiting)
         for job in list(self._waiting.values()):
             self._dequeue(job)
-            self._reject(job.lane, "cancelled")
+            if reason is not None:
+                self._reject(job.lane, reason)
         return dropped
 
     def tick(self, now: float) -> list[Hashable]:

@@ -34,6 +34,10 @@ class ClientGone(Exception):
     """The client went away while its job waited: the job left the queue and never ran."""
 
 
+class Requeued(Exception):
+    """The waiting job was taken out of this queue to wait in another (Redis answers again)."""
+
+
 def wait_or_gone(
     event: gevent.event.Event,
     client_gone: gevent.event.Event | None,
@@ -64,7 +68,7 @@ class _Waiter:
         self.admin = admin
         self.event = gevent.event.Event()
         self.started = False
-        self.error: GateError | None = None
+        self.error: GateError | Requeued | None = None
 
 
 class Slot:
@@ -107,6 +111,11 @@ class Slot:
         # From a finaliser, which may fire in the middle of a scheduler call: in the hub.
         gevent.get_hub().loop.run_callback(self._queue._finish, self.job_id)
 
+    def _release_later(self) -> None:
+        """Release from a finaliser: mark it released now, free it from the hub."""
+        self._released = True
+        self._free_later()
+
     def __enter__(self) -> Slot:
         return self
 
@@ -124,10 +133,9 @@ class Slot:
         # a finaliser may fire in the middle of a scheduler call.
         if getattr(self, "_released", True):
             return
-        self._released = True
         try:
             logger.warning("work queue: a slot for %s was never released", self.model)
-            self._free_later()
+            self._release_later()
         except Exception:  # the interpreter is shutting down: nothing left to free
             pass
 
@@ -246,6 +254,19 @@ class WorkQueue:
     def idle(self) -> bool:
         """Whether no job runs or waits."""
         return self._scheduler.idle() and not self._waiters
+
+    def requeue_waiting(self) -> int:
+        """Take every waiting job out of this queue, oldest first; its ``acquire`` raises
+        Requeued, for the caller to queue it elsewhere. Running jobs keep their slots.
+        Returns how many jobs were taken out."""
+        dropped = self._scheduler.cancel_waiting(self._clock(), reason=None)
+        for job_id in dropped:
+            waiter = self._waiters.pop(job_id, None)
+            if waiter is not None:
+                waiter.error = Requeued()
+                waiter.event.set()
+        self._poke_timer()
+        return len(dropped)
 
     def close(self) -> None:
         """Stop the timer and fail every waiting job with ShuttingDown; held slots stay valid."""

@@ -187,18 +187,21 @@ local function can_start(lane)
 end
 """
 
-# ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client.
+# ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client, then
+# "requeue" ('1': a job that already waited elsewhere, so the bounds do not turn it away)
+# and the ms it already waited (its arrival is set that far back).
 # Returns {'running'} | {'waiting'} | {'client_queue_full', lane_waiting} | {'queue_full', waiting}.
 _SUBMIT = (
     _PRELUDE
     + r"""
 local id, lane, client, owner = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local queue_max, per_client = tonumber(ARGV[12]), tonumber(ARGV[13])
+local requeue, sub = ARGV[14] == '1', now - tonumber(ARGV[15])
 if reap() > 0 then pump() end
 if redis.call('EXISTS', P .. 'job:' .. id) == 1 then return redis.error_reply('job exists') end
 local job = P .. 'job:' .. id
 if can_start(lane) then
-  redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now, 'state', 'w')
+  redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w')
   if lane ~= 'a' and redis.call('SISMEMBER', P .. 'active', lane) == 0 then
     redis.call('SET', P .. 'slice', now)
     redis.call('HINCRBY', P .. 'stats', 'activations', 1)
@@ -206,16 +209,16 @@ if can_start(lane) then
   start(id, lane, false)  -- it runs at once: its owner needs no wake-up
   return {'running'}
 end
-if tonumber(redis.call('HGET', P .. 'cw', client) or '0') >= per_client then
+if not requeue and tonumber(redis.call('HGET', P .. 'cw', client) or '0') >= per_client then
   redis.call('HINCRBY', P .. 'stats', 'client_queue_full', 1)
   return {'client_queue_full', redis.call('ZCARD', P .. 'q:' .. lane)}
 end
-if redis.call('ZCARD', P .. 'wait') >= queue_max then
+if not requeue and redis.call('ZCARD', P .. 'wait') >= queue_max then
   redis.call('HINCRBY', P .. 'stats', 'queue_full', 1)
   return {'queue_full', redis.call('ZCARD', P .. 'wait')}
 end
 local seq = redis.call('INCR', P .. 'seq')
-redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now, 'state', 'w')
+redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w')
 redis.call('ZADD', P .. 'wait', seq, id)
 redis.call('ZADD', P .. 'q:' .. lane, seq, id)
 local cq = P .. 'cq:' .. lane .. '\0' .. client
@@ -238,13 +241,30 @@ return was
 """
 )
 
-# ARGV[8..]: ids whose leases to renew. Reaps, applies due switches, and returns the
-# ids that Redis no longer knows (their leases lapsed).
+# ARGV[8]: the owner; ARGV[9]: n, the number of running jobs; ARGV[10 .. 9 + 3n]: each
+# running job's id, lane and client; the rest: ids of waiting jobs. Renews every lease;
+# a running job that Redis no longer knows (its lease lapsed while Redis was out of
+# reach, or Redis restarted empty, or it ran on the process's own slots meanwhile) is
+# counted again as running, whatever the slots: it runs, so it holds one. Then reaps,
+# applies due switches, and returns {waiting ids Redis no longer knows, ids counted again}.
 _TICK = (
     _PRELUDE
     + r"""
-local missing = {}
-for i = 8, #ARGV do
+local owner, n = ARGV[8], tonumber(ARGV[9])
+local missing, counted = {}, {}
+for i = 10, 9 + 3 * n, 3 do
+  local id, lane, client = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if not redis.call('ZSCORE', P .. 'leases', id) then
+    local job = P .. 'job:' .. id
+    redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now)
+    start(id, lane, false)
+    redis.call('HINCRBY', P .. 'stats', 'admitted', -1)  -- admitted once already
+    redis.call('HINCRBY', P .. 'stats', 'counted_again', 1)
+    table.insert(counted, id)
+  end
+  redis.call('ZADD', P .. 'leases', now + LEASE, id)
+end
+for i = 10 + 3 * n, #ARGV do
   if redis.call('ZSCORE', P .. 'leases', ARGV[i]) then
     redis.call('ZADD', P .. 'leases', now + LEASE, ARGV[i])
   else
@@ -253,7 +273,7 @@ for i = 8, #ARGV do
 end
 reap()
 pump()
-return missing
+return {missing, counted}
 """
 )
 
@@ -310,6 +330,14 @@ class Decision:
     waiting: int = 0
 
 
+@dataclass(frozen=True)
+class Ticked:
+    """The tick script's answer: waiting ids Redis forgot, running ids it counted again."""
+
+    missing: list[str]
+    counted: list[str]
+
+
 class RedisScheduler:
     """The scheduling rules applied atomically to state in Redis (one script per event)."""
 
@@ -363,9 +391,22 @@ class RedisScheduler:
         return ["" if now_ms is None else str(now_ms), *self._config, *extra]
 
     def submit(
-        self, job_id: str, lane: str, client: str, owner: str, *, now_ms: int | None = None
+        self,
+        job_id: str,
+        lane: str,
+        client: str,
+        owner: str,
+        *,
+        requeue: bool = False,
+        waited: float = 0.0,
+        now_ms: int | None = None,
     ) -> Decision:
-        """Add a job: it runs at once, waits, or is turned away (client share, queue full)."""
+        """Add a job: it runs at once, waits, or is turned away (client share, queue full).
+
+        ``requeue``: the job already waited ``waited`` seconds in another queue (this
+        process's own, while Redis was out of reach); it is not turned away, and its
+        arrival counts from then for the switch rule and the oldest wait.
+        """
         args = self._argv(
             now_ms,
             job_id,
@@ -374,6 +415,8 @@ class RedisScheduler:
             owner,
             str(self.queue_max),
             str(self.queue_max_per_client),
+            "1" if requeue else "",
+            str(max(0, int(waited * 1000))),
         )
         reply = self._submit(keys=[self.prefix], args=args)
         outcome = _text(reply[0])
@@ -383,10 +426,24 @@ class RedisScheduler:
         """End a job (released, cancelled); return 'running', 'waiting' or 'none'."""
         return _text(self._finish(keys=[self.prefix], args=self._argv(now_ms, job_id)))
 
-    def tick(self, renew: Iterable[str] = (), *, now_ms: int | None = None) -> list[str]:
-        """Renew leases, drop lapsed jobs, start what the rules allow; return unknown ids."""
-        missing = self._tick(keys=[self.prefix], args=self._argv(now_ms, *renew))
-        return [_text(m) for m in missing]
+    def tick(
+        self,
+        owner: str,
+        *,
+        running: Iterable[tuple[str, str, str]] = (),
+        waiting: Iterable[str] = (),
+        now_ms: int | None = None,
+    ) -> Ticked:
+        """Renew the leases of ``owner``'s jobs, drop lapsed jobs, start what the rules allow.
+
+        ``running`` holds (id, lane, client) of each job running: one that Redis does not
+        know is counted again (``Ticked.counted``). Waiting ids that Redis does not know
+        come back in ``Ticked.missing``.
+        """
+        jobs = [field for job in running for field in job]
+        args = self._argv(now_ms, owner, str(len(jobs) // 3), *jobs, *waiting)
+        missing, counted = self._tick(keys=[self.prefix], args=args)
+        return Ticked([_text(m) for m in missing], [_text(c) for c in counted])
 
     def snapshot(self, *, now_ms: int | None = None) -> dict[str, Any]:
         """The shared state, for the status page."""
@@ -416,6 +473,7 @@ class RedisScheduler:
                     "client_queue_full": int(stats.get("client_queue_full", 0)),
                 },
                 "reaped": int(stats.get("reaped", 0)),
+                "counted_again": int(stats.get("counted_again", 0)),
                 "activations": int(stats.get("activations", 0)),
                 "forced_switches": int(stats.get("forced_switches", 0)),
             },

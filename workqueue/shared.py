@@ -9,8 +9,10 @@ renews this process's leases, drops lapsed ones and applies switches that fell d
 
 When Redis fails or answers slower than STORAGE_TIMEOUT, admission falls back to an
 in-process ``WorkQueue`` (this process's own slots, as with one worker) and the pump
-probes Redis every PROBE_EVERY seconds until it answers again. docs/SHARED_QUEUE.md has
-the algorithm and its failure modes.
+probes Redis every PROBE_EVERY seconds (a third of the lease at most) until it answers
+again. Then the jobs running on the process's own slots are counted in Redis, and the
+jobs waiting in its own queue are queued in Redis again, before new jobs go there.
+docs/SHARED_QUEUE.md has the algorithm and its failure modes.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from redis.retry import Retry
 from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
 
 from .core import DEFAULT_JOB_SECONDS, EWMA_WEIGHT
-from .gate import ClientGone, Slot, WorkQueue, wait_or_gone
+from .gate import ClientGone, Requeued, Slot, WorkQueue, wait_or_gone
 from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
 
 logger = logging.getLogger(__name__)
 
 # Seconds Redis may take to answer one call before it counts as down (as the limiter's).
 STORAGE_TIMEOUT = 0.5
-# While Redis is down, try it again this often.
+# While Redis is down, try it again this often (or every third of the lease, if sooner).
 PROBE_EVERY = 2.0
 # The pump's BLMPOP blocks this long at most, and ticks this often while jobs wait.
 WAKE_BLOCK = 0.2
@@ -82,10 +84,54 @@ class SharedSlot(Slot):
         gevent.get_hub().loop.run_callback(self._queue._spawn_finish, self.job_id)
 
 
-class _Waiter:
-    __slots__ = ("event", "queued", "started", "error")
+class FallbackSlot(SharedSlot):
+    """A job admitted on this process's own slots while Redis was out of reach.
 
-    def __init__(self) -> None:
+    It holds a slot of the process's ``WorkQueue``; once Redis answers again it is counted
+    there too, so releasing frees both.
+    """
+
+    __slots__ = ("_local",)
+
+    def __init__(
+        self,
+        queue: SharedWorkQueue,
+        local: Slot,
+        job_id: str,
+        model: str,
+        client: str,
+        admin: bool,
+        waited: float,
+    ) -> None:
+        super().__init__(queue, job_id, model, client, admin, waited)
+        self._local = local
+
+    def _free(self) -> None:
+        self._local.release()
+        super()._free()
+
+    def _free_later(self) -> None:
+        self._local._release_later()
+        super()._free_later()
+
+
+class _Held:
+    """A job of this process that runs: its lane and client, and whether Redis counts it."""
+
+    __slots__ = ("lane", "client", "counted")
+
+    def __init__(self, lane: str, client: str, counted: bool) -> None:
+        self.lane = lane
+        self.client = client
+        self.counted = counted
+
+
+class _Waiter:
+    __slots__ = ("lane", "client", "event", "queued", "started", "error")
+
+    def __init__(self, lane: str, client: str) -> None:
+        self.lane = lane
+        self.client = client
         self.event = gevent.event.Event()
         self.queued = False  # the submit script has answered "waiting"
         self.started = False
@@ -138,17 +184,23 @@ class SharedWorkQueue:
             prefix=prefix,
         )
         self.lease = float(lease)
+        self.probe_every = min(PROBE_EVERY, self.lease / 3)
         self.queue_timeout = float(settings.queue_timeout)
         self._local = WorkQueue.from_settings(settings)
         self._clock = clock
         self._owner: str | None = None
         self._ids = itertools.count(1)
         self._waiters: dict[str, _Waiter] = {}
-        self._running: set[str] = set()
+        # Every job of this process that runs, shared or on its own slots.
+        self._running: dict[str, _Held] = {}
         self._down_since: float | None = None
         self._closed = False
         self._pump: Greenlet | None = None
         self._poke = gevent.event.Event()
+        # Clear while Redis, just back, counts this process's running jobs: new shared
+        # submits wait for that, so none is started beside a job Redis does not count yet.
+        self._counted = gevent.event.Event()
+        self._counted.set()
         self._next_renew = 0.0
         self._last_tick = 0.0
         # Jobs left in Redis while it was out of reach: finished once it answers again.
@@ -185,21 +237,45 @@ class SharedWorkQueue:
         admin: bool = False,
         client_gone: gevent.event.Event | None = None,
     ) -> Any:
-        """Block this greenlet until the job may run and return its slot (see WorkQueue)."""
-        if self._closed:
-            raise ShuttingDown("the gate is shutting down", retry_after=1.0)
+        """Block this greenlet until the job may run and return its slot (see WorkQueue).
+
+        While Redis is out of reach the job waits in this process's own queue; when Redis
+        answers again, it leaves that queue and waits in Redis (requeued).
+        """
         if client_gone is not None and client_gone.is_set():
             raise ClientGone()
         self._start_pump()
         submitted = self._clock()
-        if not self.fallback:
+        requeue = False
+        while True:
+            if self._closed:
+                raise ShuttingDown("the gate is shutting down", retry_after=1.0)
+            if not self.fallback:
+                try:
+                    return self._acquire_shared(
+                        model, client, admin, client_gone, submitted, requeue
+                    )
+                except RedisDown:
+                    pass  # admitted below, with this process's own slots
+                except Requeued:
+                    requeue = True  # Redis forgot it: queue it there again
+                    continue
             try:
-                return self._acquire_shared(model, client, admin, client_gone, submitted)
-            except RedisDown:
-                pass  # admitted below, with this process's own slots
-        slot = self._local.acquire(model, client, admin=admin, client_gone=client_gone)
-        slot.waited = self._clock() - submitted
-        return slot
+                local = self._local.acquire(model, client, admin=admin, client_gone=client_gone)
+            except Requeued:
+                requeue = True  # Redis answers again: wait there
+                continue
+            job_id = f"{self.owner}:{next(self._ids)}"
+            self._running[job_id] = _Held(lane_of(model, admin), client, counted=False)
+            if not self.fallback:
+                # It started on this process's own slots just as Redis came back, after the
+                # running jobs were counted there: count it before it runs.
+                try:
+                    self._tick(renew=True)
+                except redis.RedisError as exc:
+                    self._went_down(exc)
+            waited = self._clock() - submitted
+            return FallbackSlot(self, local, job_id, model, client, admin, waited)
 
     def snapshot(self) -> dict[str, Any]:
         """The shared state, or this process's own while falling back."""
@@ -256,13 +332,24 @@ class SharedWorkQueue:
         admin: bool,
         client_gone: gevent.event.Event | None,
         submitted: float,
+        requeue: bool,
     ) -> SharedSlot:
         job_id = f"{self.owner}:{next(self._ids)}"
         lane = lane_of(model, admin)
+        self._counted.wait()
+        if self.fallback:
+            raise RedisDown()  # it went down again while this process's jobs were counted
         # Registered before the script runs: the pump may see the wake-up first.
-        waiter = self._waiters[job_id] = _Waiter()
+        waiter = self._waiters[job_id] = _Waiter(lane, client)
         try:
-            decision = self._sched.submit(job_id, lane, client, self.owner)
+            decision = self._sched.submit(
+                job_id,
+                lane,
+                client,
+                self.owner,
+                requeue=requeue,
+                waited=self._clock() - submitted if requeue else 0.0,
+            )
         except redis.RedisError as exc:
             self._waiters.pop(job_id, None)
             self._went_down(exc)
@@ -272,8 +359,8 @@ class SharedWorkQueue:
             raise
         if decision.outcome == "running":
             self._waiters.pop(job_id, None)
-            self._running.add(job_id)
-            return SharedSlot(self, job_id, model, client, admin, 0.0)
+            self._running[job_id] = _Held(lane, client, counted=True)
+            return SharedSlot(self, job_id, model, client, admin, self._clock() - submitted)
         if decision.outcome != "waiting":
             self._waiters.pop(job_id, None)
             slots = self._sched.slots(lane)
@@ -298,7 +385,6 @@ class SharedWorkQueue:
         except BaseException:
             # Killed or timed out from outside while waiting: leave no trace behind.
             self._waiters.pop(job_id, None)
-            self._running.discard(job_id)
             self._spawn_finish(job_id)
             raise
 
@@ -323,7 +409,9 @@ class SharedWorkQueue:
 
     def _finish(self, job_id: str) -> None:
         """End a job in Redis; a failure only means its lease frees it later."""
-        self._running.discard(job_id)
+        held = self._running.pop(job_id, None)
+        if held is not None and not held.counted:
+            return  # it ran on this process's own slots, and Redis never counted it
         if self.fallback:
             self._orphans.add(job_id)  # finished when Redis answers, else its lease lapses
             return
@@ -378,43 +466,80 @@ class SharedWorkQueue:
                 self._spawn_finish(job_id)
                 continue
             waiter.started = True
-            self._running.add(job_id)
+            self._running[job_id] = _Held(waiter.lane, waiter.client, counted=True)
             waiter.event.set()
 
-    def _tick(self) -> None:
+    def _tick(self, *, renew: bool = False) -> None:
         now = self._clock()
-        renew: list[str] = []
-        if now >= self._next_renew:
+        running: list[tuple[str, str, str]] = []
+        waiting: list[str] = []
+        if renew or now >= self._next_renew:
+            running = [(i, h.lane, h.client) for i, h in self._running.items()]
             # Not the jobs whose submit has not answered yet: Redis may not know them.
-            renew = [*self._running, *(i for i, w in self._waiters.items() if w.queued)]
+            waiting = [i for i, w in self._waiters.items() if w.queued]
             self._next_renew = now + self.lease / 3
         elif not self._waiters or now < self._last_tick + TICK:
             return
         self._last_tick = now
-        missing = self._sched.tick(renew)
-        for job_id in missing:
-            # Redis forgot the job: its lease lapsed (Redis was out of reach for a lease,
-            # or restarted empty). A waiter is admitted locally; a running job runs on.
-            if job_id in self._running:
-                self._running.discard(job_id)
-                logger.warning("work queue: the lease of running job %s lapsed", job_id)
+        ticked = self._sched.tick(self.owner, running=running, waiting=waiting)
+        for job_id in ticked.counted:
+            held = self._running.get(job_id)
+            if held is None:
+                # Released while the script ran, after Redis had counted it: end it there.
+                self._spawn_finish(job_id)
+                continue
+            if held.counted:
+                # Its lease lapsed (Redis was out of reach for a lease, or restarted empty):
+                # it runs still, so it holds a slot again.
+                logger.warning("work queue: running job %s had lost its lease", job_id)
+            held.counted = True
+        for job_id in ticked.missing:
+            # Redis forgot a waiting job (its lease lapsed): it queues there again.
             waiter = self._waiters.pop(job_id, None)
             if waiter is not None:
-                waiter.error = RedisDown()
+                waiter.error = Requeued()
                 waiter.event.set()
 
     def _probe(self) -> None:
-        gevent.sleep(PROBE_EVERY)
+        gevent.sleep(self.probe_every)
         try:
             self._redis.ping()
         except redis.RedisError:
             return
-        logger.warning("work queue: Redis answers again; slots are shared again")
-        self._down_since = None
-        self._next_renew = 0.0
-        orphans, self._orphans = self._orphans, set()
-        for job_id in orphans:
-            self._finish(job_id)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Redis answers again: count this process's running jobs there, then share again.
+
+        From now on no job starts on this process's own slots: the jobs waiting there leave
+        that queue to queue in Redis, and new jobs go to Redis too, but their submits wait
+        until Redis has finished the slots released while it was away and counts every job
+        of this process that runs (on the shared slots or its own).
+        """
+        self._counted.clear()
+        try:
+            self._down_since = None
+            requeued = self._local.requeue_waiting()
+            self._finish_orphans()
+            while True:
+                self._tick(renew=True)
+                # Again if a job started on the process's own slots just before (its
+                # greenlet had not run yet) was added meanwhile.
+                if all(held.counted for held in self._running.values()):
+                    break
+        finally:
+            self._counted.set()
+        logger.warning(
+            "work queue: Redis answers again; slots are shared again "
+            "(jobs of this process counted there: %s running; queued there again: %s waiting)",
+            len(self._running),
+            requeued,
+        )
+
+    def _finish_orphans(self) -> None:
+        for job_id in list(self._orphans):
+            self._sched.finish(job_id)
+            self._orphans.discard(job_id)
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is None:
@@ -423,7 +548,7 @@ class SharedWorkQueue:
                 "work queue: Redis unreachable (%s); admitting with this process's own "
                 "slots and trying Redis again every %ss",
                 exc,
-                PROBE_EVERY,
+                f"{self.probe_every:.2g}",
             )
         self._start_pump()  # it probes Redis until it answers
         # Jobs waiting in Redis wait again, locally.
