@@ -114,6 +114,10 @@ def on_starting(server):
     for warning in unknown_variables(os.environ):
         server.log.warning("ollama-gate: %s", warning)
     server.log.info("ollama-gate: %s", gate_settings.describe())
+    # SIGHUP: the workers re-read the keys file in place; none is restarted (limiter/reload.py).
+    from limiter import reload
+
+    reload.forward_to_workers(server)
 
 
 # The worker's graceful drain (graceful.py), set by post_worker_init in each worker.
@@ -121,14 +125,17 @@ _drain = None
 
 
 def post_worker_init(worker):
-    """Make SIGTERM graceful for the gate: 503 for new jobs, streams finish (graceful.py).
+    """Make SIGTERM graceful for the gate: 503 for new jobs, streams finish (graceful.py);
+    SIGHUP re-reads the keys file (limiter/reload.py).
 
     Imported here, in the worker, after gevent has patched the standard library.
     """
     global _drain
     import graceful
+    from limiter import reload
 
     _drain = graceful.install(worker)
+    reload.install(worker)
 
 
 def pre_request(worker, req):

@@ -108,22 +108,21 @@ class GateLimiter:
     app's Pipeline (its ``identify_light``, ``keyring`` and ``stats`` serve other layers)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.keyring: Keyring | None = (
-            load_keys(settings.api_keys_file) if settings.api_keys_file else None
-        )
+        self.keys_file = settings.api_keys_file
+        self.keyring: Keyring | None = load_keys(self.keys_file) if self.keys_file else None
         self.defaults: dict[EndpointClass, str] = {
             cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
         }
         self.anon_tokens_per_minute = settings.anon_tokens_per_minute
         self.storage_uri = settings.storage_uri
         self.trusted_proxies = settings.trusted_proxies
-        self._check_limit_strings(settings)
+        self._check_limit_strings()
+        if self.keyring is not None:
+            self._check_key_limits(self.keyring)
         self._warn_of_burst_refusals(settings)
-        overrides = (
-            [v for key in self.keyring.keys for v in key.limits.values()] if self.keyring else []
-        )
-        # With every class off (and no key turning one on) Flask-Limiter is not installed at all.
-        self.enabled = any(v != OFF for v in [*self.defaults.values(), *overrides])
+        # With every class off and no keys file (whose keys may turn a class on, now or
+        # after a reload) Flask-Limiter is not installed at all.
+        self.enabled = self.keyring is not None or any(v != OFF for v in self.defaults.values())
         self.limiter = Limiter(
             key_func=self._limit_key,
             default_limits=[
@@ -144,12 +143,20 @@ class GateLimiter:
         self.rejections: Counter[str] = Counter()  # 429s per class, for the status page
         self.cache: RejectCache | None = None
 
-    def _check_limit_strings(self, settings: Settings) -> None:
+    def _check_limit_strings(self) -> None:
         """Parse every limit string with the limits library itself: fail at boot, not later."""
-        strings = {f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES}
-        for key in self.keyring.keys if self.keyring else ():
-            for cls, value in key.limits.items():
-                strings[f"{settings.api_keys_file} [keys.{key.name}] limit_{cls}"] = value
+        self._check_strings({f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES})
+
+    def _check_key_limits(self, keyring: Keyring) -> None:
+        strings = {
+            f"{self.keys_file} [keys.{key.name}] limit_{cls}": value
+            for key in keyring.keys
+            for cls, value in key.limits.items()
+        }
+        self._check_strings(strings)
+
+    @staticmethod
+    def _check_strings(strings: dict[str, str]) -> None:
         for where, value in strings.items():
             if value != OFF:
                 try:
@@ -195,6 +202,33 @@ class GateLimiter:
         app.after_request(_filter_listing)
         app.register_error_handler(RateLimitExceeded, self._rate_limited)
         call_finished.connect(self._spend_tokens, sender=app)
+
+    def reload_keys(self) -> bool:
+        """Re-read the keys file (SIGHUP, limiter.reload); a file that fails keeps the old keys.
+
+        The keyring is changed in place: the reject cache, the light lane and the status
+        page hold the same object. Returns whether the new keys are in force.
+        """
+        if self.keyring is None or self.keys_file is None:
+            logger.info("SIGHUP: no GATE_API_KEYS_FILE, no keys to re-read")
+            return False
+        try:
+            fresh = load_keys(self.keys_file)
+            self._check_key_limits(fresh)
+        except ValueError as exc:  # KeysFileError, SettingsError: both name file and line
+            logger.error("keys file not reloaded, the keys in force stay: %s", exc)
+            return False
+        old = set(self.keyring.by_name)
+        self.keyring.replace(fresh)
+        new = set(fresh.by_name)
+        logger.info(
+            "keys file %s reloaded: %d keys (added: %s; removed: %s)",
+            self.keys_file,
+            len(fresh),
+            ", ".join(sorted(new - old)) or "none",
+            ", ".join(sorted(old - new)) or "none",
+        )
+        return True
 
     @property
     def rejects_early(self) -> bool:

@@ -83,6 +83,10 @@ class Keyring:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def replace(self, other: Keyring) -> None:
+        """Take ``other``'s keys in place, so that every holder of this keyring sees them."""
+        self.keys, self.by_name = other.keys, other.by_name
+
     def lookup(self, secret: str) -> ApiKey | None:
         """The key whose digest matches ``secret``, or None.
 
