@@ -1,17 +1,21 @@
-"""Mint an API key: ``python -m limiter.mint NAME [--role admin] [--tokens-per-minute N]``.
+"""Mint an API key: ``python -m limiter.mint NAME [options] >> keys.toml``.
 
-Prints the secret once (the gate keeps only its SHA-256, so it cannot be shown
-again) and the TOML stanza to paste into the keys file (GATE_API_KEYS_FILE).
+Writes the TOML stanza for the keys file (GATE_API_KEYS_FILE), and nothing else,
+on stdout, so that it can be appended to the file as it is; the secret and what
+to do with it go to stderr. The secret is shown once: the gate keeps only its
+SHA-256.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import sys
 from collections.abc import Sequence
 
+from .allow import check_pattern
 from .keys import ROLES, hash_secret, parse_keys
 
 PREFIX = "og-"  # makes a leaked gate key recognisable in logs and secret scanners
@@ -22,7 +26,13 @@ def new_secret() -> str:
     return PREFIX + secrets.token_urlsafe(32)
 
 
-def stanza(name: str, secret: str, role: str = "user", tokens_per_minute: int | None = None) -> str:
+def stanza(
+    name: str,
+    secret: str,
+    role: str = "user",
+    tokens_per_minute: int | None = None,
+    models: Sequence[str] | None = None,
+) -> str:
     """The keys-file table for a key (checked by the keys file parser before it is shown)."""
     # Bare TOML keys are letters, digits, _ and -; "alice.b" unquoted would be a nested table.
     table = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
@@ -33,14 +43,26 @@ def stanza(name: str, secret: str, role: str = "user", tokens_per_minute: int | 
     ]
     if tokens_per_minute is not None:
         lines.append(f"tokens_per_minute = {tokens_per_minute}")
+    if models is not None:
+        # A JSON list of plain strings is a TOML array as well.
+        lines.append(f"models = {json.dumps(list(models))}")
     text = "\n".join(lines) + "\n"
-    parse_keys(text, "<minted stanza>")  # raises KeysFileError for a name the file cannot hold
+    parse_keys(text, "<minted stanza>")  # raises KeysFileError for what the file cannot hold
     return text
+
+
+def _pattern(value: str) -> str:
+    try:
+        return check_pattern(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m limiter.mint", description="Mint an API key for Ollama Gate."
+        prog="python -m limiter.mint",
+        description="Mint an API key for Ollama Gate. The keys-file stanza goes to stdout "
+        "(append it: >> keys.toml), the secret to stderr.",
     )
     parser.add_argument("name", help="the key's name: who it is for (letters, digits, . _ @ + -)")
     parser.add_argument(
@@ -49,21 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tokens-per-minute", type=int, metavar="N", help="token budget (prompt + completion)"
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        type=_pattern,
+        metavar="GLOB",
+        help="the only models the key may use, e.g. 'llama3.2:*' nomic-embed-text "
+        "(default: every model)",
+    )
     args = parser.parse_args(argv)
     if args.tokens_per_minute is not None and args.tokens_per_minute < 1:
         parser.error("--tokens-per-minute must be 1 or more")
     secret = new_secret()
     try:
-        text = stanza(args.name, secret, args.role, args.tokens_per_minute)
+        text = stanza(args.name, secret, args.role, args.tokens_per_minute, args.models)
     except ValueError as exc:
         parser.error(str(exc).replace("<minted stanza> line 1: ", ""))
-    print(f"API key for {args.name} (shown once; the gate stores only its SHA-256):")
-    print()
-    print(f"    {secret}")
-    print()
-    print("Add this to the keys file (GATE_API_KEYS_FILE) and restart the gate:")
-    print()
-    print(text, end="")
+    err = sys.stderr
+    print(f"API key for {args.name} (shown once; the gate stores only its SHA-256):", file=err)
+    print(f"\n    {secret}\n", file=err)
+    print(
+        "The stanza on stdout goes into the keys file (GATE_API_KEYS_FILE); then reload "
+        "the gate (systemctl reload ollama-gate, or kill -HUP its master).",
+        file=err,
+    )
+    # A blank line first keeps an appended stanza apart from the file's last line.
+    sys.stdout.write("\n" + text)
     return 0
 
 

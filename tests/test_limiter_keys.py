@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,19 +155,41 @@ def test_token_budget_spent_by_plain_answers(gate: Gate) -> None:
     assert requests.post(gate.url + "/api/generate", json=GEN, headers=bearer("alice")).ok
 
 
-def test_a_minted_key_works(fake: FakeOllama, gates: GatesFactory, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "limiter.mint", "carol", "--role", "admin"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    secret = re.search(r"^\s+(og-\S+)$", out, re.MULTILINE)
-    assert secret is not None
-    assert secret.group(1) not in out[out.index("[keys.carol]") :]  # only the digest is stored
+def mint(keys: Path, *args: str) -> str:
+    """Run the minting tool as an operator would, ``>> keys.toml``; return the secret."""
+    command = f"{shlex.quote(sys.executable)} -m limiter.mint {shlex.join(args)} >> {keys}"
+    done = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # the stanza went to the file, and only there
+    secret = re.search(r"^\s+(og-\S+)$", done.stderr, re.MULTILINE)
+    assert secret is not None, done.stderr
+    return secret.group(1)
+
+
+def test_minted_keys_append_to_the_keys_file(
+    fake: FakeOllama, gates: GatesFactory, tmp_path: Path
+) -> None:
     keys = tmp_path / "minted.toml"
-    keys.write_text(out[out.index("[keys.carol]") :])
+    keys.write_text("# the gate's keys")  # no newline at the end: the stanza starts its own
+    carol = mint(keys, "carol", "--role", "admin")
+    dave = mint(keys, "dave", "--tokens-per-minute", "100", "--models", "llama3.2:*", "nomic-*")
+    text = keys.read_text()
+    assert carol not in text and dave not in text  # only the digests are stored
+    assert 'models = ["llama3.2:*", "nomic-*"]' in text and "tokens_per_minute = 100" in text
     gate = gates(fake.url, {"GATE_API_KEYS_FILE": str(keys)})
-    headers = {"Authorization": f"Bearer {secret.group(1)}"}
-    assert requests.post(gate.url + "/api/pull", json={"model": "m1"}, headers=headers).ok
+    assert requests.post(
+        gate.url + "/api/pull", json={"model": "m1"}, headers={"Authorization": f"Bearer {carol}"}
+    ).ok
+    with ollama.Client(host=gate.url, headers={"Authorization": f"Bearer {dave}"}) as client:
+        assert client.generate(model="llama3.2", prompt="hi").done
+        with pytest.raises(ollama.ResponseError) as info:
+            client.generate(model="m1", prompt="hi")
+    assert info.value.status_code == 403
+
+
+def test_mint_refuses_what_the_keys_file_cannot_hold() -> None:
+    for args in (["two words"], ["x", "--models", "llama[3]"], ["x", "--tokens-per-minute", "0"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "limiter.mint", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode == 2 and done.stdout == "", args

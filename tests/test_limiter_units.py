@@ -188,9 +188,10 @@ def test_minted_stanza_is_a_valid_keys_file() -> None:
     secret = new_secret()
     assert secret.startswith("og-") and len(secret) > 40
     assert secret != new_secret()
-    ring = parse_keys(stanza("bob.smith", secret, "admin", 500))
+    ring = parse_keys(stanza("bob.smith", secret, "admin", 500, ["llama3.2:*"]))
     (bob,) = ring.keys
     assert (bob.name, bob.role, bob.tokens_per_minute) == ("bob.smith", "admin", 500)
+    assert bob.models is not None and bob.models.patterns == ("llama3.2:*",)
     assert ring.lookup(secret) is bob
 
 
