@@ -48,8 +48,9 @@ control_socket_disable = True
 
 errorlog = "-"
 loglevel = gate_settings.log_level
-# GATE_ACCESS_LOG=1 logs one line per request (off by default: it costs throughput).
-_access_on = gate_settings.access_log
+# gunicorn's own access log stays off: the app writes GATE_ACCESS_LOG's lines when a
+# call's answer ends (status/accesslog.py), with what gunicorn cannot see (model, wait).
+_access_on = False
 _access = "INFO" if _access_on else "WARNING"
 
 

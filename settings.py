@@ -134,6 +134,19 @@ def validate_flag(value: str) -> bool:
     raise ValueError("must be 1 (on) or 0 (off)")
 
 
+def validate_access_log(value: str) -> str:
+    """GATE_ACCESS_LOG: "off", "text" (1, on, true, yes, text) or "json"."""
+    text = value.strip().lower()
+    if text == "json":
+        return "json"
+    if text == "text":
+        return "text"
+    try:
+        return "text" if validate_flag(text) else "off"
+    except ValueError:
+        raise ValueError("must be 1 (on) or 0 (off), or json for JSON lines") from None
+
+
 def validate_limit(value: str) -> str:
     # limiter.policy speaks the limits library's grammar without importing it (see there).
     return normalize_limit(value)
@@ -280,8 +293,13 @@ class Settings:
         validate_log_level,
         "log level of the gate and gunicorn: debug, info, warning, error or critical",
     )
-    access_log: bool = setting(
-        "GATE_ACCESS_LOG", False, validate_flag, "`1` logs one line per request", shown="unset"
+    access_log: str = setting(
+        "GATE_ACCESS_LOG",
+        "off",
+        validate_access_log,
+        "`1` logs one line per request (logfmt), `json` one JSON object per request, to "
+        "stdout ([docs/STATUS.md](docs/STATUS.md#access-log))",
+        shown="unset",
     )
     limit_inference: str = setting(
         "GATE_LIMIT_INFERENCE",

@@ -29,6 +29,7 @@ class Call:
     # "ok", "client_gone" (left mid-answer) or "upstream_error" (broke mid-answer)
     outcome: str = "ok"
     ended: float | None = None
+    address: str | None = None  # the client's address (behind trusted proxies, the real one)
 
     @property
     def tokens(self) -> int:

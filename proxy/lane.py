@@ -108,7 +108,7 @@ class LightLane:
             return self._flask(environ, start_response)
         client, consumed = who
         method = environ["REQUEST_METHOD"]
-        call = Call(LIGHT, method, environ["PATH_INFO"], client)
+        call = Call(LIGHT, method, environ["PATH_INFO"], client, address=environ.get("REMOTE_ADDR"))
         headers = upstream_headers(EnvironHeaders(environ), consumed)
         opened = time.monotonic()
         try:

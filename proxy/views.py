@@ -192,7 +192,7 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             body = None
     else:
         body = read_body() or None
-    call = Call(cls, request.method, request.path, client_id())
+    call = Call(cls, request.method, request.path, client_id(), address=request.remote_addr)
     if needs_model and (body is None or isinstance(body, bytes)):
         call.model, call.payload = read_json_model(body or b"")
     g.gate_call = call

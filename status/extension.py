@@ -19,13 +19,14 @@ from typing import Any
 
 import gevent
 import gevent.monkey
-from flask import Flask, current_app, g, has_request_context, request
+from flask import Flask, current_app, g, has_request_context, request, request_started
 
 from endpoints import ROUTES
 from pipeline import LimiterView, QueueView, pipeline_of
 from settings import Settings
 from signals import call_finished, call_rejected
 
+from . import accesslog
 from .board import Board, names_a_model, reason_of
 from .metrics import Metrics
 from .probe import UpstreamProbe
@@ -50,6 +51,9 @@ class Status:
         self.settings = settings
         self.board = Board(time.time(), time.monotonic(), mask_clients=settings.status_mask_clients)
         self.metrics = Metrics()
+        self.access = (
+            None if settings.access_log == "off" else accesslog.install(settings.access_log)
+        )
         self.probe = UpstreamProbe(settings.upstream)
         self.started_wall = time.time()
         self.pid = os.getpid()
@@ -138,6 +142,8 @@ class Status:
             if fast > 0:
                 self.board.rejected(now, 429, RATE_LIMITED, fast)
                 self.metrics.call_rejected(429, RATE_LIMITED, cls, fast)
+                if self.access is not None:
+                    self.access.fast_path(cls, fast)
             self._limiter_seen[cls] = total
             self._limited_seen[cls] = signalled
 
@@ -231,6 +237,8 @@ def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
         ok=names_a_model(call.status),
     )
     ext.metrics.call_finished(call)
+    if ext.access is not None:
+        ext.access.call_finished(call)
 
 
 def _on_rejected(
@@ -243,10 +251,36 @@ def _on_rejected(
     ext = status_of(sender)
     if ext is None or error is None:
         return
+    status, reason = reason_of(error)
+    if ext.access is not None and has_request_context():
+        started = g.get("gate_access_started")
+        ext.access.refused(
+            status=status,
+            reason=reason,
+            method=request.method,
+            path=request.path,
+            client=_refused_client(call),
+            call=call,
+            duration=time.monotonic() - started if started is not None else None,
+        )
     if has_request_context() and request.blueprint == "status":
         return  # the gate's own endpoints (a 401 for a scraper without a key): not API traffic
-    status, reason = reason_of(error)
     ext.rejected(status, reason, cls or _class_of(call))
+
+
+def _refused_client(call: Any) -> str:
+    """Who a refused request came from: its Call's client, the key's name, or the address."""
+    if call is not None:
+        return accesslog.who(call.client, call.address)
+    key = g.get("gate_key")
+    if key is not None:
+        return str(key.name)
+    return request.remote_addr or "-"
+
+
+def _note_start(sender: Flask, **_: Any) -> None:
+    """request_started: before every before_request hook, so refusals by those have a duration."""
+    g.gate_access_started = time.monotonic()
 
 
 def _class_of(call: Any) -> str | None:
@@ -269,4 +303,6 @@ def init_app(app: Flask, settings: Settings) -> Status:
     call_finished.connect(_on_finished, sender=app)
     call_rejected.connect(_on_rejected, sender=app)
     app.before_request(ext.ensure_started)
+    if ext.access is not None:
+        request_started.connect(_note_start, sender=app)
     return ext
