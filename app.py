@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import errors
+import error_handlers
 import limiter
 import proxy
 import status
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings = Settings.from_env(os.environ)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
-    errors.init_app(app)
+    error_handlers.init_app(app)
     upstream = proxy.init_app(app, settings)
     rate_limiter = limiter.init_app(app, settings)
     admitter = workqueue.init_app(app, settings)

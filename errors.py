@@ -1,20 +1,16 @@
-"""The gate's own error responses: one exception tree, rendered in the contract's shapes.
+"""The gate's own errors: one exception tree, and the contract's JSON shapes for them.
 
 Native endpoints answer ``{"error": "<message>"}`` (Ollama's shape, so
 ``ollama.ResponseError`` shows the message); ``/v1/*`` answers OpenAI's
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Standard library only, so the
+pure layers (the work queue's scheduler, the fleet's placement) raise these without
+importing Flask; ``error_handlers`` renders them as Flask responses.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
-
-from flask import Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
-
-from signals import call_rejected
 
 # Ollama's own text for a full queue (server/sched.go, ErrMaxQueue), so clients
 # that match on it keep working.
@@ -141,49 +137,3 @@ def error_body(
     else:
         payload = {"error": message}
     return json.dumps(payload).encode()
-
-
-def announce(exc: GateError | HTTPException) -> None:
-    """Send call_rejected for an error the gate answers itself (the status page counts them)."""
-    if call_rejected.receivers:
-        call_rejected.send(
-            current_app._get_current_object(),  # type: ignore[attr-defined]
-            error=exc,
-            path=request.path,
-            call=g.get("gate_call"),
-        )
-
-
-def render(exc: GateError) -> Response:
-    """Render a GateError as the contract's JSON response."""
-    announce(exc)
-    body = error_body(
-        exc.status, exc.message, request.path, openai_type=exc.openai_type, code=exc.code
-    )
-    response = Response(body, status=exc.status, mimetype="application/json")
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    response.headers.update(exc.headers)
-    return response
-
-
-def render_http_exception(exc: HTTPException) -> Response:
-    """Werkzeug's own errors (405, 413 from MAX_CONTENT_LENGTH) in the contract's shape."""
-    announce(exc)
-    status = exc.code or 500
-    message = exc.description or exc.name
-    if status == 413:
-        message = "request body too large"
-    response = Response(
-        error_body(status, message, request.path), status=status, mimetype="application/json"
-    )
-    for name, value in exc.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    return response
-
-
-def init_app(app: Flask) -> None:
-    """Register the handlers that render the gate's errors."""
-    app.register_error_handler(GateError, render)
-    app.register_error_handler(HTTPException, render_http_exception)

@@ -174,11 +174,7 @@ class Flood:
         return 1000 * self.worker_cpu / max(1, self.requests)
 
 
-def flood(
-    g: Gate, seconds: float, connections: int, headers: dict[str, str], delay_ms: float = 0
-) -> Flood:
-    """wrk POSTs /api/generate on ``connections`` connections for ``seconds``; each
-    connection waits ``delay_ms`` before each request (0: as fast as answers come)."""
+def flood(g: Gate, seconds: float, connections: int, headers: dict[str, str]) -> Flood:
     script = "\n".join(
         [
             'wrk.method = "POST"',
@@ -188,7 +184,6 @@ def flood(
             f'wrk.headers["{k}"] = "{v}"'
             for k, v in {"Content-Type": "application/json", **headers}.items()
         ]
-        + ([f"function delay() return {delay_ms:g} end"] if delay_ms else [])
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(script + "\n")

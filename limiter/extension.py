@@ -36,7 +36,7 @@ from limits.storage import Storage, storage_from_string
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import errors
+import error_handlers
 from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
 from errors import (
     BadRequest,
@@ -420,7 +420,7 @@ class GateLimiter:
     def _rate_limited(self, exc: RateLimitExceeded) -> Response:
         """Flask-Limiter's 429 in the contract's shape (Ollama's JSON, OpenAI's under /v1)."""
         cls = g.get("gate_class") or "these"
-        return errors.render(
+        return error_handlers.render(
             self._reject(f"rate limit exceeded: {exc.limit.limit} for {cls} requests")
         )
 
@@ -494,7 +494,9 @@ def _filter_listing(response: Response) -> Response:
         body = filter_listing(path, body, key.models)
     except Exception as exc:  # anything but a listing the gate can filter: show nothing
         logger.warning("%s for API key %r not filtered, refused: %s", path, key.name, exc)
-        return errors.render(UpstreamUnavailable(f"cannot read the upstream's {path} answer"))
+        return error_handlers.render(
+            UpstreamUnavailable(f"cannot read the upstream's {path} answer")
+        )
     finally:
         response.close()
     response.set_data(body)

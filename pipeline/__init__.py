@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from settings import Settings
+    from workqueue.core import QueueSnapshot
 
 #: Where create_app puts the Pipeline of an app.
 EXTENSION = "gate"
@@ -31,9 +32,16 @@ class ClientDisconnected(Exception):
 
 
 class ClientGone(Protocol):
-    """A flag the proxy sets when a request's client leaves (a gevent Event)."""
+    """A flag the proxy sets when a request's client leaves (a gevent Event).
+
+    The work queue links a callback to it while a job waits, to wake that job.
+    """
 
     def is_set(self) -> bool: ...
+
+    def rawlink(self, callback: Callable[[Any], object]) -> None: ...
+
+    def unlink(self, callback: Callable[[Any], object]) -> None: ...
 
 
 #: Frees what an admitted call holds (its work-queue slot); called exactly once.
@@ -84,9 +92,9 @@ class Upstream(Protocol):
 
 
 class QueueView(Protocol):
-    """What the status page reads of the work queue."""
+    """What the status page reads of the work queue (workqueue.core.JobQueue)."""
 
-    def snapshot(self) -> Any: ...
+    def snapshot(self) -> QueueSnapshot: ...
 
 
 class LimiterView(Protocol):

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from workqueue.core import LaneSnapshot, QueueSnapshot
+
 #: Seconds of history the charts show, one sample a second.
 HISTORY_SECONDS = 900
 #: Window of the per-minute rates.
@@ -272,20 +274,15 @@ class Board:
         """A client as the page names it: masked (mask_client) unless masking is off."""
         return mask_client(client) if self.mask_clients else client.strip()[:64]
 
-    def sample(self, wall: float, snapshot: Mapping[str, Any] | None) -> Sample:
+    def sample(self, wall: float, snapshot: QueueSnapshot | None) -> Sample:
         """Record one second of history from the work queue's snapshot (None: no queue)."""
         waiting = running = None
         oldest = None
         if snapshot is not None:
-            totals = snapshot.get("totals", {})
-            waiting = int(totals.get("waiting", 0))
-            running = int(totals.get("running", 0))
+            waiting = snapshot["totals"]["waiting"]
+            running = snapshot["totals"]["running"]
             oldest = max(
-                (
-                    float(lane.get("oldest_wait") or 0.0)
-                    for lane in _lanes(snapshot)
-                    if lane.get("waiting")
-                ),
+                (lane["oldest_wait"] for lane in _lanes(snapshot) if lane["waiting"]),
                 default=0.0,
             )
         self._recent_waits.append((self._wait_sum, self._wait_count))
@@ -303,7 +300,7 @@ class Board:
         now: float,
         wall: float,
         *,
-        snapshot: Mapping[str, Any] | None,
+        snapshot: QueueSnapshot | None,
         upstream: Mapping[str, Any],
         worker: Mapping[str, Any],
         history: bool = True,
@@ -314,15 +311,15 @@ class Board:
         loaded = {m["name"]: m for m in upstream.get("loaded") or () if m.get("name")}
 
         rows: dict[str, dict[str, Any]] = {}
-        lanes = (snapshot or {}).get("models") or {}
+        lanes = snapshot["models"] if snapshot is not None else {}
         names = set(lanes) | set(loaded)
         names |= {key[1] for key in rates if key[0] == "jobs"}
         for name in names:
             lane = lanes.get(name)
             rows[name] = {
                 **_lane(lane),
-                "active": bool(lane.get("active")) if lane else False,
-                "draining": bool(lane.get("draining")) if lane else False,
+                "active": lane["active"] if lane else False,
+                "draining": lane["draining"] if lane else False,
                 "loaded": name in loaded,
                 "jobs": rates[("jobs", name)],
                 "in": rates[("in", name)],
@@ -335,10 +332,10 @@ class Board:
         }
 
         clients: dict[str, dict[str, Any]] = {}
-        for client, counts in ((snapshot or {}).get("clients") or {}).items():
+        for client, counts in (snapshot["clients"] if snapshot is not None else {}).items():
             entry = clients.setdefault(self.show_client(client), _client_entry())
-            entry["waiting"] += int(counts.get("waiting", 0))
-            entry["running"] += int(counts.get("running", 0))
+            entry["waiting"] += counts["waiting"]
+            entry["running"] += counts["running"]
         for key, value in rates.items():
             if key[0] in ("cjobs", "ctokens"):
                 entry = clients.setdefault(key[1], _client_entry())
@@ -349,31 +346,30 @@ class Board:
             key=lambda item: (item[0] == OTHER, _client_weight(item[1]), item[0]),
         )
 
-        totals = (snapshot or {}).get("totals") or {}
         queue: dict[str, Any] | None = None
         if snapshot is not None:
+            totals = snapshot["totals"]
             queue = {
-                "running": int(totals.get("running", 0)),
-                "waiting": int(totals.get("waiting", 0)),
+                "running": totals["running"],
+                "waiting": totals["waiting"],
                 "oldest_wait": _round(
-                    max(
-                        (float(lane.get("oldest_wait") or 0) for lane in _lanes(snapshot)),
-                        default=0.0,
-                    )
+                    max((lane["oldest_wait"] for lane in _lanes(snapshot)), default=0.0)
                 ),
-                "admitted": int(totals.get("admitted", 0)),
-                "rejected": dict(totals.get("rejected") or {}),
-                "active_models": list(totals.get("active_models") or []),
-                "max_active_models": totals.get("max_active_models"),
-                "queue_max": totals.get("queue_max"),
-                "queue_max_per_client": totals.get("queue_max_per_client"),
-                "activations": totals.get("activations"),
-                "forced_switches": totals.get("forced_switches"),
-                "avg_seconds": _round(totals.get("avg_seconds")),
-                "switch": dict(snapshot.get("switch") or {}),
-                "retry_after": _round(snapshot.get("retry_after")),
-                "closed": bool(snapshot.get("closed", False)),
-                "admin": _lane(snapshot.get("admin")),
+                "admitted": totals["admitted"],
+                "rejected": dict(totals["rejected"]),
+                "active_models": list(totals["active_models"]),
+                "max_active_models": totals["max_active_models"],
+                "queue_max": totals["queue_max"],
+                "queue_max_per_client": totals["queue_max_per_client"],
+                "activations": totals["activations"],
+                "forced_switches": totals["forced_switches"],
+                "avg_seconds": _round(totals["avg_seconds"]),
+                "switch": dict(snapshot["switch"]),
+                "retry_after": _round(snapshot["retry_after"]),
+                "closed": snapshot["closed"],
+                "shared": snapshot["shared"],
+                "fallback": snapshot["fallback"],
+                "admin": _lane(snapshot["admin"]),
             }
 
         all_jobs = sum(v for k, v in rates.items() if k[0] == "jobs")
@@ -423,17 +419,23 @@ class Board:
 _LANE_FIELDS = ("running", "slots", "waiting", "clients_waiting", "admitted")
 
 
-def _lane(lane: Mapping[str, Any] | None) -> dict[str, Any]:
+def _lane(lane: LaneSnapshot | None) -> dict[str, Any]:
     """The work queue's view of one lane; every field None when the queue has no such lane."""
     if not lane:
         out: dict[str, Any] = dict.fromkeys(_LANE_FIELDS)
         out.update(oldest_wait=None, avg_seconds=None, rejected={})
         return out
-    out = {name: lane.get(name) for name in _LANE_FIELDS}
-    out["oldest_wait"] = _round(lane.get("oldest_wait"))
-    out["avg_seconds"] = _round(lane.get("avg_seconds"))
-    out["rejected"] = dict(lane.get("rejected") or {})
-    return out
+    return {
+        "running": lane["running"],
+        "slots": lane["slots"],
+        "waiting": lane["waiting"],
+        "clients_waiting": lane["clients_waiting"],
+        "admitted": lane["admitted"],
+        "oldest_wait": _round(lane["oldest_wait"]),
+        "avg_seconds": _round(lane["avg_seconds"]),
+        # Not counted per lane when the queue is shared through Redis.
+        "rejected": dict(lane["rejected"] or {}),
+    }
 
 
 def _model_weight(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -512,10 +514,9 @@ def _fold(
     return {**dict(named[:cap]), OTHER: fold(rest)}
 
 
-def _lanes(snapshot: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
-    yield from (snapshot.get("models") or {}).values()
-    if snapshot.get("admin"):
-        yield snapshot["admin"]
+def _lanes(snapshot: QueueSnapshot) -> Iterable[LaneSnapshot]:
+    yield from snapshot["models"].values()
+    yield snapshot["admin"]
 
 
 def _client_entry() -> dict[str, Any]:

@@ -25,6 +25,7 @@ from endpoints import ROUTES
 from pipeline import LimiterView, QueueView, pipeline_of
 from settings import Settings
 from signals import call_finished, call_rejected
+from workqueue.core import QueueSnapshot
 
 from . import accesslog
 from .board import Board, names_a_model, reason_of
@@ -149,7 +150,7 @@ class Status:
 
     # Documents
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> QueueSnapshot | None:
         return _snapshot(pipeline_of(current_app).queue)
 
     def limiter(self) -> dict[str, Any] | None:
@@ -211,15 +212,14 @@ def status_of(app: Flask) -> Status | None:
     return found if isinstance(found, Status) else None
 
 
-def _snapshot(workqueue: QueueView | None) -> dict[str, Any] | None:
+def _snapshot(workqueue: QueueView | None) -> QueueSnapshot | None:
     if workqueue is None:
         return None
     try:
-        snap = workqueue.snapshot()
+        return workqueue.snapshot()
     except Exception:
         logger.exception("status: the work queue's snapshot failed")
         return None
-    return snap if isinstance(snap, dict) else None
 
 
 def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:

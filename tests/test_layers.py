@@ -28,6 +28,7 @@ RANKS = {
     "pipeline": 1,
     "endpoints": 1,
     "errors": 1,
+    "error_handlers": 1,
     "signals": 1,
     "settings": 1,
     "fleet": 1,

@@ -24,6 +24,7 @@ from signals import call_finished
 from status import access
 from status.board import HISTORY_SECONDS, Board, Rolling, mask_client, reason_of
 from status.probe import UpstreamProbe
+from workqueue.core import LaneSnapshot, QueueSnapshot
 
 # -- the Board ----------------------------------------------------------------------------
 
@@ -64,9 +65,9 @@ def test_reasons_of_gate_errors_and_werkzeug_errors() -> None:
     assert reason_of(MethodNotAllowed()) == (405, "method_not_allowed")
 
 
-def snapshot(waiting: int, running: int, oldest: float = 0.0) -> dict[str, Any]:
+def snapshot(waiting: int, running: int, oldest: float = 0.0) -> QueueSnapshot:
     """A work queue snapshot as workqueue.WorkQueue.snapshot() writes it."""
-    lane = {
+    lane: LaneSnapshot = {
         "running": running,
         "slots": 1,
         "waiting": waiting,
@@ -78,8 +79,7 @@ def snapshot(waiting: int, running: int, oldest: float = 0.0) -> dict[str, Any]:
         "active": running > 0,
         "draining": False,
     }
-    admin = {k: v for k, v in lane.items() if k not in ("active", "draining")}
-    admin.update(running=0, waiting=0, rejected={})
+    admin: LaneSnapshot = {**lane, "running": 0, "waiting": 0, "rejected": {}, "active": False}
     return {
         "models": {"m1:latest": lane},
         "admin": admin,
@@ -96,10 +96,14 @@ def snapshot(waiting: int, running: int, oldest: float = 0.0) -> dict[str, Any]:
             "activations": 1,
             "forced_switches": 0,
             "avg_seconds": 1.5,
+            "reaped": 0,
+            "counted_again": 0,
         },
         "switch": {"pending": False, "target": None, "waited": 0.0, "draining": []},
         "retry_after": 3.0,
         "closed": False,
+        "shared": False,
+        "fallback": False,
     }
 
 
@@ -349,10 +353,10 @@ def test_status_json_without_a_work_queue(make_app: Any) -> None:
 class StubQueue:
     """Stands in for workqueue.WorkQueue: only snapshot() is read."""
 
-    def __init__(self, snap: dict[str, Any]) -> None:
+    def __init__(self, snap: QueueSnapshot) -> None:
         self.snap = snap
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> QueueSnapshot:
         return self.snap
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -15,9 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from errors import BUSY_TEXT, ClientShareFull, QueueFull
 from settings import Settings
-from tests.support import example_count
+from tests.support import ROOT, example_count
 from workqueue import Admission, Scheduler
-from workqueue.core import DEFAULT_JOB_SECONDS, MAX_IDLE_MODELS
+from workqueue.core import DEFAULT_JOB_SECONDS, MAX_IDLE_MODELS, estimate_wait
 
 RUNNING = Admission.RUNNING
 WAITING = Admission.WAITING
@@ -416,6 +418,8 @@ def test_snapshot_reports_models_clients_admin_and_totals() -> None:
         "admitted": 1,
         "rejected": rejected_none,
         "avg_seconds": None,
+        "active": False,
+        "draining": False,
     }
     assert snap["clients"] == {
         "alice": {"waiting": 0, "running": 1},
@@ -429,6 +433,7 @@ def test_snapshot_reports_models_clients_admin_and_totals() -> None:
     assert totals["active_models"] == ["a:latest"]
     assert snap["switch"] == {"pending": False, "target": None, "waited": 0.0, "draining": []}
     assert 1.0 <= snap["retry_after"] <= 60.0
+    assert (snap["closed"], snap["shared"], snap["fallback"]) == (False, False, False)
 
 
 def test_snapshot_keeps_a_bounded_number_of_idle_models() -> None:
@@ -808,3 +813,34 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=example_count(500), stateful_step_count=50, deadline=None
 )
 test_scheduler_rules_hold_in_random_runs = SchedulerMachine.TestCase
+
+
+# What importing the core costs
+
+
+def test_importing_the_core_loads_the_standard_library_only() -> None:
+    """The scheduler (and errors.py) import no web framework, event loop or Redis client."""
+    probe = (
+        "import sys; before = set(sys.modules); import workqueue.core, errors; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    tops = {name.split(".")[0] for name in found}
+    assert not tops & {"flask", "werkzeug", "gevent", "greenlet", "redis", "geventhttpclient"}
+    assert tops - set(sys.stdlib_module_names) == {"workqueue", "errors", "endpoints"}
+    # The package's other names still load on first use.
+    import workqueue
+
+    assert workqueue.WorkQueue.__module__ == "workqueue.gate"
+    with pytest.raises(AttributeError):
+        _ = workqueue.NoSuchThing  # type: ignore[attr-defined]
+
+
+def test_the_estimate_is_the_same_in_both_queues() -> None:
+    s = make(concurrency=2, queue_timeout=60.0)
+    assert s.retry_after(0.0) == estimate_wait(None, 0, 2, 60.0) == DEFAULT_JOB_SECONDS / 2
+    assert estimate_wait(4.0, 9, 2, 60.0) == 20.0
+    assert estimate_wait(4.0, 99, 2, 60.0) == 60.0  # at most the queue timeout
+    assert estimate_wait(0.1, 0, 8, 60.0) == 1.0  # at least a second

@@ -30,8 +30,16 @@ from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
 from tests.support import Gate, clients, example_count
 from tests.test_workqueue_gate import generate, open_stream
-from workqueue.core import Scheduler
-from workqueue.gate import Slot
+from workqueue.core import (
+    REASONS,
+    ClientSnapshot,
+    LaneSnapshot,
+    QueueSnapshot,
+    Scheduler,
+    SwitchSnapshot,
+    TotalsSnapshot,
+)
+from workqueue.gate import Slot, WorkQueue
 from workqueue.scripts import RedisScheduler, lane_of
 from workqueue.shared import SharedSlot, SharedWorkQueue
 
@@ -80,7 +88,16 @@ def test_slots_then_waiting_then_bounds(rdb: redis.Redis) -> None:
     snap = s.snapshot(now_ms=1012)
     assert snap["models"]["m1:latest"]["running"] == 2
     assert snap["totals"]["waiting"] == 3
-    assert snap["totals"]["rejected"] == {"queue_full": 1, "client_queue_full": 1}
+    assert snap["totals"]["rejected"] == {
+        "queue_full": 1,
+        "client_queue_full": 1,
+        "queue_timeout": 0,
+        "cancelled": 0,
+    }
+    assert snap["clients"] == {
+        "c1": {"waiting": 2, "running": 2},
+        "c2": {"waiting": 1, "running": 0},
+    }
 
 
 def test_clients_take_turns_within_a_model(rdb: redis.Redis) -> None:
@@ -303,6 +320,38 @@ def test_fallback_shows_in_the_snapshot_and_ends(redis_server: RedisServer, redi
     assert queue.snapshot()["shared"] is True
     assert isinstance(queue.acquire("m1", "c"), SharedSlot)
     queue.close()
+
+
+def test_the_snapshot_has_the_same_fields_in_every_mode(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    def check(snap: QueueSnapshot) -> None:
+        assert set(snap) == QueueSnapshot.__required_keys__
+        assert set(snap["totals"]) == TotalsSnapshot.__required_keys__
+        assert set(snap["totals"]["rejected"]) == set(REASONS)
+        assert set(snap["switch"]) == SwitchSnapshot.__required_keys__
+        for lane in (snap["admin"], *snap["models"].values()):
+            assert set(lane) == LaneSnapshot.__required_keys__
+        for client in snap["clients"].values():
+            assert set(client) == ClientSnapshot.__required_keys__
+        assert snap["models"]["m1:latest"]["running"] == 1
+        assert snap["clients"]["c"] == {"waiting": 0, "running": 1}
+
+    local = WorkQueue(Settings())
+    with local.acquire("m1", "c"):
+        snap = local.snapshot()
+        check(snap)
+        assert (snap["shared"], snap["fallback"]) == (False, False)
+    shared = SharedWorkQueue(Settings(storage_uri=redis_url))
+    with shared.acquire("m1", "c"):
+        snap = shared.snapshot()
+        check(snap)
+        assert (snap["shared"], snap["fallback"]) == (True, False)
+    with redis_server.paused(), shared.acquire("m1", "c"):
+        snap = shared.snapshot()
+        check(snap)
+        assert (snap["shared"], snap["fallback"]) == (False, True)
+    shared.close()
 
 
 # Gates sharing one Redis
@@ -573,6 +622,8 @@ def test_leaving_or_timing_out_while_waiting_frees_everything(
             break
         time.sleep(0.05)
     assert (totals["running"], totals["waiting"]) == (0, 0)
+    # The one that left is counted as cancelled, the one that waited too long as a timeout.
+    assert totals["rejected"]["cancelled"] == 1 and totals["rejected"]["queue_timeout"] == 1
     for gate in (one, two):
         status, headers, _ = generate(gate, "m1", headers={"X-Fake-Tokens": "1"})
         assert status == 200 and float(headers["x-gate-queue-wait"]) < 0.5

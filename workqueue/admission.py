@@ -8,6 +8,7 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from settings import Settings
 
+from .core import JobQueue
 from .gate import ClientGone, WorkQueue
 from .shared import SharedWorkQueue, is_shared
 
@@ -22,7 +23,7 @@ ADMIN_MODEL = "admin"
 class Admitter:
     """Puts every inference, embed and admin job through one work queue (pipeline.Admit)."""
 
-    def __init__(self, queue: WorkQueue | SharedWorkQueue) -> None:
+    def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
@@ -49,4 +50,7 @@ class Admitter:
 
 def init_app(app: Flask, settings: Settings) -> Admitter:
     """The work queue of ``app``: in this process, or shared through Redis."""
-    return Admitter((SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(settings))
+    queue: JobQueue = (SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(
+        settings
+    )
+    return Admitter(queue)

@@ -24,10 +24,13 @@ import enum
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
+
+if TYPE_CHECKING:
+    from pipeline import ClientGone
 
 # Why the queue turned a job away: the first three are the error codes its client got
 # (errors.py: 503 queue_full, 429 client_queue_full, 503 queue_timeout); "cancelled" is
@@ -46,6 +49,144 @@ DEFAULT_JOB_SECONDS = 10.0
 # and at most MAX_IDLE_MODELS idle ones are kept (least recently used go first).
 MAX_IDLE_MODELS = 16
 IDLE_MODEL_SECONDS = 300.0
+
+
+# The work queue's interface: WorkQueue (one process) and SharedWorkQueue (through Redis)
+# both are a JobQueue, and their snapshots have the same fields.
+
+
+class LaneSnapshot(TypedDict):
+    """One model's slots and queue (or the admin lane's)."""
+
+    running: int
+    slots: int
+    waiting: int
+    #: Seconds the lane's oldest waiting job has waited (0 when none waits).
+    oldest_wait: float
+    clients_waiting: int
+    #: Jobs started in this lane; None where it is not counted (shared through Redis).
+    admitted: int | None
+    #: Jobs turned away or dropped, by reason (REASONS); None where not counted.
+    rejected: dict[str, int] | None
+    #: Moving average of how long this lane's jobs held their slot; None: no estimate.
+    avg_seconds: float | None
+    #: Holds one of the GATE_MAX_ACTIVE_MODELS places (always False for the admin lane).
+    active: bool
+    #: Takes no new job because a switch to another model is due.
+    draining: bool
+
+
+class ClientSnapshot(TypedDict):
+    waiting: int
+    running: int
+
+
+class TotalsSnapshot(TypedDict):
+    running: int
+    waiting: int
+    admitted: int
+    #: Jobs turned away or dropped, by reason: every name of REASONS.
+    rejected: dict[str, int]
+    active_models: list[str]
+    max_active_models: int
+    queue_max: int
+    queue_max_per_client: int
+    activations: int
+    forced_switches: int
+    avg_seconds: float | None
+    #: Jobs whose lease lapsed (shared through Redis only; 0 in one process).
+    reaped: int
+    #: Running jobs counted in Redis again after it had lost them (0 in one process).
+    counted_again: int
+
+
+class SwitchSnapshot(TypedDict):
+    pending: bool
+    target: str | None
+    waited: float
+    draining: list[str]
+
+
+class QueueSnapshot(TypedDict):
+    """A work queue's state for the status page and /metrics, the same in every mode."""
+
+    models: dict[str, LaneSnapshot]
+    admin: LaneSnapshot
+    clients: dict[str, ClientSnapshot]
+    totals: TotalsSnapshot
+    switch: SwitchSnapshot
+    #: Seconds a client turned away now would be told to wait.
+    retry_after: float
+    #: Shutting down: new and waiting jobs are turned away.
+    closed: bool
+    #: The state shared by every worker and host through Redis.
+    shared: bool
+    #: Redis is configured but out of reach: this process admits with its own slots.
+    fallback: bool
+
+
+class JobSlot(Protocol):
+    """A running job's hold on a slot; ``release()`` it on every path."""
+
+    job_id: Hashable
+    model: str
+    client: str
+    admin: bool
+    #: Seconds the job waited for its slot.
+    waited: float
+
+    @property
+    def released(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class JobQueue(Protocol):
+    """Per-model slots and a fair, bounded queue that greenlets wait in."""
+
+    def acquire(
+        self,
+        model: str,
+        client: str,
+        *,
+        admin: bool = False,
+        client_gone: ClientGone | None = None,
+    ) -> JobSlot:
+        """Block until the job may run and return its slot.
+
+        Raises QueueFull, ClientShareFull, QueueTimeout or ShuttingDown (GateErrors with
+        ``retry_after``), or ClientGone once ``client_gone`` is set while waiting.
+        """
+        ...
+
+    def snapshot(self) -> QueueSnapshot: ...
+
+    def retry_after(self, model: str | None = None, *, admin: bool = False) -> float:
+        """Seconds a turned-away client should wait (``estimate_wait``)."""
+        ...
+
+    def idle(self) -> bool:
+        """Whether this process holds no slot and has no job waiting."""
+        ...
+
+    def close(self) -> None:
+        """Turn away every waiting and new job with ShuttingDown; held slots stay valid."""
+        ...
+
+
+def estimate_wait(avg_seconds: float | None, waiting: int, slots: int, limit: float) -> float:
+    """Retry-After: seconds until a job behind ``waiting`` others gets one of ``slots``.
+
+    avg_seconds (a moving average of slot hold times, DEFAULT_JOB_SECONDS when None) ×
+    (waiting + 1) ÷ slots, clamped to 1 .. ``limit`` (the queue timeout).
+    """
+    seconds = (avg_seconds or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
+    return min(max(seconds, 1.0), max(1.0, limit))
+
+
+def ewma(avg: float | None, value: float) -> float:
+    """The moving average ``avg`` with ``value`` added (EWMA_WEIGHT towards the newest)."""
+    return value if avg is None else avg + EWMA_WEIGHT * (value - avg)
 
 
 class Admission(enum.Enum):
@@ -323,7 +464,7 @@ class Scheduler:
         slots = sum(lane.slots for lane in self._active.values()) or self.concurrency
         return self._estimate(self._avg_seconds, waiting, slots)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> QueueSnapshot:
         """Plain data for the status page: per model, per client, the admin lane and totals."""
         now = max(now, self._now)
         self._evict_idle(now)
@@ -333,7 +474,7 @@ class Scheduler:
             name: self._lane_snapshot(lane, now, target is not None)
             for name, lane in sorted(self._lanes.items())
         }
-        clients = {
+        clients: dict[str, ClientSnapshot] = {
             name: {"waiting": count.waiting, "running": count.running}
             for name, count in sorted(self._clients.items())
         }
@@ -354,6 +495,8 @@ class Scheduler:
                 "activations": self._activations,
                 "forced_switches": self._forced_switches,
                 "avg_seconds": self._avg_seconds,
+                "reaped": 0,
+                "counted_again": 0,
             },
             "switch": {
                 "pending": target is not None,
@@ -362,6 +505,9 @@ class Scheduler:
                 "draining": draining,
             },
             "retry_after": self.retry_after(now),
+            "closed": False,
+            "shared": False,
+            "fallback": False,
         }
 
     # The rules
@@ -522,8 +668,8 @@ class Scheduler:
         self._drop_client_if_idle(job.client)
         held = now - job.started
         lane.touched = now
-        lane.avg_seconds = _ewma(lane.avg_seconds, held)
-        self._avg_seconds = _ewma(self._avg_seconds, held)
+        lane.avg_seconds = ewma(lane.avg_seconds, held)
+        self._avg_seconds = ewma(self._avg_seconds, held)
 
     def _reject(self, lane: _Lane, reason: str) -> None:
         lane.rejected[reason] += 1
@@ -535,16 +681,15 @@ class Scheduler:
         return self._estimate(lane.avg_seconds or self._avg_seconds, len(lane.waiting), lane.slots)
 
     def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
-        seconds = (avg or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
-        return min(max(seconds, 1.0), max(1.0, self.queue_timeout))
+        return estimate_wait(avg, waiting, slots, self.queue_timeout)
 
     def _wait_of(self, lane: _Lane, now: float) -> float:
         oldest = lane.oldest()
         return float(now - oldest.submitted) if oldest is not None else 0.0
 
-    def _lane_snapshot(self, lane: _Lane, now: float, draining: bool) -> dict[str, Any]:
-        active = lane.name in self._active
-        snap: dict[str, Any] = {
+    def _lane_snapshot(self, lane: _Lane, now: float, draining: bool) -> LaneSnapshot:
+        active = not lane.admin and lane.name in self._active
+        return {
             "running": len(lane.running),
             "slots": lane.slots,
             "waiting": len(lane.waiting),
@@ -553,12 +698,6 @@ class Scheduler:
             "admitted": lane.admitted,
             "rejected": dict(lane.rejected),
             "avg_seconds": lane.avg_seconds,
+            "active": active,
+            "draining": active and draining,
         }
-        if not lane.admin:
-            snap["active"] = active
-            snap["draining"] = active and draining
-        return snap
-
-
-def _ewma(avg: float | None, value: float) -> float:
-    return value if avg is None else avg + EWMA_WEIGHT * (value - avg)

@@ -20,8 +20,9 @@ import gevent.event
 from gevent.greenlet import Greenlet
 
 from errors import GateError, QueueTimeout, ShuttingDown
+from pipeline import ClientGone as GoneFlag
 
-from .core import Admission, Scheduler
+from .core import Admission, QueueSnapshot, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Requeued(Exception):
 
 def wait_or_gone(
     event: gevent.event.Event,
-    client_gone: gevent.event.Event | None,
+    client_gone: GoneFlag | None,
     timeout: float | None = None,
 ) -> None:
     """Wait for ``event``, which ``client_gone`` being set also wakes (up to ``timeout``)."""
@@ -181,7 +182,7 @@ class WorkQueue:
         client: str,
         *,
         admin: bool = False,
-        client_gone: gevent.event.Event | None = None,
+        client_gone: GoneFlag | None = None,
     ) -> Slot:
         """Block this greenlet until the job may run and return its Slot.
 
@@ -241,7 +242,7 @@ class WorkQueue:
         )
         return Slot(self, job_id, model, client, admin, waited)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> QueueSnapshot:
         """The scheduler's snapshot (see Scheduler.snapshot) plus whether the queue is closed."""
         snap = self._scheduler.snapshot(self._clock())
         snap["closed"] = self._closed

@@ -20,6 +20,8 @@ from typing import Any
 
 from endpoints import normalize_model
 
+from .core import REASONS, ClientSnapshot, LaneSnapshot, QueueSnapshot, estimate_wait
+
 # Every key of the work queue starts with this; tests use their own prefix.
 KEY_PREFIX = "gate:wq:"
 # A lease renewed every LEASE / 3 seconds survives two missed renewals.
@@ -98,6 +100,7 @@ end
 local function start(id, lane, notify)
   local job = P .. 'job:' .. id
   redis.call('HSET', job, 'state', 'r')
+  redis.call('HINCRBY', P .. 'cr', redis.call('HGET', job, 'client'), 1)
   redis.call('SADD', P .. 'run:' .. lane, id)
   if lane ~= 'a' then redis.call('SADD', P .. 'active', lane) end
   redis.call('ZADD', P .. 'leases', now + LEASE, id)
@@ -165,6 +168,9 @@ local function remove(id)
   end
   -- The lane keeps its place until the next pump (see there).
   redis.call('SREM', P .. 'run:' .. lane, id)
+  if redis.call('HINCRBY', P .. 'cr', client, -1) <= 0 then
+    redis.call('HDEL', P .. 'cr', client)
+  end
   return 'running'
 end
 
@@ -230,11 +236,14 @@ return {'waiting'}
 """
 )
 
-# ARGV[8]: job id. Returns what the job was: 'running', 'waiting' or 'none'.
+# ARGV[8]: job id; ARGV[9]: the reason a waiting job leaves ('queue_timeout', 'cancelled'),
+# counted in stats if it was still waiting. Returns what the job was: 'running',
+# 'waiting' or 'none'.
 _FINISH = (
     _PRELUDE
     + r"""
 local was = remove(ARGV[8])
+if was == 'waiting' and ARGV[9] ~= '' then redis.call('HINCRBY', P .. 'stats', ARGV[9], 1) end
 reap()
 pump()
 return was
@@ -310,6 +319,7 @@ return cjson.encode({
   waiting = redis.call('ZCARD', P .. 'wait'),
   active = redis.call('SMEMBERS', P .. 'active'),
   clients = redis.call('HGETALL', P .. 'cw'),
+  running = redis.call('HGETALL', P .. 'cr'),
   target = target or false,
   stats = stats,
 })
@@ -352,6 +362,7 @@ class RedisScheduler:
         queue_max_per_client: int = 32,
         switch_after: float = 10.0,
         admin_concurrency: int = 1,
+        queue_timeout: float = 300.0,
         lease: float = DEFAULT_LEASE,
         prefix: str = KEY_PREFIX,
     ) -> None:
@@ -362,6 +373,8 @@ class RedisScheduler:
         self.lease = float(lease)
         self.queue_max = queue_max
         self.queue_max_per_client = queue_max_per_client
+        self.max_active_models = max_active_models
+        self.queue_timeout = float(queue_timeout)
         self.concurrency = concurrency
         self.overrides = {normalize_model(m): n for m, n in (overrides or {}).items()}
         self.admin_concurrency = admin_concurrency
@@ -422,9 +435,13 @@ class RedisScheduler:
         outcome = _text(reply[0])
         return Decision(outcome, int(reply[1]) if len(reply) > 1 else 0)
 
-    def finish(self, job_id: str, *, now_ms: int | None = None) -> str:
-        """End a job (released, cancelled); return 'running', 'waiting' or 'none'."""
-        return _text(self._finish(keys=[self.prefix], args=self._argv(now_ms, job_id)))
+    def finish(self, job_id: str, *, reason: str = "", now_ms: int | None = None) -> str:
+        """End a job (released, cancelled); return 'running', 'waiting' or 'none'.
+
+        ``reason`` ("queue_timeout" or "cancelled") is counted if the job still waited.
+        """
+        args = self._argv(now_ms, job_id, reason)
+        return _text(self._finish(keys=[self.prefix], args=args))
 
     def tick(
         self,
@@ -445,42 +462,74 @@ class RedisScheduler:
         missing, counted = self._tick(keys=[self.prefix], args=args)
         return Ticked([_text(m) for m in missing], [_text(c) for c in counted])
 
-    def snapshot(self, *, now_ms: int | None = None) -> dict[str, Any]:
-        """The shared state, for the status page."""
+    def snapshot(
+        self, *, avg_seconds: float | None = None, now_ms: int | None = None
+    ) -> QueueSnapshot:
+        """The shared state, for the status page (``avg_seconds``: for the Retry-After).
+
+        Per-lane admissions, rejections and hold times are not kept in Redis (None).
+        """
         raw = json.loads(self._snapshot(keys=[self.prefix], args=self._argv(now_ms)))
         stats = _pairs(raw["stats"])
-        models = {}
-        admin = None
-        for lane, data in raw["lanes"].items() if isinstance(raw["lanes"], dict) else ():
-            if lane == "a":
-                admin = data
-                admin.pop("active", None)
-            else:
-                models[lane[2:]] = data
+        lanes: dict[str, Any] = raw["lanes"] if isinstance(raw["lanes"], dict) else {}
+        target = raw["target"][2:] if raw["target"] else None
+        active = sorted(m[2:] for m in raw["active"] or [])
+
+        def lane(data: Mapping[str, Any], admin: bool) -> LaneSnapshot:
+            active = bool(data["active"]) and not admin
+            return {
+                "running": int(data["running"]),
+                "slots": int(data["slots"]),
+                "waiting": int(data["waiting"]),
+                "oldest_wait": float(data["oldest_wait"]),
+                "clients_waiting": int(data["clients_waiting"]),
+                "admitted": None,
+                "rejected": None,
+                "avg_seconds": None,
+                "active": active,
+                "draining": active and target is not None,
+            }
+
+        models = {key[2:]: lane(data, False) for key, data in lanes.items() if key != "a"}
+        admin = lane(lanes["a"], True)
+        clients: dict[str, ClientSnapshot] = {}
+        for name, n in _pairs(raw["clients"]).items():
+            clients.setdefault(name, {"waiting": 0, "running": 0})["waiting"] = int(n)
+        for name, n in _pairs(raw["running"]).items():
+            clients.setdefault(name, {"waiting": 0, "running": 0})["running"] = int(n)
+        waiting = int(raw["waiting"])
+        slots = sum(models[m]["slots"] for m in active if m in models) or self.concurrency
         return {
             "models": dict(sorted(models.items())),
             "admin": admin,
-            "clients": {k: {"waiting": int(v)} for k, v in _pairs(raw["clients"]).items()},
+            "clients": dict(sorted(clients.items())),
             "totals": {
-                "running": sum(d["running"] for d in raw["lanes"].values())
-                if isinstance(raw["lanes"], dict)
-                else 0,
-                "waiting": raw["waiting"],
-                "active_models": sorted(m[2:] for m in raw["active"] or []),
+                "running": sum(int(d["running"]) for d in lanes.values()),
+                "waiting": waiting,
                 "admitted": int(stats.get("admitted", 0)),
-                "rejected": {
-                    "queue_full": int(stats.get("queue_full", 0)),
-                    "client_queue_full": int(stats.get("client_queue_full", 0)),
-                },
-                "reaped": int(stats.get("reaped", 0)),
-                "counted_again": int(stats.get("counted_again", 0)),
+                "rejected": {reason: int(stats.get(reason, 0)) for reason in REASONS},
+                "active_models": active,
+                "max_active_models": self.max_active_models,
+                "queue_max": self.queue_max,
+                "queue_max_per_client": self.queue_max_per_client,
                 "activations": int(stats.get("activations", 0)),
                 "forced_switches": int(stats.get("forced_switches", 0)),
+                "avg_seconds": avg_seconds,
+                "reaped": int(stats.get("reaped", 0)),
+                "counted_again": int(stats.get("counted_again", 0)),
             },
             "switch": {
-                "pending": bool(raw["target"]),
-                "target": raw["target"][2:] if raw["target"] else None,
+                "pending": target is not None,
+                "target": target,
+                "waited": models[target]["oldest_wait"] if target in models else 0.0,
+                "draining": active if target is not None else [],
             },
+            "retry_after": estimate_wait(
+                avg_seconds, waiting - admin["waiting"], slots, self.queue_timeout
+            ),
+            "closed": False,
+            "shared": True,
+            "fallback": False,
         }
 
 

@@ -34,8 +34,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
+from pipeline import ClientGone as GoneFlag
 
-from .core import DEFAULT_JOB_SECONDS, EWMA_WEIGHT
+from .core import QueueSnapshot, estimate_wait, ewma
 from .gate import ClientGone, Requeued, Slot, WorkQueue, wait_or_gone
 from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
 
@@ -180,6 +181,7 @@ class SharedWorkQueue:
             queue_max_per_client=settings.queue_max_per_client,
             switch_after=settings.switch_after,
             admin_concurrency=settings.admin_concurrency,
+            queue_timeout=settings.queue_timeout,
             lease=lease,
             prefix=prefix,
         )
@@ -235,8 +237,8 @@ class SharedWorkQueue:
         client: str,
         *,
         admin: bool = False,
-        client_gone: gevent.event.Event | None = None,
-    ) -> Any:
+        client_gone: GoneFlag | None = None,
+    ) -> Slot:
         """Block this greenlet until the job may run and return its slot (see WorkQueue).
 
         While Redis is out of reach the job waits in this process's own queue; when Redis
@@ -277,31 +279,26 @@ class SharedWorkQueue:
             waited = self._clock() - submitted
             return FallbackSlot(self, local, job_id, model, client, admin, waited)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> QueueSnapshot:
         """The shared state, or this process's own while falling back."""
         if not self.fallback:
             try:
-                snap = self._sched.snapshot()
+                snap = self._sched.snapshot(avg_seconds=self._avg_seconds)
             except redis.RedisError as exc:
                 self._went_down(exc)
             else:
-                snap.update(
-                    shared=True,
-                    fallback=False,
-                    closed=self._closed,
-                    process={"waiting": len(self._waiters), "running": len(self._running)},
-                    retry_after=self._estimate(snap["totals"]["waiting"], 1),
-                )
+                snap["closed"] = self._closed
                 return snap
         snap = self._local.snapshot()
-        snap.update(shared=False, fallback=True)
+        snap["fallback"] = True
         return snap
 
     def retry_after(self, model: str | None = None, *, admin: bool = False) -> float:
-        """Seconds a turned-away client should wait (estimated from this process's view)."""
+        """Seconds a turned-away client should wait (from this process's jobs waiting)."""
         if self.fallback:
             return self._local.retry_after(model, admin=admin)
-        return self._estimate(len(self._waiters), 1)
+        slots = self._sched.slots(lane_of(model or "", admin)) if model or admin else 1
+        return self._estimate(len(self._waiters), slots)
 
     def idle(self) -> bool:
         """Whether this process holds no shared slot and has no job waiting, here or locally."""
@@ -317,7 +314,7 @@ class SharedWorkQueue:
         for job_id, waiter in waiting:
             waiter.error = ShuttingDown("the gate is shutting down", retry_after=1.0)
             waiter.event.set()
-            self._spawn_finish(job_id)
+            self._spawn_finish(job_id, "cancelled")
         self._local.close()
         self._poke.set()
         if waiting:
@@ -330,7 +327,7 @@ class SharedWorkQueue:
         model: str,
         client: str,
         admin: bool,
-        client_gone: gevent.event.Event | None,
+        client_gone: GoneFlag | None,
         submitted: float,
         requeue: bool,
     ) -> SharedSlot:
@@ -385,7 +382,7 @@ class SharedWorkQueue:
         except BaseException:
             # Killed or timed out from outside while waiting: leave no trace behind.
             self._waiters.pop(job_id, None)
-            self._spawn_finish(job_id)
+            self._spawn_finish(job_id, "cancelled")
             raise
 
         if waiter.error is not None:
@@ -394,9 +391,10 @@ class SharedWorkQueue:
             # Timed out or the client left: take the job out (or give back the slot it got
             # in the meantime, before its wake-up arrived).
             self._waiters.pop(job_id, None)
-            self._finish(job_id)
             if client_gone is not None and client_gone.is_set():
+                self._finish(job_id, "cancelled")
                 raise ClientGone()
+            self._finish(job_id, "queue_timeout")
             logger.info("work queue: a job for %s timed out waiting", model)
             raise QueueTimeout(
                 f"no slot became free within {self.queue_timeout:g} s; try again later",
@@ -407,8 +405,11 @@ class SharedWorkQueue:
             raise ClientGone()
         return SharedSlot(self, job_id, model, client, admin, self._clock() - submitted)
 
-    def _finish(self, job_id: str) -> None:
-        """End a job in Redis; a failure only means its lease frees it later."""
+    def _finish(self, job_id: str, reason: str = "") -> None:
+        """End a job in Redis; a failure only means its lease frees it later.
+
+        ``reason`` ("queue_timeout", "cancelled") is counted if the job was still waiting.
+        """
         held = self._running.pop(job_id, None)
         if held is not None and not held.counted:
             return  # it ran on this process's own slots, and Redis never counted it
@@ -416,13 +417,13 @@ class SharedWorkQueue:
             self._orphans.add(job_id)  # finished when Redis answers, else its lease lapses
             return
         try:
-            self._sched.finish(job_id)
+            self._sched.finish(job_id, reason=reason)
         except redis.RedisError as exc:
             self._orphans.add(job_id)
             self._went_down(exc)
 
-    def _spawn_finish(self, job_id: str) -> None:
-        gevent.spawn(self._finish, job_id)
+    def _spawn_finish(self, job_id: str, reason: str = "") -> None:
+        gevent.spawn(self._finish, job_id, reason)
 
     # The pump: wake-ups, ticks, lease renewal, probing
 
@@ -563,9 +564,7 @@ class SharedWorkQueue:
     # Estimates
 
     def _note_hold(self, seconds: float) -> None:
-        avg = self._avg_seconds
-        self._avg_seconds = seconds if avg is None else avg + EWMA_WEIGHT * (seconds - avg)
+        self._avg_seconds = ewma(self._avg_seconds, seconds)
 
     def _estimate(self, waiting: int, slots: int) -> float:
-        seconds = (self._avg_seconds or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
-        return min(max(seconds, 1.0), max(1.0, self.queue_timeout))
+        return estimate_wait(self._avg_seconds, waiting, slots, self.queue_timeout)
