@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -286,3 +287,17 @@ def test_gunicorn_logs_the_configuration_and_unknown_variables_at_start_up(
         "[WARNING] gunicorn.error: ollama-gate: GATE_QUEUE_MAXX is not a setting of the gate "
         "and is ignored (did you mean GATE_QUEUE_MAX?)"
     ) in logs
+
+
+def test_the_docs_name_only_variables_the_gate_reads() -> None:
+    # A renamed or removed setting must not live on in the docs or the deployment files.
+    known = set(settings_module.known_variables())
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted(path for path in (ROOT / "deploy").iterdir() if path.is_file())
+    stale = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in files
+        for name in re.findall(r"\bGATE_[A-Z_]*[A-Z]\b", path.read_text(encoding="utf-8"))
+        if name not in known and not name.startswith("GATE_TEST_")
+    }
+    assert not stale, sorted(stale)
