@@ -79,6 +79,12 @@ class TokenBudgetSpent(RateLimited):
     code = "token_budget_exceeded"
 
 
+class TooManyFailedKeys(RateLimited):
+    """The client's address presented too many wrong API keys (GATE_AUTH_FAIL_LIMIT)."""
+
+    code = "too_many_failed_keys"
+
+
 class ClientShareFull(RateLimited):
     code = "client_queue_full"
 

@@ -328,6 +328,13 @@ class Settings:
         "limit per client for the light class (`off`: light reads take the faster light lane, "
         "see Benchmarks)",
     )
+    auth_fail_limit: str = setting(
+        "GATE_AUTH_FAIL_LIMIT",
+        "20/minute",
+        validate_limit,
+        "failed API keys one address may present; past it the address gets 429 for the rest "
+        "of the window, whatever key it sends (`off` disables)",
+    )
     storage_uri: str = setting(
         "GATE_STORAGE_URI",
         "memory://",

@@ -10,26 +10,18 @@ pure so tests drive it with plain numbers.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from limits.storage import MemoryStorage, Storage
+from limits.storage import Storage
 from limits.storage.base import SlidingWindowCounterSupport
 
-logger = logging.getLogger(__name__)
+from .fallback import Fallback
 
 WINDOW = 60  # seconds: budgets are per minute
 # A bound no spend reaches, so recording a spend never fails for being "over the limit".
 _UNBOUNDED = 10**15
-# After the shared storage fails, budgets stay in this process's memory this long
-# before it is tried again (Flask-Limiter does the same for the request limits).
-RETRY_STORAGE_AFTER = 5.0
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,39 +78,17 @@ class TokenBudgets:
     """Spend and read token budgets in the limits storage, in memory while it is down."""
 
     def __init__(self, storage: Storage | None) -> None:
-        self.shared: SlidingWindowCounterSupport | None = None
-        if isinstance(storage, MemoryStorage):
-            self.memory = storage  # memory://: nothing to fall back from
-        else:
-            self.memory = MemoryStorage()
-            if isinstance(storage, SlidingWindowCounterSupport):
-                self.shared = storage
-        self._down_until = 0.0
-
-    def _run(self, what: Callable[[SlidingWindowCounterSupport], T]) -> T:
-        if self.shared is not None and time.monotonic() >= self._down_until:
-            try:
-                result = what(self.shared)
-            except Exception as exc:  # redis-py's errors, timeouts, OSError: any means "down"
-                if self._down_until == 0.0:
-                    logger.warning(
-                        "token budget storage unreachable (%s); counting budgets in memory "
-                        "and trying again every %ss",
-                        exc,
-                        RETRY_STORAGE_AFTER,
-                    )
-                self._down_until = time.monotonic() + RETRY_STORAGE_AFTER
-            else:
-                if self._down_until:
-                    logger.info("token budget storage answers again")
-                    self._down_until = 0.0
-                return result
-        return what(self.memory)
+        self.storage = Fallback(
+            storage,
+            SlidingWindowCounterSupport,  # type: ignore[type-abstract]
+            "token budget",
+        )
+        self._run = self.storage.run
 
     @property
     def falling_back(self) -> bool:
         """Whether budgets count in memory because the shared storage failed."""
-        return bool(self._down_until)
+        return self.storage.falling_back
 
     def state(self, client: str, limit: int) -> BudgetState:
         """How much of ``limit`` tokens per minute ``client`` has left."""

@@ -50,11 +50,12 @@ from errors import (
 from pipeline import Call
 from proxy.views import read_body
 from settings import Settings, SettingsError
-from signals import call_finished
+from signals import call_finished, call_rejected
 
 from .allow import LISTINGS, NotAllowed, Unreadable, filter_listing, named_models
 from .budget import WINDOW, BudgetState, TokenBudgets
 from .fastpath import RejectCache, static_routes
+from .guard import AuthGuard
 from .headers import TOKENS, Quota, limit_headers, policy_name, retry_after
 from .identity import client_address
 from .keys import ApiKey, Keyring, load_keys
@@ -113,6 +114,8 @@ class GateLimiter:
         self.defaults: dict[EndpointClass, str] = {
             cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
         }
+        self.auth_fail_limit = settings.auth_fail_limit
+        self.guard: AuthGuard | None = None  # with a keys file: set by init_app
         self.anon_tokens_per_minute = settings.anon_tokens_per_minute
         self.storage_uri = settings.storage_uri
         self.trusted_proxies = settings.trusted_proxies
@@ -145,7 +148,8 @@ class GateLimiter:
 
     def _check_limit_strings(self) -> None:
         """Parse every limit string with the limits library itself: fail at boot, not later."""
-        self._check_strings({f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES})
+        strings = {f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES}
+        self._check_strings({**strings, "GATE_AUTH_FAIL_LIMIT": self.auth_fail_limit})
 
     def _check_key_limits(self, keyring: Keyring) -> None:
         strings = {
@@ -197,6 +201,9 @@ class GateLimiter:
                 _redacted(self.storage_uri),
             )
         self.budgets = TokenBudgets(storage)
+        if self.keyring is not None and self.auth_fail_limit != OFF:
+            self.guard = AuthGuard(self.auth_fail_limit, storage)
+            call_rejected.connect(self._count_failed_key, sender=app)
         app.before_request(self._check_budget)
         app.after_request(self._add_headers)
         app.after_request(_filter_listing)
@@ -238,7 +245,7 @@ class GateLimiter:
     def reject_cache(self, wsgi_app: WSGIApplication) -> RejectCache:
         """The WSGI middleware that answers clients already over a limit (limiter.fastpath),
         in front of ``wsgi_app``; create_app places it."""
-        self.cache = RejectCache(wsgi_app, self.keyring, self.rejections)
+        self.cache = RejectCache(wsgi_app, self.keyring, self.rejections, self.guard)
         return self.cache
 
     # -- who the client is -------------------------------------------------------------
@@ -303,6 +310,14 @@ class GateLimiter:
     def _scope(self, endpoint: str) -> str:
         # Shared per class: /api/generate and /v1/chat/completions draw on one bucket.
         return cast(str, g.gate_class)
+
+    def _count_failed_key(self, sender: Flask, error: Any, **_: Any) -> None:
+        """A 401 to a request that presented a key (here or on the status page) is a failure."""
+        if self.guard is None or not isinstance(error, Unauthorized):
+            return
+        environ = request.environ
+        if environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_API_KEY"):
+            self.guard.failed(client_address(request.remote_addr))
 
     def limit_for(self, cls: EndpointClass, key: ApiKey | None) -> str:
         """The limit string for ``cls`` and ``key`` (its override, else the class default)."""
@@ -430,7 +445,9 @@ class GateLimiter:
             "rejected": {cls: self.rejections[cls] for cls in CLASSES},
             "storage": _redacted(self.storage_uri),
             "storage_fallback": (self.enabled and counting_in_memory(self.limiter))
-            or self.budgets.falling_back,
+            or self.budgets.falling_back
+            or (self.guard is not None and self.guard.storage.falling_back),
+            "auth_guard": self.guard.stats() if self.guard is not None else None,
         }
 
     def _add_headers(self, response: Response) -> Response:

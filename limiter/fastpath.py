@@ -22,8 +22,9 @@ import gevent
 from gevent.hub import Waiter
 
 from endpoints import EndpointClass
-from errors import RateLimited, error_body, is_openai_path
+from errors import RateLimited, TooManyFailedKeys, error_body, is_openai_path
 
+from .guard import AuthGuard
 from .headers import Quota, limit_headers, seconds_until
 from .identity import client_address
 from .keys import Keyring
@@ -121,10 +122,15 @@ class RejectCache:
     """
 
     def __init__(
-        self, app: WSGIApplication, keyring: Keyring | None, rejections: Counter[str]
+        self,
+        app: WSGIApplication,
+        keyring: Keyring | None,
+        rejections: Counter[str],
+        guard: AuthGuard | None = None,
     ) -> None:
         self.app = app
         self.keyring = keyring
+        self.guard = guard  # addresses shut out for presenting wrong keys (limiter.guard)
         self.routes: dict[tuple[str, str], EndpointClass] = {}
         self.blocks: dict[tuple[str, EndpointClass], Block] = {}
         self.rejections = rejections  # per class, shared with the extension's own 429s
@@ -145,6 +151,15 @@ class RejectCache:
         self.blocks[(key, cls)] = Block(until, message, tuple(quotas), error)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.guard is not None:
+            # First, before anything compares a key: an address shut out by the guard.
+            keyed = bool(environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_API_KEY"))
+            if keyed or not _own_page(environ.get("PATH_INFO", "")):
+                address = client_address(environ.get("REMOTE_ADDR"))
+                until = self.guard.blocked_until(address, ask_storage=keyed)
+                if until is not None:
+                    self.guard.refused += 1
+                    return self._shut_out(environ, start_response, until)
         if self.blocks:
             cls = self.routes.get((environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")))
             key = limit_key(self.keyring, environ) if cls is not None else None
@@ -156,6 +171,29 @@ class RejectCache:
                     return self._reject(environ, start_response, block, now)
                 del self.blocks[(key, cls)]
         return self.app(environ, start_response)
+
+    def _shut_out(
+        self, environ: WSGIEnvironment, start_response: StartResponse, until: float
+    ) -> Iterable[bytes]:
+        """The guard's 429: no key was looked at."""
+        self.turnstile.enter()
+        wait = max(1, seconds_until(until, time.time()))
+        body = error_body(
+            TooManyFailedKeys.status,
+            f"too many failed API keys from this address; retry in {wait}s",
+            environ.get("PATH_INFO", ""),
+            openai_type=TooManyFailedKeys.openai_type,
+            code=TooManyFailedKeys.code,
+        )
+        start_response(
+            "429 TOO MANY REQUESTS",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Retry-After", str(wait)),
+            ],
+        )
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _reject(
         self, environ: WSGIEnvironment, start_response: StartResponse, block: Block, now: float
@@ -181,6 +219,11 @@ class RejectCache:
         out, body = rendered
         start_response("429 TOO MANY REQUESTS", list(out))
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+def _own_page(path: str) -> bool:
+    """The gate's own pages (/gate/*, /metrics): a shut-out address may see them without a key."""
+    return path.startswith("/gate/") or path == "/metrics"
 
 
 def static_routes(

@@ -35,6 +35,7 @@ from .probe import UpstreamProbe
 logger = logging.getLogger(__name__)
 
 RATE_LIMITED = "rate_limit_exceeded"
+GUARDED = "too_many_failed_keys"
 #: The /api/ps poller stops after this many seconds without a status request.
 POLL_IDLE = 900.0
 
@@ -65,6 +66,7 @@ class Status:
         self._limited: dict[str, int] = {}
         self._limited_seen: dict[str, int] = {}
         self._limiter_seen: dict[str, int] = {}
+        self._guard_seen = 0
 
     # Background work
 
@@ -130,7 +132,8 @@ class Status:
         if limiter is None:
             return
         try:
-            counts = limiter.stats()["rejected"]
+            stats = limiter.stats()
+            counts = stats["rejected"]
         except Exception:
             logger.exception("status: the limiter's stats failed")
             return
@@ -147,6 +150,13 @@ class Status:
                     self.access.fast_path(cls, fast)
             self._limiter_seen[cls] = total
             self._limited_seen[cls] = signalled
+        # The failed-key guard's 429s are all answered before Flask (limiter.guard).
+        guard = stats.get("auth_guard") or {}
+        refused = int(guard.get("refused", 0))
+        if refused > self._guard_seen:
+            self.board.rejected(now, 429, GUARDED, refused - self._guard_seen)
+            self.metrics.call_rejected(429, GUARDED, None, refused - self._guard_seen)
+            self._guard_seen = refused
 
     # Documents
 
@@ -163,7 +173,11 @@ class Status:
             stats = limiter.stats()
         except Exception:
             return None
-        return {"storage": stats.get("storage"), "storage_fallback": stats.get("storage_fallback")}
+        return {
+            "storage": stats.get("storage"),
+            "storage_fallback": stats.get("storage_fallback"),
+            "auth_guard": stats.get("auth_guard"),
+        }
 
     def worker(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,7 @@ from limiter.budget import budget_state
 from limiter.fastpath import RejectCache
 from limiter.headers import REQUESTS, TOKENS, Quota, binding, limit_headers, retry_after
 from limiter.identity import client_address, presented_secret
-from limiter.keys import KeysFileError, hash_secret, load_keys, parse_keys
+from limiter.keys import Keyring, KeysFileError, hash_secret, load_keys, parse_keys
 from limiter.mint import new_secret, stanza
 from limiter.policy import Rate, burst_room, normalize_limit, parse_limit
 from pipeline import pipeline_of
@@ -434,3 +434,63 @@ def test_flask_limiter_fallback_is_read_through_its_public_properties(reachable:
     with app.test_client() as client:
         assert [client.get("/").status_code for _ in range(6)] == [200] * 5 + [429]
     assert counting_in_memory(limits) is not reachable
+
+
+# -- the failed-key guard ------------------------------------------------------------------
+
+
+class CountingKeyring(Keyring):
+    """A keyring that counts how often a secret is compared."""
+
+    compared = 0
+
+    def lookup(self, secret: str) -> Any:
+        CountingKeyring.compared += 1
+        return super().lookup(secret)
+
+
+def test_a_shut_out_address_is_refused_before_any_key_is_compared() -> None:
+    from limits.storage import MemoryStorage
+
+    from limiter.guard import AuthGuard
+
+    keyring = CountingKeyring(parse_keys(KEYS).keys)
+    guard = AuthGuard("3/minute", MemoryStorage())
+    downstream = Downstream()
+    cache = RejectCache(downstream, keyring, Counter(), guard)
+    cache.block("key:alice", "inference", 2e9, "x", [MINUTE])  # the cache looks keys up
+    cache.routes = {("/api/generate", "POST"): "inference"}
+    seen: dict[str, Any] = {}
+
+    def call(addr: str, path: str = "/api/generate", **headers: str) -> str:
+        environ = {"PATH_INFO": path, "REQUEST_METHOD": "POST", "REMOTE_ADDR": addr, **headers}
+        b"".join(cache(environ, lambda status, _: seen.update(status=status)))
+        return str(seen["status"])
+
+    bearer = {"HTTP_AUTHORIZATION": f"Bearer {ALICE}"}
+    for _ in range(2):
+        guard.failed("127.0.0.1")
+    assert call("127.0.0.1", **bearer).startswith("429")  # alice's own block, looked up
+    assert CountingKeyring.compared == 1
+    guard.failed("127.0.0.1")  # the third: the window is full
+    assert guard.blocked_until("127.0.0.1") is not None
+    assert call("127.0.0.1", **bearer) == "429 TOO MANY REQUESTS"
+    assert call("127.0.0.1") == "429 TOO MANY REQUESTS"  # with no key at all too
+    assert CountingKeyring.compared == 1  # nothing compared for the shut-out address
+    assert call("127.0.0.1", path="/gate/status.json") == "200 OK"  # its own pages, keyless
+    assert call("127.0.0.2", path="/api/tags") == "200 OK"  # another address
+    assert guard.stats() == {"limit": "3/minute", "blocked": 1, "refused": 2, "failures": 3}
+
+
+def test_the_guard_is_off_with_off_or_without_keys(tmp_path: Path) -> None:
+    from app import create_app
+    from settings import Settings
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(KEYS)
+    base = Settings(upstream="http://127.0.0.1:9", api_keys_file=str(keys))
+    on = create_app(base).extensions["gate"].limiter
+    assert on is not None and on.stats()["auth_guard"]["limit"] == "20/minute"
+    for settings in (base.replace(auth_fail_limit="off"), Settings(upstream="http://127.0.0.1:9")):
+        limiter = create_app(settings).extensions["gate"].limiter
+        assert limiter is not None and limiter.stats()["auth_guard"] is None

@@ -159,7 +159,7 @@ def test_refusals_are_counted_by_status_and_reason(
         "503": {"queue_full": 1},
     }
     assert doc["rejections"]["total"] == doc["rejections"]["recent"]
-    assert doc["limiter"] == {"storage": "memory://", "storage_fallback": False}
+    assert doc["limiter"] == {"storage": "memory://", "storage_fallback": False, "auth_guard": None}
     samples = metric_samples(gate)
     assert total(samples, "gate_rejections_total", status="429", **{"class": "embed"}) == 4
     assert (

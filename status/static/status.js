@@ -119,6 +119,12 @@
       items.push(["bad", "Rate-limit storage " + doc.limiter.storage +
         " does not answer: limits count in this worker's memory until it does."]);
     }
+    var guard = doc.limiter && doc.limiter.auth_guard;
+    if (guard && guard.blocked > 0) {
+      items.push(["bad", guard.blocked + (guard.blocked === 1 ? " address is" : " addresses are") +
+        " shut out for presenting wrong API keys (" + guard.limit + "): " + guard.refused +
+        " requests refused so far."]);
+    }
     if ((w.workers || workers) > 1) {
       items.push(["", "This page shows worker " + w.pid + " only, one of " + w.workers +
         " workers: each keeps its own queue and counts."]);
