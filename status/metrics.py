@@ -205,7 +205,9 @@ class QueueCollector(Collector):
                 "at scrape time)",
             ),
             GaugeMetricFamily(
-                "gate_upstream_model_loaded", "1 per model the upstream has loaded", labels=model
+                "gate_upstream_model_loaded",
+                "Models the upstream has loaded: 1 per model label (OTHER counts the rest)",
+                labels=model,
             ),
         )
 
@@ -240,8 +242,15 @@ class QueueCollector(Collector):
         healthy = self.upstream.get("healthy")
         if healthy is not None:
             up.add_metric([], 1 if healthy else 0)
-        for model in self.upstream.get("loaded") or ():
-            loaded.add_metric([model["name"]], 1)
+        # Loaded models come from the upstream, which loads what clients name: counted
+        # under the same bounded labels as the queue's models (the rest under OTHER).
+        now = time.monotonic()
+        per_label = Tally(
+            self.metrics.model_label(model["name"], now, claim=False)
+            for model in self.upstream.get("loaded") or ()
+        )
+        for label, count in per_label.items():
+            loaded.add_metric([label], count)
         families = [running, waiting, slots, oldest, active, admitted, rejected]
         if snapshot is not None:
             families += [admin_running, admin_waiting]

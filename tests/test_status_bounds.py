@@ -123,12 +123,28 @@ def test_board_refused_models_take_no_place() -> None:
     assert set(models) == {"real:latest", OTHER}
 
 
+# A lane of the work queue's snapshot (workqueue.core.LaneSnapshot) with nothing in it.
+IDLE_LANE = {
+    "running": 0,
+    "slots": 1,
+    "waiting": 0,
+    "oldest_wait": 0.0,
+    "clients_waiting": 0,
+    "admitted": 0,
+    "rejected": {},
+    "avg_seconds": None,
+    "active": False,
+    "draining": False,
+}
+
+
 def test_board_folds_queue_lanes_past_max_models_and_says_waiting_not_idle() -> None:
-    lane = {"running": 0, "slots": 1, "waiting": 0, "admitted": 1, "rejected": {}}
+    lane = {**IDLE_LANE, "admitted": 1}
     lanes = {f"m{i}:latest": dict(lane) for i in range(MAX_MODELS + 8)}
     lanes["busy:latest"] = {**lane, "running": 1, "active": True}
-    lanes["queued:latest"] = {**lane, "waiting": 2}
-    snap = {"models": lanes, "clients": {}, "totals": {}}
+    lanes["queued:latest"] = {**lane, "waiting": 2, "clients_waiting": 1}
+    snap = Scheduler().snapshot(1.0)  # a real snapshot, with these lanes
+    snap["models"] = lanes  # type: ignore[typeddict-item]
     models = Board(0.0, 0.0).document(1.0, 1.0, snapshot=snap, upstream={}, worker={})["models"]
     assert len(models) == MAX_MODELS + 1
     assert models["busy:latest"]["state"] == "active"
@@ -188,7 +204,7 @@ def test_metrics_models_the_upstream_refused_take_no_place() -> None:
 
 
 def test_metrics_queue_gauges_fold_lanes_past_the_cap() -> None:
-    lane = {"running": 0, "slots": 1, "waiting": 1, "admitted": 0, "rejected": {"queue_full": 1}}
+    lane = {**IDLE_LANE, "waiting": 1, "clients_waiting": 1, "rejected": {"queue_full": 1}}
     snap = {
         "models": {f"m{i}:latest": dict(lane) for i in range(MAX_MODELS + 10)},
         "admin": {},
