@@ -266,7 +266,8 @@ class Settings:
         "GATE_WORKER_CONNECTIONS",
         10000,
         validate_pos_int,
-        "connections one worker holds (streams + waiting jobs)",
+        "connections one worker holds (streams + waiting jobs); also the size of its pool of "
+        "upstream connections",
     )
     graceful_timeout: int = setting(
         "GATE_GRACEFUL_TIMEOUT",

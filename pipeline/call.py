@@ -52,7 +52,8 @@ def usage_of(record: bytes) -> tuple[int, int] | None:
     Ollama's final chunk carries ``prompt_eval_count``/``eval_count``; OpenAI's
     ``usage.prompt_tokens``/``completion_tokens``; Anthropic's and the Responses
     API's ``usage.input_tokens``/``output_tokens``. SSE records are ``data:`` lines.
-    Cheap substring tests keep this off the per-token path.
+    Cheap substring tests keep this off the per-token path. Whatever the record
+    holds, this never raises: the relay calls it on the upstream's bytes.
     """
     if b"eval_count" not in record and b"usage" not in record:
         return None
@@ -70,7 +71,7 @@ def _documents(record: bytes) -> list[Any]:
     if text.startswith(b"{"):
         try:
             return [json.loads(text)]
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             lines = text.splitlines()
     else:
         lines = [line[5:] for line in text.splitlines() if line.startswith(b"data:")]
@@ -78,7 +79,7 @@ def _documents(record: bytes) -> list[Any]:
     for line in lines:
         try:
             docs.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return docs
 
@@ -98,5 +99,17 @@ def _usage_in(doc: Any) -> tuple[int, int] | None:
     return None
 
 
+#: The most tokens one count may claim: more is no answer Ollama gives, and a budget
+#: storage (Redis INCRBY: 64 bits) must never be handed a number it cannot hold.
+MAX_TOKENS = 2**31 - 1
+
+
 def _ints(a: Any, b: Any) -> tuple[int, int]:
-    return (a if isinstance(a, int) else 0, b if isinstance(b, int) else 0)
+    return (_count(a), _count(b))
+
+
+def _count(value: Any) -> int:
+    """A token count as reported, or 0 when it is not a whole number; kept within MAX_TOKENS."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return 0
+    return min(max(value, 0), MAX_TOKENS)

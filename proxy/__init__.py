@@ -14,7 +14,13 @@ from .views import bp
 def init_app(app: Flask, settings: Settings) -> Upstream:
     """Register the forwarding routes; return the upstream pool they forward to."""
     app.register_blueprint(bp)
-    return Upstream(settings.upstream, timeout=settings.upstream_timeout)
+    # One upstream connection at most per client connection: the pool is as large as
+    # the connections a worker holds.
+    return Upstream(
+        settings.upstream,
+        timeout=settings.upstream_timeout,
+        concurrency=settings.worker_connections,
+    )
 
 
 __all__ = ["LightLane", "Upstream", "bp", "init_app"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import socket
 from collections.abc import Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -20,6 +19,8 @@ from geventhttpclient.header import Headers
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from errors import UpstreamTimeout, UpstreamUnavailable
+
+from .transport import WatchedPool, read_ahead, watch_pool
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +33,31 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, HTTPParseError, ge
 
 
 @contextlib.contextmanager
-def map_transport_errors(what: str) -> Iterator[None]:
-    """Turn transport exceptions into the contract's 502 and 504, in one place."""
+def map_transport_errors(url: str, what: str) -> Iterator[None]:
+    """Turn transport exceptions into the contract's 502 and 504, in one place.
+
+    The message names the upstream ``url`` and the request (``what``), so an
+    operator sees which server could not be reached.
+    """
     try:
         yield
     except TimeoutError as exc:  # socket.timeout: no bytes within GATE_UPSTREAM_TIMEOUT
-        raise UpstreamTimeout(f"upstream sent no response in time ({what})") from exc
+        raise UpstreamTimeout(f"upstream {url} sent no response in time ({what})") from exc
     except ConnectionRefusedError as exc:
-        raise UpstreamUnavailable(f"upstream unreachable ({what}): connection refused") from exc
+        raise UpstreamUnavailable(
+            f"upstream {url} unreachable ({what}): connection refused"
+        ) from exc
     except (OSError, HTTPParseError) as exc:
-        raise UpstreamUnavailable(f"upstream connection failed ({what}): {describe(exc)}") from exc
+        raise UpstreamUnavailable(
+            f"upstream {url} connection failed ({what}): {describe(exc)}"
+        ) from exc
+
+
+def display_url(url: str) -> str:
+    """``url`` without the user and password it may carry: fit for logs and error messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc, query="", fragment="").geturl().rstrip("/")
 
 
 def describe(exc: BaseException) -> str:
@@ -77,10 +93,9 @@ class UpstreamResponse:
                 yield data
             return
         # Records that arrived together leave in one write: readline() returns one, and
-        # the complete ones already parsed behind it are taken from the parser's buffer
-        # (geventhttpclient keeps it in _body_buffer; pinned in requirements.txt). A third
-        # of the CPU per relayed line when tokens come fast (docs/BENCHMARKS.md).
-        buffered = getattr(raw, "_body_buffer", None)
+        # the complete ones already parsed behind it are taken from the parser's buffer.
+        # A third of the CPU per relayed line when tokens come fast (docs/BENCHMARKS.md).
+        buffered = read_ahead(raw)
         while line := raw.readline(sep):
             if buffered:
                 cut = buffered.rfind(sep) + len(sep)
@@ -97,13 +112,12 @@ class UpstreamResponse:
         return bool(self.raw.message_complete)
 
     def release(self) -> None:
-        """Return the connection to the pool, or close it when the body was not read to the end."""
-        if not self.raw.message_complete:
-            sock = getattr(self.raw, "_sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    # Close at once, so Ollama sees the client go and stops generating.
-                    sock.shutdown(socket.SHUT_RDWR)
+        """Return the connection to the pool, or close it when the body was not read to the end.
+
+        A response released before its end closes its connection (the parser then
+        says it cannot be reused; WatchedPool shuts it down at once), so Ollama sees
+        the client go and stops generating.
+        """
         self.raw.release()
 
 
@@ -113,6 +127,7 @@ class Upstream:
     def __init__(self, url: str, *, timeout: float, concurrency: int = 10000) -> None:
         parts = urlsplit(url)
         self.url = url
+        self.shown = display_url(url)
         self.prefix = parts.path.rstrip("/")
         # Ollama answers 403 to a foreign Host header: the client's Host is never
         # forwarded, so the client sends the upstream's own.
@@ -124,6 +139,7 @@ class Upstream:
             block_size=BLOCK,
         )
         self.client.default_headers = Headers()  # add no User-Agent of our own
+        self.pool: WatchedPool = watch_pool(self.client)
 
     def open(
         self,
@@ -133,7 +149,8 @@ class Upstream:
         body: bytes | Iterable[bytes] | None,
     ) -> UpstreamResponse:
         """Send one request and return the response with its body still unread."""
-        with map_transport_errors(f"{method} {target.partition('?')[0]}"):
+        what = f"{method} {target.partition('?')[0]}"
+        with map_transport_errors(self.shown, what), self.pool.lending():
             raw = self.client.request(method, self.prefix + target, body=body, headers=headers)
         return UpstreamResponse(raw)
 

@@ -10,7 +10,9 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import ClientDisconnected as BodyCut
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from endpoints import LIGHT, OTHER_VIEW, PROXY_BLUEPRINT, ROUTES, EndpointClass, model_of, view_name
@@ -118,7 +120,7 @@ def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     """The model a model endpoint's body names; 400 when the body is not JSON or names none."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BadRequest("request body must be a JSON object") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
@@ -128,45 +130,71 @@ def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, payload
 
 
+# What reading a client's request body raises when its framing is broken (an invalid
+# chunk size, a chunk longer than its size, bare-LF lines: gunicorn's ParseException
+# subclasses) or the client stopped sending before its end (gunicorn's NoMoreData, an
+# OSError, which werkzeug's request.get_data turns into its ClientDisconnected).
+BODY_ERRORS: tuple[type[BaseException], ...] = (ParseException, OSError, BodyCut)
+
+
+def body_error(exc: BaseException) -> BadRequest:
+    """The 400 for a request body that could not be read (see BODY_ERRORS)."""
+    if isinstance(exc, NoMoreData) or not isinstance(exc, ParseException):
+        return BadRequest("request body incomplete: the connection ended before the body did")
+    return BadRequest(f"malformed request body: {str(exc)[:200]}")
+
+
 def read_body() -> bytes:
-    """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length."""
+    """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length,
+    400 when its framing is broken (gunicorn then closes the connection)."""
     if request.content_length is None and "HTTP_TRANSFER_ENCODING" not in request.environ:
         return b""  # no body announced: nothing to read (most GETs)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if limit is None:
-        return request.get_data(cache=True)
     # werkzeug stops a body without Content-Length (chunked) at max_content_length and
     # returns it cut short, no error: read one byte past the limit to tell the two apart.
-    request.max_content_length = limit + 1
+    if limit is not None:
+        request.max_content_length = limit + 1
     try:
         body = request.get_data(cache=True)
     except RequestEntityTooLarge:  # Content-Length over the limit: one 413 for both cases
         raise BodyTooLarge("request body too large") from None
+    except BODY_ERRORS as exc:
+        logger.info("unreadable request body on %s: %s", request.path, exc)
+        raise body_error(exc) from None
+    if limit is None:
+        return body
     if len(body) > limit:
         raise BodyTooLarge("request body too large")
     return body
 
 
-class UploadCut(ConnectionAbortedError):
-    """The client left before it sent the whole body it announced."""
-
-
 def _blob_body(length: int | None) -> Iterator[bytes]:
+    """The client's body as it arrives, for a blob upload sent on while it is received.
+
+    When the body breaks off (malformed framing, a client that left) this raises
+    the 400 while the upstream request is still being sent: Upstream.open then
+    closes that connection, so the upstream sees a cut upload, never a
+    whole-looking truncated blob.
+    """
     # input_stream, not stream: request.stream enforces MAX_CONTENT_LENGTH, and setting
     # request.max_content_length = None falls back to the config in Flask 3.1. gunicorn
     # ends the input at Content-Length or the last chunk (wsgi.input_terminated).
     stream = request.input_stream
     received = 0
-    while chunk := stream.read(BLOB_CHUNK):
+    while True:
+        try:
+            chunk = stream.read(BLOB_CHUNK)
+        except BODY_ERRORS as exc:
+            logger.info("blob upload to %s broke after %d bytes: %s", request.path, received, exc)
+            raise body_error(exc) from None
+        if not chunk:
+            break
         received += len(chunk)
         yield chunk
     if length is not None and received < length:
-        # gunicorn ends a Content-Length body early, with no error, when the client leaves
-        # (a cut chunked body raises NoMoreData, an IOError). Raise an OSError so that
-        # geventhttpclient closes the upstream socket and frees its pool slot: ending the
-        # upload instead would hand the upstream a whole-looking, truncated blob.
+        # gunicorn ends a Content-Length body early, with no error, when the client leaves.
         logger.info("client left after %d of %d bytes of %s", received, length, request.path)
-        raise UploadCut(f"client sent {received} of {length} bytes")
+        raise BadRequest(f"request body incomplete: {received} of {length} bytes arrived")
 
 
 def client_id() -> str:

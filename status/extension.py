@@ -314,6 +314,8 @@ def init_app(app: Flask, settings: Settings) -> Status:
     """Subscribe a new Status to the call signals of ``app``; create_app keeps it in the
     app's Pipeline."""
     ext = Status(settings)
+    # Probes go through the proxy's pool, as forwarded requests do (see probe.py).
+    ext.probe.upstream = pipeline_of(app).upstream
     call_finished.connect(_on_finished, sender=app)
     call_rejected.connect(_on_rejected, sender=app)
     app.before_request(ext.ensure_started)

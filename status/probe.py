@@ -4,6 +4,11 @@ Page views and scrapes only read the cache. ``/gate/healthz`` refreshes it when
 it is older than ``max_age`` (one probe at a time; callers that arrive during a
 probe wait for its answer), so a load balancer calling every second costs the
 upstream at most one ``GET /api/version`` a second.
+
+In the gate the probes travel the way forwarded requests do: through the
+proxy's own connection pool (``upstream``). So healthz fails whenever the gate
+cannot forward, not only when the upstream is down: when every pooled
+connection is in use it answers 503 at once, without asking the upstream.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
+
+from errors import GateError
+
+if TYPE_CHECKING:
+    from pipeline import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +62,12 @@ class UpstreamProbe:
         ps_interval_down: float = PS_INTERVAL_DOWN,
         max_age: float = MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
+        upstream: Upstream | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.url = url
+        # The proxy's pool to ``url``; None: each probe opens a connection of its own.
+        self.upstream = upstream
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port
@@ -75,15 +88,19 @@ class UpstreamProbe:
         self.probes = 0
         self.used = clock()  # when a status endpoint was last asked for
         self._inflight: gevent.event.AsyncResult | None = None
+        self._exhausted = False  # the last check found no free pooled connection
 
     # Asking
 
     def get(self, path: str) -> Any:
-        """GET ``path`` from the upstream on a fresh connection; its JSON, or ProbeFailed.
+        """GET ``path`` from the upstream; its JSON, or ProbeFailed.
 
-        A fresh connection per probe (at most one a second) so that a pooled
-        keep-alive socket the upstream closed long ago never reads as "down".
+        Through the proxy's pool when there is one (a pooled keep-alive socket the
+        upstream closed long ago is noticed by the pool and replaced, never read as
+        "down"), else on a fresh connection.
         """
+        if self.upstream is not None:
+            return self._parse(path, *self._get_pooled(path))
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=self.timeout)
         try:
@@ -102,11 +119,42 @@ class UpstreamProbe:
             raise ProbeFailed(f"{type(exc).__name__}: {exc}"[:200]) from None
         finally:
             conn.close()
-        if resp.status != 200:
-            raise ProbeFailed(f"GET {path} answered {resp.status}")
+        return self._parse(path, resp.status, body)
+
+    def _get_pooled(self, path: str) -> tuple[int, bytes]:
+        """GET ``path`` through the proxy's pool, as a forwarded request would go."""
+        upstream = self.upstream
+        assert upstream is not None
+        pool = upstream.pool
+        if pool.free <= 0:
+            raise ProbeFailed(
+                f"no free connection to the upstream ({pool.in_use} of {pool.size} in use)"
+            )
+        # gevent.Timeout bounds the whole exchange; the pool takes back a connection
+        # the timeout interrupts.
+        with gevent.Timeout(self.timeout * 2, ProbeFailed("no answer in time")):
+            try:
+                resp = upstream.open("GET", path, PROBE_HEADERS, None)
+            except GateError as exc:  # the proxy's own 502/504 message, naming the URL
+                raise ProbeFailed(exc.message) from None
+            try:
+                body = b""
+                for block in resp.records(None):
+                    body += block
+                    if len(body) > 1 << 20:
+                        break
+            except OSError as exc:
+                raise ProbeFailed(f"{type(exc).__name__}: {exc}"[:200]) from None
+            finally:
+                resp.release()
+        return resp.status, body
+
+    def _parse(self, path: str, status: int, body: bytes) -> Any:
+        if status != 200:
+            raise ProbeFailed(f"GET {path} answered {status}")
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProbeFailed(f"GET {path} answered with no JSON") from None
 
     def probe(self, path: str = "/api/version") -> bool:
@@ -143,9 +191,26 @@ class UpstreamProbe:
         """Whether the cached answer is younger than ``max_age``."""
         return self.checked is not None and self._clock() - self.checked <= self.max_age
 
+    def connections(self) -> dict[str, int] | None:
+        """The proxy pool's connections in use and its size (None without a pool)."""
+        if self.upstream is None:
+            return None
+        return {"in_use": self.upstream.pool.in_use, "size": self.upstream.pool.size}
+
     def check(self) -> bool:
-        """Health for /gate/healthz: the cached answer if fresh, else one new probe at a time."""
-        if self.fresh():
+        """Health for /gate/healthz: the cached answer if fresh, else one new probe at a time.
+
+        A pool with no free connection fails at once, whatever the cache says.
+        """
+        pool = self.upstream.pool if self.upstream is not None else None
+        if pool is not None and pool.free <= 0:
+            error = f"no free connection to the upstream ({pool.in_use} of {pool.size} in use)"
+            if not self._exhausted:
+                logger.warning("upstream %s cannot be forwarded to: %s", self.url, error)
+            self._exhausted = True
+            self._record(False, self._clock(), error)
+            return False
+        if self.fresh() and not self._exhausted:
             return bool(self.healthy)
         inflight = self._inflight
         if inflight is not None:
@@ -153,6 +218,7 @@ class UpstreamProbe:
                 return bool(inflight.get(timeout=self.timeout * 2 + 1))
             return False
         result = self._inflight = gevent.event.AsyncResult()
+        self._exhausted = False
         try:
             healthy = self.probe("/api/version")
         finally:

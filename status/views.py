@@ -80,13 +80,17 @@ def status_json() -> Response:
 
 @bp.get("/gate/healthz")
 def healthz() -> Response:
-    """200 when the upstream answered a probe within the last second (or now), else 503."""
+    """200 when a request forwarded the proxy's way got an answer within the last second
+    (or now), else 503: upstream down, or no free connection to it."""
     probe = _ext().probe
     healthy = probe.check()
     doc: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
     if not healthy:
-        doc["error"] = f"upstream does not answer: {probe.error or 'unknown'}"
+        doc["error"] = f"cannot forward: {probe.error or 'unknown'}"
     doc["upstream"] = {"checked_ago": probe.state()["age"], "latency": probe.latency}
+    connections = probe.connections()
+    if connections is not None:
+        doc["upstream"]["connections"] = connections
     return _json(doc, 200 if healthy else 503)
 
 

@@ -198,11 +198,13 @@ def test_upstream_failure_is_answered_in_the_contracts_shape(
     fake.stop()
     r = client.get("/api/tags", environ_base=PEER)
     assert r.status_code == 502
-    assert r.json["error"].startswith("upstream unreachable (GET /api/tags)")
+    assert r.json["error"].startswith(f"upstream {fake.url} unreachable (GET /api/tags)")
     r = client.get("/v1/models", environ_base=PEER)
     assert r.status_code == 502
     assert r.json["error"]["code"] == "upstream_unavailable"
-    assert r.json["error"]["message"].startswith("upstream unreachable (GET /v1/models)")
+    assert r.json["error"]["message"].startswith(
+        f"upstream {fake.url} unreachable (GET /v1/models)"
+    )
     assert lane_of(app).served == 0
     text = client.get("/metrics", environ_base=PEER).get_data(as_text=True)
     rejected = [(labels, v) for labels, v in samples(text, "gate_rejections_total") if v]

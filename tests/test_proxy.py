@@ -392,7 +392,9 @@ def test_504_no_headers_in_time(strict_gate: Gate, fake: FakeOllama) -> None:
     )
     answered = time.monotonic()
     assert resp.status_code == 504
-    assert resp.json() == {"error": "upstream sent no response in time (POST /api/chat)"}
+    assert resp.json() == {
+        "error": f"upstream {fake.url} sent no response in time (POST /api/chat)"
+    }
     assert answered - started < 2.5  # the stall is 3 s: the gate gave up first
 
     # The gate hung up on the upstream, so Ollama would stop working on it.

@@ -270,12 +270,17 @@ ROUTES = ["/gate/status", "/gate/status.json", "/metrics", "/gate/static/status.
 
 @pytest.fixture
 def make_app(fake: FakeOllama) -> Iterator[Any]:
+    made: list[Flask] = []
+
     def make(**changes: Any) -> Flask:
         app = create_app(Settings(upstream=fake.url, **changes))
         app.testing = True
+        made.append(app)
         return app
 
     yield make
+    for app in made:
+        pipeline_of(app).upstream.close()  # healthz probes through its keep-alive pool
 
 
 @pytest.fixture
