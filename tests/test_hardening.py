@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from fakeollama import FakeOllama
-from proxy.call import MAX_TOKENS, usage_of
+from pipeline.call import MAX_TOKENS, usage_of
 from tests.support import Gate, client_requests, free_port
 
 DIGEST = "sha256:" + "0" * 64
