@@ -175,13 +175,13 @@
     setText("total-waiting", q ? num(q.waiting) : "–");
     var caps = doc.caps || {};
     var queueMax = caps.queue_max || (q && q.queue_max);
-    setText("total-waiting-sub", queueMax ? "of max " + num(queueMax) +
-      (caps.queue_max_per_client ? " · " + num(caps.queue_max_per_client) + " per client" : "") : "");
+    setText("total-waiting-sub", queueMax ? "max " + num(queueMax) +
+      (caps.queue_max_per_client ? " · " + num(caps.queue_max_per_client) + "/client" : "") : "");
     var maxActive = caps.max_active_models || (q && q.max_active_models);
     setText("active-models", q ? num((q.active_models || []).length) + (maxActive ? " / " + num(maxActive) : "") : "–");
     setText("active-models-sub", q && (q.active_models || []).length ? q.active_models.join(", ") : "none running");
     setText("oldest-wait", q && q.waiting ? secs(q.oldest_wait) : "–");
-    setText("oldest-wait-sub", caps.queue_timeout ? "now · timeout " + secs(caps.queue_timeout) : "now");
+    setText("oldest-wait-sub", caps.queue_timeout ? "timeout " + secs(caps.queue_timeout) : "now");
     setText("jobs-rate", rate(doc.rates.jobs_per_minute));
     setText("tokens-rate", rate(doc.rates.tokens_per_minute));
     var recent = doc.rejections.recent || {};
