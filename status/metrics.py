@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from endpoints import QUEUED_CLASSES
 
-from .board import Labels, names_a_model
+from .board import MAX_REASONS, Labels, names_a_model
 
 # Each counter and histogram would carry a `_created` series beside it, doubling the
 # lines of a scrape for a timestamp nobody graphs. (A switch of prometheus_client's own,
@@ -51,6 +51,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.models = Labels(MAX_MODELS, MODEL_IDLE)
+        self.reasons = Labels(MAX_REASONS)
         # The labelled children of each model label, removed when the label expires.
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self.queue = QueueCollector(self)
@@ -128,6 +129,7 @@ class Metrics:
             self._child(self.tokens, model, model, "out").inc(call.completion_tokens)
 
     def call_rejected(self, status: int, reason: str, cls: str | None, count: int = 1) -> None:
+        reason = self.reasons.label(reason, 0.0)
         self.rejections.labels(str(status), reason, cls or "none").inc(count)
 
     def exposition(self, snapshot: Mapping[str, Any] | None, upstream: Mapping[str, Any]) -> bytes:

@@ -281,3 +281,11 @@ def test_a_flood_of_made_up_model_names_leaves_status_and_metrics_bounded(
     # What the bound means in lines: a few dozen series per model label, whatever the flood.
     assert lines < 100 * (metrics_module.MAX_MODELS + 2), (baseline, lines)
     print(f"\n/metrics: {baseline} sample lines before, {lines} after 600 names")
+
+
+def test_metrics_reasons_are_bounded() -> None:
+    metrics = Metrics()
+    for i in range(100):
+        metrics.call_rejected(400, f"reason{i}", "inference")
+    reasons = {s.labels["reason"] for s in samples(metrics) if s.name == "gate_rejections_total"}
+    assert len(reasons) == board_module.MAX_REASONS + 1 and OTHER in reasons
