@@ -21,7 +21,7 @@ import requests
 
 from errors import BUSY_TEXT
 from fakeollama import FakeOllama
-from tests.support import Gate, clients
+from tests.support import Gate
 
 SLOW = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "10"}  # about one second
 
@@ -63,6 +63,34 @@ def open_stream(gate: Gate, model: str, prompt: str, headers: dict[str, str]) ->
     sock = socket.create_connection(("127.0.0.1", gate.port), timeout=10)
     sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
     return sock
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll ``check`` until it holds (the state a test waits for); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def queue_of(gate: Gate) -> dict[str, Any]:
+    """The gate's work queue as its /gate/status.json shows it."""
+    with requests.get(gate.url + "/gate/status.json?history=0", timeout=5) as resp:
+        queue: dict[str, Any] = resp.json()["queue"]
+    return queue
+
+
+def wait_for_queue(gate: Gate, *, waiting: int, running: int | None = None) -> dict[str, Any]:
+    """Wait until the gate's queue holds ``waiting`` jobs (and ``running``); return it."""
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        seen.update(queue_of(gate))
+        return seen["waiting"] == waiting and running in (None, seen["running"])
+
+    wait_until(f"{waiting} waiting, {running} running", reached)
+    return seen
 
 
 def prompts_seen(fake: FakeOllama, model: str) -> list[str]:
@@ -129,7 +157,7 @@ def test_queue_full_answers_ollamas_busy_text(
     with ThreadPoolExecutor(3) as pool:
         busy = [pool.submit(generate, gate, "m1", prompt=f"p{i}", headers=SLOW) for i in range(3)]
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
-        time.sleep(0.3)  # the two others are waiting now
+        wait_for_queue(gate, waiting=2)  # the two others
         resp = requests.post(gate.url + "/api/generate", json={"model": "m1", "prompt": "x"})
         assert resp.status_code == 503
         assert resp.json() == {"error": BUSY_TEXT}
@@ -149,7 +177,7 @@ def test_client_share_full_is_429(fake: FakeOllama, gate_factory: Callable[..., 
     with ThreadPoolExecutor(2) as pool:
         busy = [pool.submit(generate, gate, "m1", prompt=f"p{i}", headers=SLOW) for i in range(2)]
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
-        time.sleep(0.3)
+        wait_for_queue(gate, waiting=1)
         resp = requests.post(gate.url + "/api/generate", json={"model": "m1", "prompt": "x"})
         assert resp.status_code == 429
         assert "error" in resp.json()
@@ -187,8 +215,8 @@ def test_lone_client_is_served_behind_anothers_flood(
         flood = [
             pool.submit(generate, gate, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
         ]
-        fake.wait_for(lambda s: len(clients(s)) >= 1)
-        time.sleep(0.1)  # the flood's first job runs, the rest wait behind it
+        # The flood's first job runs, the rest wait behind it.
+        wait_for_queue(gate, waiting=7, running=1)
         lone = pool.submit(generate, gate, "m1", prompt="lone", headers=job, source="127.0.0.2")
         assert lone.result()[0] == 200
         assert all(f.result()[0] == 200 for f in flood)
@@ -205,10 +233,13 @@ def test_disconnect_while_waiting_never_reaches_upstream(
         running = pool.submit(generate, gate, "m1", prompt="first", headers=SLOW)
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
         sock = open_stream(gate, "m1", "gone", {})
-        time.sleep(0.3)  # it waits for the slot
+        wait_for_queue(gate, waiting=1)  # it waits for the slot
         sock.close()
+        # The gate saw it leave while the first job still ran: it left the queue.
+        queue = wait_for_queue(gate, waiting=0, running=1)
+        assert queue["rejected"]["cancelled"] == 1
         assert running.result()[0] == 200
-    time.sleep(0.5)
+    wait_for_queue(gate, waiting=0, running=0)
     assert "gone" not in prompts_seen(fake, "m1:latest")
     wait_idle(gate, fake, "m1")
 
@@ -227,7 +258,7 @@ def test_disconnect_mid_stream_frees_the_slot_at_once(
         received += chunk
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(generate, gate, "m1", prompt="next", headers={"X-Fake-Tokens": "1"})
-        time.sleep(0.3)
+        wait_for_queue(gate, waiting=1)
         sock.close()
         status, headers, _ = waiting.result(timeout=10)
     assert status == 200
@@ -253,7 +284,7 @@ def test_a_waiting_model_gets_its_turn_after_switch_after(
         for i in range(3):
             pool.submit(keep_m1_busy, i)
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
-        time.sleep(0.3)
+        wait_for_queue(gate, waiting=2)  # m1's own jobs wait: no slot is free for m2
         started = time.monotonic()
         status, headers, _ = generate(gate, "m2", prompt="other", headers=fast, source="127.0.0.2")
         waited = time.monotonic() - started
@@ -276,11 +307,12 @@ def test_admin_jobs_take_the_admin_lane(
     slow = {"X-Fake-Stall": "0.6"}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(requests.post, gate.url + path, json=body, headers=slow)
-        time.sleep(0.2)
+        wait_until("the first holds the admin slot", lambda: queue_of(gate)["admin"]["running"])
         second = pool.submit(requests.post, gate.url + path, json=body, headers=slow)
+        wait_until("the second waits for it", lambda: queue_of(gate)["admin"]["waiting"] == 1)
         r1, r2 = first.result(), second.result()
     assert (r1.status_code, r2.status_code) == (200, 200)
-    assert float(r2.headers["X-Gate-Queue-Wait"]) > 0.2
+    assert float(r2.headers["X-Gate-Queue-Wait"]) > 0
     # An inference job does not wait behind the admin lane.
     status, headers, _ = generate(gate, "m1", headers={"X-Fake-Tokens": "1"})
     assert status == 200 and float(headers["x-gate-queue-wait"]) < 0.5

@@ -29,7 +29,7 @@ from settings import Settings
 from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
 from tests.support import Gate, clients, example_count
-from tests.test_workqueue_gate import generate, open_stream
+from tests.test_workqueue_gate import generate, open_stream, queue_of, wait_until
 from workqueue.core import (
     REASONS,
     ClientSnapshot,
@@ -439,9 +439,7 @@ def test_the_queue_bound_is_global(fake: FakeOllama, gates: Factory, redis_url: 
             for i, gate in enumerate((one, two, one))
         ]
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
-        deadline = time.monotonic() + 5
-        while status_json(two)["totals"]["waiting"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until("two jobs wait", lambda: status_json(two)["totals"]["waiting"] == 2)
         resp = requests.post(two.url + "/api/generate", json={"model": "m1", "prompt": "x"})
         assert resp.status_code == 503
         assert int(resp.headers["Retry-After"]) >= 1
@@ -456,8 +454,8 @@ def test_clients_take_turns_across_gates(fake: FakeOllama, gates: Factory, redis
         flood = [
             pool.submit(generate, one, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
         ]
-        fake.wait_for(lambda s: len(clients(s)) >= 1)
-        time.sleep(0.2)  # the flood's first job runs, the rest wait in Redis
+        # The flood's first job runs, the rest wait in Redis.
+        wait_until("7 wait", lambda: status_json(one)["totals"]["waiting"] == 7)
         lone = pool.submit(generate, two, "m1", prompt="lone", headers=job, source="127.0.0.2")
         assert lone.result()[0] == 200
         assert all(f.result()[0] == 200 for f in flood)
@@ -520,17 +518,14 @@ def test_a_paused_redis_falls_back_and_recovers(
         # One job runs and five wait in Redis when it stops answering mid-traffic.
         busy = [pool.submit(timed, "m1", job) for _ in range(6)]
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
-        time.sleep(0.2)
+        wait_until("5 wait in Redis", lambda: status_json(gate)["totals"]["waiting"] == 5)
         with redis_server.paused():
             started = time.monotonic()
             during = list(pool.map(timed, ["m1"] * 6))
             assert [f.result() for f in busy] == [200] * 6
             assert time.monotonic() - started < 15
         assert during == [200] * 6
-    deadline = time.monotonic() + 15
-    while "slots are shared again" not in gate.logs() and time.monotonic() < deadline:
-        timed("m1")
-        time.sleep(0.2)
+    wait_until("shared again", lambda: "slots are shared again" in gate.logs())
     logs = gate.logs()
     assert "Redis unreachable" in logs
     assert "slots are shared again" in logs
@@ -542,18 +537,10 @@ def test_a_paused_redis_falls_back_and_recovers(
         assert int(client.hget("gate:wq:stats", "admitted") or 0) == before + 1
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 15) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-
-
 def local_queue(gate: Gate) -> tuple[int, int]:
     """(running, waiting) of the gate's own work queue, from its /gate/status.json."""
-    queue = requests.get(gate.url + "/gate/status.json", timeout=5).json()["queue"]
+    queue = queue_of(gate)
+    assert queue["fallback"] is True
     return queue["running"], queue["waiting"]
 
 
@@ -601,26 +588,24 @@ def test_after_redis_returns_the_shared_cap_holds_again(
 def test_leaving_or_timing_out_while_waiting_frees_everything(
     fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
-    env = shared_env(redis_url, GATE_QUEUE_TIMEOUT="0.5", GATE_QUEUE_LEASE="30")
+    env = shared_env(redis_url, GATE_QUEUE_TIMEOUT="2", GATE_QUEUE_LEASE="30")
     one, two = gates(fake.url, env), gates(fake.url, env)
+    longer = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "40"}  # past the queue timeout
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(generate, one, "m1", prompt="first", headers=SLOW)
+        running = pool.submit(generate, one, "m1", prompt="first", headers=longer)
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
         sock = open_stream(two, "m1", "gone", {})
-        time.sleep(0.2)  # it waits for the slot, in Redis
+        wait_until("it waits in Redis", lambda: status_json(two)["totals"]["waiting"] == 1)
         sock.close()
+        wait_until("it left", lambda: status_json(two)["totals"]["waiting"] == 0)
         late = requests.post(two.url + "/api/generate", json={"model": "m1", "prompt": "late"})
         assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
         assert running.result()[0] == 200
     seen = [r["json"]["prompt"] for r in fake.stats()["requests"] if r["path"] == "/api/generate"]
     assert "gone" not in seen and "late" not in seen
     # Nothing leaked in Redis: a job on either gate runs at once.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        totals = status_json(one)["totals"]
-        if totals["running"] == 0 and totals["waiting"] == 0:
-            break
-        time.sleep(0.05)
+    wait_until("all done", lambda: status_json(one)["totals"]["running"] == 0)
+    totals = status_json(one)["totals"]
     assert (totals["running"], totals["waiting"]) == (0, 0)
     # The one that left is counted as cancelled, the one that waited too long as a timeout.
     assert totals["rejected"]["cancelled"] == 1 and totals["rejected"]["queue_timeout"] == 1
