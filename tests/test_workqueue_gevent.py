@@ -67,10 +67,11 @@ def test_jobs_start_in_turn_as_slots_are_released(make_queue: MakeQueue) -> None
     wait_until(lambda: waiting(queue) == 3)
     assert order == []
     holder.release()
-    gevent.sleep(0.01)
+    wait_until(lambda: len(order) == 1)
     assert order == ["x1"]  # one slot: one job at a time
+    assert waiting(queue) == 2
     slots["x1"].release()
-    gevent.sleep(0.01)
+    wait_until(lambda: len(order) == 2)
     assert order == ["x1", "y1"]  # y's turn before x's second job
     slots["y1"].release()
     gevent.joinall(greenlets, timeout=5)
@@ -83,12 +84,12 @@ def test_acquire_blocks_until_a_release_and_reports_the_wait(make_queue: MakeQue
     queue = make_queue()
     holder = queue.acquire("a", "x")
     waiter = gevent.spawn(queue.acquire, "a", "y")
-    gevent.sleep(0.05)
+    wait_until(lambda: waiting(queue) == 1)
     assert not waiter.ready()
     holder.release()
     slot = waiter.get(timeout=1)
     assert isinstance(slot, Slot)
-    assert slot.waited >= 0.04  # the loop's cached clock may run a little behind
+    assert slot.waited > 0
     slot.release()
     assert queue.idle()
 
@@ -230,9 +231,9 @@ def test_switch_after_makes_the_running_model_drain(make_queue: MakeQueue) -> No
     queue = make_queue(model_concurrency=2, switch_after=0.1)
     a1 = queue.acquire("a", "x")
     b = gevent.spawn(queue.acquire, "b", "y")
-    gevent.sleep(0.15)  # b has waited past switch_after
+    wait_until(lambda: queue.snapshot()["switch"]["pending"])  # b waited past switch_after
     a2 = gevent.spawn(queue.acquire, "a", "x")
-    gevent.sleep(0.02)
+    wait_until(lambda: waiting(queue) == 2)
     assert not a2.ready()  # a has a free slot but takes no new jobs: it drains
     assert queue.snapshot()["switch"]["target"] == "b:latest"
     a1.release()
@@ -250,11 +251,11 @@ def test_the_timer_wakes_early_for_a_switch(
     queue = make_queue(queue_timeout=30.0, switch_after=0.05)
     holder = queue.acquire("a", "x")
     early = gevent.spawn(queue.acquire, "a", "y")  # the timer now sleeps for 30 s
-    gevent.sleep(0.01)
+    wait_until(lambda: waiting(queue) == 1)
     with caplog.at_level(logging.INFO, logger="workqueue.gate"):
         late = gevent.spawn(queue.acquire, "b", "y")
-        gevent.sleep(0.2)
-    assert "switch to b:latest due; draining a:latest" in caplog.text
+        # Logged by the timer at the switch's deadline, long before its 30 s sleep ends.
+        wait_until(lambda: "switch to b:latest due; draining a:latest" in caplog.text)
     holder.release()  # a drains: the place goes to b first
     late.get(timeout=1).release()
     early.get(timeout=1).release()
@@ -289,8 +290,7 @@ def test_a_slot_never_released_is_freed_when_collected(
     queue = make_queue()
     queue.acquire("a", "x")  # dropped at once, as a response generator never closed would be
     gc.collect()
-    gevent.sleep(0)
-    assert queue.idle()
+    wait_until(queue.idle)  # freed by a hub callback
     assert "was never released" in caplog.text
 
 
