@@ -585,6 +585,31 @@ def test_after_redis_returns_the_shared_cap_holds_again(
         assert "Redis unreachable" in logs and "Traceback" not in logs
 
 
+def test_a_flushed_redis_counts_the_running_job_again_and_requeues_the_waiting_one(
+    fake: FakeOllama, gates: Factory, redis_url: str, redis_server: RedisServer
+) -> None:
+    gate = gates(fake.url, shared_env(redis_url, GATE_QUEUE_TIMEOUT="60"))  # lease 2 s
+    long = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "30"}  # 3 s: renewed meanwhile
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(generate, gate, "m1", prompt="first", headers=long)
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        second = pool.submit(generate, gate, "m1", prompt="second", headers={"X-Fake-Tokens": "1"})
+        wait_until("second waits", lambda: status_json(gate)["totals"]["waiting"] == 1)
+        with redis_server.client() as client:
+            client.flushall()  # as a Redis restarted without persistence
+
+        def recovered() -> bool:
+            totals = status_json(gate)["totals"]
+            return (totals["running"], totals["waiting"], totals["counted_again"]) == (1, 1, 1)
+
+        # The next renewal counts the running job again and queues the waiting one again,
+        # behind it: the waiting job does not take a slot of its own.
+        wait_until("counted and queued again", recovered)
+        assert first.result()[0] == 200 and second.result()[0] == 200
+    assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+    assert "had lost its lease" in gate.logs()
+
+
 def test_leaving_or_timing_out_while_waiting_frees_everything(
     fake: FakeOllama, gates: Factory, redis_url: str
 ) -> None:
