@@ -15,6 +15,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import error_handlers
+import fleet.runtime
 import limiter
 import proxy
 import status
@@ -38,6 +39,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream = proxy.init_app(app, settings)
     rate_limiter = limiter.init_app(app, settings)
     admitter = workqueue.init_app(app, settings)
+    backends = fleet.runtime.init_app(app, settings)
+    if backends is not None:
+        # Several backends: each job runs on the backend the placement chose.
+        upstream, admitter = backends.upstream, backends.admitter  # type: ignore[assignment]
     gate = Pipeline(
         settings,
         upstream,

@@ -241,15 +241,16 @@ class Settings:
         "GATE_UPSTREAM",
         "http://127.0.0.1:11434",
         validate_upstream,
-        "Ollama base URL; a comma-separated list names several backends (each named by its "
-        "host:port), which start-up refuses until the gate serves a fleet",
+        "Ollama base URL; a comma-separated list names several backends, each named by its "
+        "host:port ([docs/DESIGN.md](docs/DESIGN.md#backends-fleet))",
     )
     backends_file: str | None = setting(
         "GATE_BACKENDS_FILE",
         None,
         validate_backends_file,
         "TOML file of `[backends.NAME]` tables (`url`, `max_models`, `vram`, "
-        "`model_concurrency`, `models`, `weight`; [docs/DESIGN.md](docs/DESIGN.md#backends)); "
+        "`model_concurrency`, `models`, `weight`; "
+        "[docs/DESIGN.md](docs/DESIGN.md#backends-fleet)); "
         "overrides GATE_UPSTREAM; a single backend's `max_models` and `model_concurrency` take "
         "the place of GATE_MAX_ACTIVE_MODELS and GATE_MODEL_CONCURRENCY",
     )
@@ -454,12 +455,15 @@ class Settings:
             )
 
         backends = self.backends()
-        if len(backends) > 1:
+        if len(backends) > 1 and not self.storage_uri.startswith("memory://"):
             source = "GATE_BACKENDS_FILE" if self.backends_file else "GATE_UPSTREAM"
             raise SettingsError(
                 f"{source} names {len(backends)} backends "
-                f"({', '.join(backend.name for backend in backends)}); the gate serves one"
+                f"({', '.join(backend.name for backend in backends)}): several backends "
+                "are served with GATE_STORAGE_URI=memory:// (one worker) only"
             )
+        if len(backends) > 1:
+            return
         only = backends[0]
         if only.vram is not None or only.models:
             raise SettingsError(

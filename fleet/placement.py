@@ -47,12 +47,15 @@ from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
 from workqueue.core import (
     ADMIN_LANE,
-    DEFAULT_JOB_SECONDS,
-    EWMA_WEIGHT,
     IDLE_MODEL_SECONDS,
     MAX_IDLE_MODELS,
     REASONS,
     Admission,
+    ClientSnapshot,
+    LaneSnapshot,
+    QueueSnapshot,
+    estimate_wait,
+    ewma,
 )
 
 from .config import Backend
@@ -463,7 +466,7 @@ class FleetScheduler:
         )
         return self._estimate(self._avg_seconds, waiting, slots)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> QueueSnapshot:
         """Plain data for the status page, in ``Scheduler.snapshot``'s shape plus ``backends``."""
         now = max(now, self._now)
         self._evict_idle(now)
@@ -475,7 +478,7 @@ class FleetScheduler:
             name: self._lane_snapshot(lane, now, name in active, name in draining)
             for name, lane in sorted(self._lanes.items())
         }
-        clients = {
+        clients: dict[str, ClientSnapshot] = {
             name: {"waiting": count.waiting, "running": count.running}
             for name, count in sorted(self._clients.items())
         }
@@ -495,6 +498,8 @@ class FleetScheduler:
                 "activations": sum(host.activations for host in self._hosts),
                 "forced_switches": sum(host.forced_switches for host in self._hosts),
                 "avg_seconds": self._avg_seconds,
+                "reaped": 0,
+                "counted_again": 0,
             },
             "switch": {
                 "pending": target is not None,
@@ -503,6 +508,9 @@ class FleetScheduler:
                 "draining": sorted(draining),
             },
             "retry_after": self.retry_after(now),
+            "closed": False,
+            "shared": False,
+            "fallback": False,
             "backends": [self._host_snapshot(host, now) for host in self._hosts],
         }
 
@@ -812,8 +820,8 @@ class FleetScheduler:
         if count:
             held = now - job.started
             lane.touched = now
-            lane.avg_seconds = _ewma(lane.avg_seconds, held)
-            self._avg_seconds = _ewma(self._avg_seconds, held)
+            lane.avg_seconds = ewma(lane.avg_seconds, held)
+            self._avg_seconds = ewma(self._avg_seconds, held)
 
     def _reject(self, lane: _Lane, reason: str) -> None:
         lane.rejected[reason] += 1
@@ -835,17 +843,14 @@ class FleetScheduler:
         )
 
     def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
-        seconds = (avg or DEFAULT_JOB_SECONDS) * (waiting + 1) / max(1, slots)
-        return min(max(seconds, 1.0), max(1.0, self.queue_timeout))
+        return estimate_wait(avg, waiting, slots, self.queue_timeout)
 
     def _wait_of(self, lane: _Lane, now: float) -> float:
         oldest = lane.oldest()
         return float(now - oldest.submitted) if oldest is not None else 0.0
 
-    def _lane_snapshot(
-        self, lane: _Lane, now: float, active: bool, draining: bool
-    ) -> dict[str, Any]:
-        snap: dict[str, Any] = {
+    def _lane_snapshot(self, lane: _Lane, now: float, active: bool, draining: bool) -> LaneSnapshot:
+        return {
             "running": len(lane.running),
             "slots": self._lane_slots(lane),
             "waiting": len(lane.waiting),
@@ -854,11 +859,9 @@ class FleetScheduler:
             "admitted": lane.admitted,
             "rejected": dict(lane.rejected),
             "avg_seconds": lane.avg_seconds,
+            "active": active and not lane.admin,
+            "draining": draining and not lane.admin,
         }
-        if not lane.admin:
-            snap["active"] = active
-            snap["draining"] = draining
-        return snap
 
     def _host_snapshot(self, host: _Host, now: float) -> dict[str, Any]:
         target = self._target(host, now)
@@ -885,7 +888,3 @@ class FleetScheduler:
 def _oldest_seq(lane: _Lane) -> int:
     job = lane.oldest()
     return job.seq if job is not None else 1 << 62
-
-
-def _ewma(avg: float | None, value: float) -> float:
-    return value if avg is None else avg + EWMA_WEIGHT * (value - avg)

@@ -17,7 +17,7 @@ def init_app(app: Flask, settings: Settings) -> Upstream:
     # One upstream connection at most per client connection: the pool is as large as
     # the connections a worker holds.
     return Upstream(
-        settings.upstream,
+        settings.backends()[0].url,
         timeout=settings.upstream_timeout,
         concurrency=settings.worker_connections,
     )

@@ -56,7 +56,7 @@ class Status:
         self.access = (
             None if settings.access_log == "off" else accesslog.install(settings.access_log)
         )
-        self.probe = UpstreamProbe(settings.upstream)
+        self.probe = UpstreamProbe(settings.backends()[0].url)
         self.started_wall = time.time()
         self.pid = os.getpid()
         self._sampler: gevent.Greenlet | None = None
@@ -193,17 +193,45 @@ class Status:
 
     def document(self, *, history: bool = True) -> dict[str, Any]:
         limiter = self.limiter()
+        snapshot = self.snapshot()
+        upstream = self.probe.state()
         doc = self.board.document(
             time.monotonic(),
             time.time(),
-            snapshot=self.snapshot(),
-            upstream=self.probe.state(),
+            snapshot=snapshot,
+            upstream=upstream,
             worker=self.worker(),
             history=history,
         )
+        backends = snapshot.get("backends") if snapshot is not None else None
+        doc["backends"] = backends or [self.only_backend(upstream, snapshot)]
         doc["limiter"] = limiter
         doc["caps"] = self.caps()
         return doc
+
+    def only_backend(
+        self, upstream: dict[str, Any], snapshot: QueueSnapshot | None
+    ) -> dict[str, Any]:
+        """status.json's ``backends`` for a fleet of one, from the upstream probe."""
+        healthy = upstream.get("healthy")
+        return {
+            "name": self.settings.backends()[0].name,
+            "url": upstream.get("url"),
+            "health": "unknown" if healthy is None else "up" if healthy else "down",
+            "loaded": {
+                str(item.get("name")): {
+                    "size_vram": item.get("size_vram"),
+                    "expires_at": item.get("expires_at"),
+                }
+                for item in upstream.get("loaded") or ()
+            },
+            "max_models": self.settings.max_active_models,
+            "models": {
+                name: {"running": row["running"], "slots": row["slots"]}
+                for name, row in (snapshot["models"] if snapshot is not None else {}).items()
+                if row["running"]
+            },
+        }
 
     def caps(self) -> dict[str, Any]:
         """The configured bounds, shown beside the live figures."""

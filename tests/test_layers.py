@@ -32,6 +32,7 @@ RANKS = {
     "signals": 1,
     "settings": 1,
     "fleet": 1,
+    "fleet.runtime": 4,
     "limiter.policy": 1,
     "limiter.keys": 1,
     "limiter.identity": 1,

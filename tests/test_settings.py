@@ -71,7 +71,7 @@ def test_ollama_rate_limit_is_the_default_for_inference_and_embed() -> None:
         ("GATE_UPSTREAM", "127.0.0.1:11434", "did you mean 'http://127.0.0.1:11434'?"),
         ("GATE_UPSTREAM", "localhost:11434", "did you mean 'http://localhost:11434'?"),
         ("GATE_UPSTREAM", "http://a:1,127.0.0.1:2", "did you mean 'http://127.0.0.1:2'?"),
-        ("GATE_UPSTREAM", "http://a:1,http://b:2", "the gate serves one"),
+        ("GATE_UPSTREAM", "ftp://a:1,http://b:2", "http:// or https://"),
         ("GATE_UPSTREAM", "http://a:1,http://a:1/", "listed twice"),
         ("GATE_BACKENDS_FILE", "/nonexistent/backends.toml", "cannot read"),
         ("GATE_UPSTREAM", "http://host:99999", "Port out of range"),

@@ -24,7 +24,7 @@ import enum
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
@@ -123,6 +123,9 @@ class QueueSnapshot(TypedDict):
     shared: bool
     #: Redis is configured but out of reach: this process admits with its own slots.
     fallback: bool
+    #: Several backends only (fleet/runtime.py): per backend, its health, loaded models
+    #: and running/slots per model (docs/STATUS.md).
+    backends: NotRequired[list[dict[str, Any]]]
 
 
 class JobSlot(Protocol):

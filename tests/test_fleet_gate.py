@@ -1,0 +1,222 @@
+"""The gate in front of several fake Ollamas under real gunicorn: placement, the catalogue's
+404, pins, a backend that dies and comes back."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from fakeollama import FakeOllama
+from tests.support import Gate, client_requests
+
+Fakes = dict[str, FakeOllama]
+
+
+@pytest.fixture
+def fakes() -> Iterator[Fakes]:
+    """Three fake Ollamas with their own installed models."""
+    servers = {
+        "big": FakeOllama(
+            token_interval=0.01, models="llama3.2=2GB,qwen2.5:7b=4GB,nomic-embed-text"
+        ),
+        "small": FakeOllama(token_interval=0.01, models="llama3.2=2GB,nomic-embed-text"),
+        "solo": FakeOllama(token_interval=0.01, models="llama3.2=2GB,phi3=2GB"),
+    }
+    for server in servers.values():
+        server.start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def backends_file(tmp_path: Path, fakes: Fakes, **extra: str) -> str:
+    path = tmp_path / "backends.toml"
+    text = ""
+    for name, server in fakes.items():
+        text += f'[backends.{name}]\nurl = "{server.url}"\n{extra.get(name, "")}\n'
+    path.write_text(text)
+    return str(path)
+
+
+def start(gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes, **extra: str) -> Gate:
+    path = backends_file(tmp_path, fakes, **extra)
+    gate = gate_factory("http://127.0.0.1:9", {"GATE_BACKENDS_FILE": path})
+    # The catalogue has read every backend once the first request is answered.
+    assert requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30).ok
+    return gate
+
+
+def _gen(model: str) -> dict[str, object]:
+    return {"model": model, "prompt": "hi", "stream": False}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_start_up_logs_the_backends_and_answers_name_their_backend(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    assert "fleet: 3 backends: big " in gate.logs()
+    resp = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers["X-Gate-Backend"] == "solo"  # the only backend with phi3
+    assert [r["model"] for r in client_requests(fakes["solo"])][-1] == "phi3:latest"
+
+
+def test_placement_prefers_the_backend_with_the_model_loaded(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    # qwen2.5:7b runs only on big; after it, llama3.2 is loaded on whichever took it
+    # first. Load nomic-embed-text on small directly, then ask the gate for it.
+    requests.post(
+        fakes["small"].url + "/api/embed", json={"model": "nomic-embed-text", "input": "x"}
+    ).raise_for_status()
+    wait_for(lambda: "nomic-embed-text" in json.dumps(_status(gate)["backends"]))
+    for _ in range(3):
+        resp = requests.post(
+            gate.url + "/api/embed", json={"model": "nomic-embed-text", "input": "x"}, timeout=30
+        )
+        assert resp.status_code == 200
+        assert resp.headers["X-Gate-Backend"] == "small"
+    assert fakes["big"].stats()["loads"].get("nomic-embed-text:latest", 0) == 0
+
+
+def _status(gate: Gate) -> dict[str, object]:
+    with requests.get(gate.url + "/gate/status.json", timeout=10) as resp:
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+
+def test_a_model_installed_nowhere_is_ollamas_404_at_once_and_leaves_no_trace(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    before = {name: len(client_requests(server)) for name, server in fakes.items()}
+    resp = requests.post(gate.url + "/api/chat", json={"model": "junk-1", "messages": []})
+    assert resp.status_code == 404
+    assert resp.json() == {"error": "model 'junk-1' not found"}
+    resp = requests.post(
+        gate.url + "/v1/chat/completions", json={"model": "junk-2", "messages": []}
+    )
+    assert resp.status_code == 404
+    assert resp.json()["error"]["message"] == "model 'junk-2' not found"
+    assert resp.json()["error"]["code"] == "model_not_found"
+    # The refusals' own series exist now (one per status and reason, whatever the name).
+    metrics = requests.get(gate.url + "/metrics", timeout=10).text
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(
+                lambda i: (
+                    requests.post(
+                        gate.url + "/api/generate", json=_gen(f"junk-{i}"), timeout=10
+                    ).status_code
+                ),
+                range(300),
+            )
+        )
+    assert set(codes) == {404}
+    after = {name: len(client_requests(server)) for name, server in fakes.items()}
+    assert after == before  # nothing forwarded
+    models = _status(gate)["models"]
+    assert not [name for name in models if name.startswith("junk")]
+    later = requests.get(gate.url + "/metrics", timeout=10).text
+    assert "junk" not in later
+    # No new series, but the upstream probe's own, which it adds once it has polled.
+    new = _series(later) - _series(metrics)
+    assert all(name.startswith("gate_upstream_") for name in new), new
+
+
+def _series(metrics: str) -> set[str]:
+    return {line.rpartition(" ")[0] for line in metrics.splitlines() if not line.startswith("#")}
+
+
+def test_a_pinned_model_only_runs_where_it_is_allowed(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(
+        gate_factory,
+        tmp_path,
+        fakes,
+        big='models = ["qwen*"]',
+        small='models = ["nomic-embed-text"]',
+    )
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(
+                lambda _: requests.post(gate.url + "/api/generate", json=_gen("llama3.2")),
+                range(12),
+            )
+        )
+    assert {resp.headers["X-Gate-Backend"] for resp in answers} == {"solo"}
+    for name in ("big", "small"):
+        assert "llama3.2:latest" not in [r["model"] for r in client_requests(fakes[name])]
+    # phi3 is installed on solo only, nomic-embed-text allowed on small only.
+    resp = requests.post(gate.url + "/api/embed", json={"model": "nomic-embed-text", "input": "x"})
+    assert resp.headers["X-Gate-Backend"] == "small"
+
+
+def test_a_model_only_on_a_down_backend_is_503_and_the_backend_rejoins(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    fakes["solo"].kill()
+    # The next phi3 request fails to connect: solo is down; the job has nowhere else to go.
+    resp = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert resp.status_code == 502
+    resp = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert resp.status_code == 503
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert "down" in resp.json()["error"]
+    # llama3.2 still runs elsewhere.
+    resp = requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30)
+    assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] != "solo"
+    fakes["solo"].start()
+
+    def back() -> bool:
+        r = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+        return r.status_code == 200
+
+    wait_for(back, timeout=30)
+
+
+def test_queued_jobs_finish_elsewhere_when_their_backend_dies(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    for server in fakes.values():
+        server.configure(token_interval=0.05, tokens=20)
+    with ThreadPoolExecutor(12) as pool:
+        futures = [
+            pool.submit(
+                requests.post,
+                gate.url + "/api/generate",
+                json={"model": "llama3.2", "prompt": "hi"},
+                timeout=60,
+            )
+            for _ in range(12)
+        ]
+        wait_for(lambda: sum(len(s.stats()["requests"]) for s in fakes.values()) >= 4)
+        fakes["small"].kill()
+        answers = [future.result() for future in futures]
+    for resp in answers:
+        assert resp.status_code in (200, 502)
+        if resp.headers.get("X-Gate-Backend") == "small":
+            # Started on small before it died: the stream ends with the error line.
+            assert '"error"' in resp.text.strip().splitlines()[-1]
+    finished_elsewhere = [
+        resp for resp in answers if resp.headers.get("X-Gate-Backend") in ("big", "solo")
+    ]
+    assert len(finished_elsewhere) >= 12 - 3
+    fakes["small"].start()
