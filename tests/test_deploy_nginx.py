@@ -80,6 +80,9 @@ def test_two_client_addresses_get_separate_buckets(limited: Nginx, fake: FakeOll
     assert [post(limited, "/api/generate", GEN, ONE)[0] for _ in range(2)] == [200, 200]
     status, body = post(limited, "/api/generate", GEN, ONE)
     assert status == 429, body
+    # The gate's own 429 passes nginx as the gate wrote it (the shield's error_page
+    # applies only to nginx's own refusals).
+    assert "per 1 minute" in json.loads(body)["error"], body
     # The second address has its own bucket: the first one's spent limit does not touch it.
     assert [post(limited, "/api/generate", GEN, TWO)[0] for _ in range(2)] == [200, 200]
     assert post(limited, "/api/generate", GEN, TWO)[0] == 429
