@@ -19,6 +19,7 @@ import tests.test_workqueue_core as core_tests
 from errors import ClientShareFull, QueueFull
 from fleet.config import Backend
 from fleet.placement import FleetScheduler, View
+from tests.support import example_count
 from tests.test_workqueue_core import SchedulerMachine
 from workqueue import Admission, Scheduler
 
@@ -104,7 +105,7 @@ class FleetOfOneMachine(SchedulerMachine):
 
 
 FleetOfOneMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=50, deadline=None
+    max_examples=example_count(100), stateful_step_count=50, deadline=None
 )
 test_scheduler_rules_hold_for_a_fleet_of_one = FleetOfOneMachine.TestCase
 
@@ -188,7 +189,9 @@ class SideBySide(RuleBasedStateMachine):
             assert self.old.job_state(job_id) == self.new.job_state(job_id)
 
 
-SideBySide.TestCase.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+SideBySide.TestCase.settings = settings(
+    max_examples=example_count(100), stateful_step_count=60, deadline=None
+)
 test_a_fleet_of_one_answers_as_the_scheduler = SideBySide.TestCase
 
 
@@ -598,5 +601,7 @@ class FleetMachine(RuleBasedStateMachine):
             assert row["running"] == 0 and row["models"] == {}
 
 
-FleetMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
+FleetMachine.TestCase.settings = settings(
+    max_examples=example_count(300), stateful_step_count=50, deadline=None
+)
 test_fleet_bounds_hold_in_random_runs = FleetMachine.TestCase
