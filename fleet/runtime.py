@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import gevent.event
 from flask import Flask, g, has_request_context
 from gevent.greenlet import Greenlet
 
+from endpoints import normalize_model
 from errors import GateError, UpstreamUnavailable
 from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
@@ -395,10 +396,17 @@ class FleetUpstream:
     ) -> UpstreamResponse:
         fleet = self.fleet
         fleet.start()
+        path = target.partition("?")[0]
+        if method in ("GET", "HEAD") and path in UNIONS:
+            return self._union(method, path, headers)
         placed = has_request_context() and g.get("gate_backend") is not None
-        name = g.gate_backend if placed else fleet.light_backend()
         call = g.get("gate_call") if has_request_context() else None
         model = call.model if call is not None else None
+        if placed:
+            name = g.gate_backend
+        else:
+            holders = fleet.catalogue.holders(model) if model else []
+            name = holders[0] if holders else fleet.light_backend()
         try:
             resp = fleet.pools[name].open(method, target, headers, body)
         except UpstreamUnavailable as exc:
@@ -423,8 +431,89 @@ class FleetUpstream:
         resp.headers.append((BACKEND_HEADER, name))
         return resp
 
+    def _union(self, method: str, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        """/api/tags, /api/ps or /v1/models over the healthy backends, each model once."""
+        fleet = self.fleet
+        names = fleet.catalogue.healthy() or [backend.name for backend in fleet.backends]
+        answers: list[tuple[str, Any]] = []
+        failure: BaseException | None = None
+        for name in names:
+            try:
+                resp = fleet.pools[name].open("GET", path, headers, None)
+                try:
+                    data = b"".join(resp.records(None))
+                finally:
+                    resp.release()
+                answers.append((name, json.loads(data) if resp.status == 200 else None))
+            except (GateError, ValueError, OSError) as exc:
+                failure = exc
+                fleet.failed(name, exc)
+        found = [(name, answer) for name, answer in answers if isinstance(answer, dict)]
+        if not found:
+            if failure is not None:
+                raise UpstreamUnavailable(f"no backend answered {path}: {failure}")
+            raise UpstreamUnavailable(f"no backend answered {path}")
+        now = time.monotonic()
+        if path == "/v1/models":
+            merged: dict[str, Any] = {"object": "list", "data": _merge(found, "data", "id")}
+        else:
+            for name, answer in found:
+                read = fleet.catalogue.read_tags if path == "/api/tags" else fleet.catalogue.read_ps
+                read(name, answer, now)
+            merged = {"models": _merge(found, "models", "model")}
+        return MergedResponse(
+            json.dumps(merged).encode(), ",".join(name for name, _ in found), head=method == "HEAD"
+        )
+
     def close(self) -> None:
         self.fleet.close()
+
+
+#: Light reads answered with the union over the healthy backends.
+UNIONS = frozenset({"/api/tags", "/api/ps", "/v1/models"})
+
+
+def _merge(answers: list[tuple[str, Any]], key: str, field: str) -> list[Any]:
+    """The entries of every answer's ``key`` list, each ``field`` (a model name) once."""
+    seen: dict[str, Any] = {}
+    for _, answer in answers:
+        entries = answer.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get(field) or entry.get("name")
+            if isinstance(name, str):
+                seen.setdefault(normalize_model(name) if field != "id" else name, entry)
+    return list(seen.values())
+
+
+class MergedResponse(UpstreamResponse):
+    """An answer the gate put together from several backends' (a whole JSON body)."""
+
+    def __init__(self, body: bytes, backends: str, *, head: bool = False) -> None:
+        self.raw = None  # type: ignore[assignment]
+        self.status = 200
+        self.body = b"" if head else body
+        self.headers = [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            (BACKEND_HEADER, backends),
+        ]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k.lower() == wanted), None)
+
+    def records(self, sep: bytes | None) -> Iterator[bytes]:
+        if self.body:
+            yield self.body
+
+    @property
+    def complete(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
 
 
 @dataclass

@@ -174,6 +174,51 @@ class QueueCollector(Collector):
     def describe(self) -> Iterator[Any]:
         # Names only, so that registering never asks for a snapshot.
         yield from self._families()
+        yield from self._backend_families()
+
+    def _backend_families(self) -> tuple[Any, ...]:
+        # Several backends only; the backend label's values come from the configuration.
+        backend = ["backend"]
+        return (
+            GaugeMetricFamily(
+                "gate_backend_up",
+                "1 when the backend is up (probes and passive signals)",
+                labels=backend,
+            ),
+            GaugeMetricFamily(
+                "gate_backend_jobs_running", "Jobs running on each backend now", labels=backend
+            ),
+            GaugeMetricFamily(
+                "gate_backend_models_loaded",
+                "Models each backend has loaded (/api/ps)",
+                labels=backend,
+            ),
+            GaugeMetricFamily(
+                "gate_backend_vram_used_bytes",
+                "VRAM the backend's loaded models use",
+                labels=backend,
+            ),
+            CounterMetricFamily(
+                "gate_backend_loads", "Models each backend loaded, seen by /api/ps", labels=backend
+            ),
+            CounterMetricFamily(
+                "gate_backend_evictions",
+                "Models each backend unloaded, seen by /api/ps",
+                labels=backend,
+            ),
+        )
+
+    def _collect_backends(self, rows: Any) -> Iterator[Any]:
+        up, running, loaded, vram, loads, evictions = self._backend_families()
+        for row in rows:
+            label = [str(row.get("name"))]
+            up.add_metric(label, 1 if row.get("health") == "up" else 0)
+            running.add_metric(label, row.get("running") or 0)
+            loaded.add_metric(label, len(row.get("loaded") or {}))
+            vram.add_metric(label, row.get("vram_used") or 0)
+            loads.add_metric(label, row.get("loads") or 0)
+            evictions.add_metric(label, row.get("evictions") or 0)
+        yield from (up, running, loaded, vram, loads, evictions)
 
     def _families(self) -> tuple[Any, ...]:
         model = ["model"]
@@ -258,6 +303,8 @@ class QueueCollector(Collector):
             families += [admin_running, admin_waiting]
         families += [up, loaded]
         yield from families
+        if snapshot is not None and snapshot.get("backends"):
+            yield from self._collect_backends(snapshot.get("backends"))
 
 
 def _busy(lane: Mapping[str, Any]) -> bool:

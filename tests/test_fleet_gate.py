@@ -72,6 +72,14 @@ def test_start_up_logs_the_backends_and_answers_name_their_backend(
     assert resp.status_code == 200
     assert resp.headers["X-Gate-Backend"] == "solo"  # the only backend with phi3
     assert [r["model"] for r in client_requests(fakes["solo"])][-1] == "phi3:latest"
+    metrics = requests.get(gate.url + "/metrics", timeout=10).text
+    for name in fakes:
+        assert f'gate_backend_up{{backend="{name}"}} 1.0' in metrics
+    assert 'gate_backend_models_loaded{backend="solo"} 1.0' in metrics or (
+        'gate_backend_models_loaded{backend="solo"} 2.0' in metrics
+    )
+    rows = {row["name"]: row for row in _status(gate)["backends"]}  # type: ignore[union-attr]
+    assert rows["solo"]["health"] == "up" and rows["solo"]["installed"] == 2
 
 
 def test_placement_prefers_the_backend_with_the_model_loaded(
@@ -220,3 +228,29 @@ def test_queued_jobs_finish_elsewhere_when_their_backend_dies(
     ]
     assert len(finished_elsewhere) >= 12 - 3
     fakes["small"].start()
+
+
+def test_tags_ps_and_models_are_unions_and_show_asks_a_backend_with_the_model(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    tags = requests.get(gate.url + "/api/tags", timeout=10)
+    assert tags.status_code == 200
+    names = sorted(entry["model"] for entry in tags.json()["models"])
+    assert names == ["llama3.2:latest", "nomic-embed-text:latest", "phi3:latest", "qwen2.5:7b"]
+    assert tags.headers["X-Gate-Backend"] == "big,small,solo"
+    models = requests.get(gate.url + "/v1/models", timeout=10).json()
+    assert sorted(entry["id"] for entry in models["data"]) == names
+    requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30).raise_for_status()
+    loaded = [entry["model"] for entry in requests.get(gate.url + "/api/ps").json()["models"]]
+    assert "phi3:latest" in loaded and "llama3.2:latest" in loaded
+    show = requests.post(gate.url + "/api/show", json={"model": "qwen2.5:7b"}, timeout=10)
+    assert show.status_code == 200 and show.headers["X-Gate-Backend"] == "big"
+    # A backend that is down drops out of the union.
+    fakes["solo"].kill()
+    requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)  # solo: down
+    names = sorted(
+        entry["model"] for entry in requests.get(gate.url + "/api/tags").json()["models"]
+    )
+    assert "phi3:latest" not in names and "qwen2.5:7b" in names
+    fakes["solo"].start()
