@@ -279,9 +279,19 @@ class FleetScheduler:
     # Events
 
     def submit(
-        self, job_id: Hashable, model: str, client: str, now: float, *, admin: bool = False
+        self,
+        job_id: Hashable,
+        model: str,
+        client: str,
+        now: float,
+        *,
+        admin: bool = False,
+        max_waiting: int | None = None,
     ) -> Admission:
-        """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised."""
+        """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised.
+
+        ``max_waiting`` is the client's own share, as in ``Scheduler.submit``.
+        """
         now = self._advance(now)
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} is already queued or running")
@@ -303,11 +313,12 @@ class FleetScheduler:
                     self._activate(lane, host, now, forced=forced)
                 self._start(job, host, now)
                 return Admission.RUNNING
+        share = self.queue_max_per_client if max_waiting is None else max_waiting
         count = self._clients.get(client)
-        if count is not None and count.waiting >= self.queue_max_per_client:
+        if count is not None and count.waiting >= share:
             self._reject(lane, "client_queue_full")
             raise ClientShareFull(
-                f"too many waiting requests from this client (limit {self.queue_max_per_client})",
+                f"too many waiting requests from this client (limit {share})",
                 retry_after=self._lane_estimate(lane),
             )
         if len(self._waiting) >= self.queue_max:

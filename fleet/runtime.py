@@ -28,6 +28,7 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from proxy.upstream import Upstream, UpstreamResponse, describe
 from settings import Settings
+from workqueue.admission import ShareOf
 from workqueue.core import QueueSnapshot
 from workqueue.gate import ClientGone, Slot, WorkQueue, _Waiter, wait_or_gone
 
@@ -318,9 +319,10 @@ class Fleet:
 class FleetAdmitter:
     """The admission hook over a fleet (pipeline.Admit): catalogue first, then the queue."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, share_of: ShareOf | None = None) -> None:
         self.fleet = fleet
         self.queue = fleet.queue
+        self.share_of = share_of
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         fleet = self.fleet
@@ -343,7 +345,13 @@ class FleetAdmitter:
         else:
             return None
         try:
-            slot = self.queue.acquire(model, call.client, admin=admin, client_gone=client_gone)
+            slot = self.queue.acquire(
+                model,
+                call.client,
+                admin=admin,
+                client_gone=client_gone,
+                max_waiting=self.share_of(call.client) if self.share_of is not None else None,
+            )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
         call.waited = slot.waited
@@ -525,7 +533,7 @@ class FleetParts:
     admitter: FleetAdmitter
 
 
-def init_app(app: Flask, settings: Settings) -> FleetParts | None:
+def init_app(app: Flask, settings: Settings, share_of: ShareOf | None = None) -> FleetParts | None:
     """The fleet of ``app`` when several backends are configured (None: one backend)."""
     backends = settings.backends()
     if len(backends) < 2:
@@ -543,4 +551,4 @@ def init_app(app: Flask, settings: Settings) -> FleetParts | None:
         ),
     )
     app.extensions["gate.fleet"] = fleet
-    return FleetParts(fleet, FleetUpstream(fleet), FleetAdmitter(fleet))
+    return FleetParts(fleet, FleetUpstream(fleet), FleetAdmitter(fleet, share_of))

@@ -319,6 +319,13 @@ class GateLimiter:
         if environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_API_KEY"):
             self.guard.failed(client_address(request.remote_addr))
 
+    def max_waiting_of(self, client: str) -> int | None:
+        """The work-queue share of ``client`` (a key name) when its key sets max_waiting."""
+        if self.keyring is None:
+            return None
+        key = self.keyring.by_name.get(client)
+        return key.max_waiting if key is not None else None
+
     def limit_for(self, cls: EndpointClass, key: ApiKey | None) -> str:
         """The limit string for ``cls`` and ``key`` (its override, else the class default)."""
         if key is not None and cls in key.limits:

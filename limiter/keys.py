@@ -9,6 +9,7 @@ secret itself (DESIGN.md, "API keys file")::
     limit_inference = "30/minute"    # optional overrides of GATE_LIMIT_*
     tokens_per_minute = 20000        # optional token budget
     models = ["llama3.2:*"]          # optional allow-list of model globs (limiter.allow)
+    max_waiting = 100                # optional: its share of the work queue
 
 A file the gate cannot use raises ``KeysFileError`` naming the file and line.
 Only the standard library, ``limiter.policy`` and ``limiter.allow`` are imported here: gunicorn's
@@ -34,7 +35,9 @@ from .policy import normalize_limit
 
 ROLES = ("user", "admin")
 LIMIT_FIELDS: dict[str, EndpointClass] = {f"limit_{cls}": cls for cls in CLASSES}
-FIELDS = frozenset({"key_sha256", "role", "tokens_per_minute", "models", *LIMIT_FIELDS})
+FIELDS = frozenset(
+    {"key_sha256", "role", "tokens_per_minute", "models", "max_waiting", *LIMIT_FIELDS}
+)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -62,6 +65,7 @@ class ApiKey:
     limits: Mapping[EndpointClass, str] = field(default_factory=dict)
     tokens_per_minute: int | None = None  # None: no token budget
     models: AllowList | None = None  # None: every model
+    max_waiting: int | None = None  # its jobs waiting in the work queue; None: the default
 
     @property
     def is_admin(self) -> bool:
@@ -193,10 +197,11 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
             raise fail(f"{field_name}: {exc}", field_name) from None
 
     budget = table.get("tokens_per_minute")
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
-    ):
+    if budget is not None and not _positive(budget):
         raise fail("tokens_per_minute must be a whole number of 1 or more", "tokens_per_minute")
+    max_waiting = table.get("max_waiting")
+    if max_waiting is not None and not _positive(max_waiting):
+        raise fail("max_waiting must be a whole number of 1 or more", "max_waiting")
     models = None
     if "models" in table:
         patterns = table["models"]
@@ -208,7 +213,12 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
             models = AllowList(tuple(check_pattern(p) for p in patterns))
         except ValueError as exc:
             raise fail(f"models: {exc}", "models") from None
-    return ApiKey(name, digest.strip().lower(), role, limits, budget, models)
+    return ApiKey(name, digest.strip().lower(), role, limits, budget, models, max_waiting)
+
+
+def _positive(value: Any) -> bool:
+    """A whole number of 1 or more (TOML's true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _find(lines: list[str], pattern: str, start: int = 0) -> int | None:

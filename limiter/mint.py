@@ -32,6 +32,7 @@ def stanza(
     role: str = "user",
     tokens_per_minute: int | None = None,
     models: Sequence[str] | None = None,
+    max_waiting: int | None = None,
 ) -> str:
     """The keys-file table for a key (checked by the keys file parser before it is shown)."""
     # Bare TOML keys are letters, digits, _ and -; "alice.b" unquoted would be a nested table.
@@ -46,6 +47,8 @@ def stanza(
     if models is not None:
         # A JSON list of plain strings is a TOML array as well.
         lines.append(f"models = {json.dumps(list(models))}")
+    if max_waiting is not None:
+        lines.append(f"max_waiting = {max_waiting}")
     text = "\n".join(lines) + "\n"
     parse_keys(text, "<minted stanza>")  # raises KeysFileError for what the file cannot hold
     return text
@@ -79,12 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the only models the key may use, e.g. 'llama3.2:*' nomic-embed-text "
         "(default: every model)",
     )
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        metavar="N",
+        help="its jobs waiting in the work queue at once (default GATE_QUEUE_MAX_PER_CLIENT)",
+    )
     args = parser.parse_args(argv)
-    if args.tokens_per_minute is not None and args.tokens_per_minute < 1:
-        parser.error("--tokens-per-minute must be 1 or more")
+    for option, value in (
+        ("--tokens-per-minute", args.tokens_per_minute),
+        ("--max-waiting", args.max_waiting),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{option} must be 1 or more")
     secret = new_secret()
     try:
-        text = stanza(args.name, secret, args.role, args.tokens_per_minute, args.models)
+        text = stanza(
+            args.name, secret, args.role, args.tokens_per_minute, args.models, args.max_waiting
+        )
     except ValueError as exc:
         parser.error(str(exc).replace("<minted stanza> line 1: ", ""))
     err = sys.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Flask
 
 from pipeline import Call, ClientDisconnected, Release
@@ -19,12 +21,16 @@ ADMIN_QUEUED = frozenset({"/api/pull", "/api/push", "/api/create"})
 # Jobs of an admin lane are keyed by this name in place of a model.
 ADMIN_MODEL = "admin"
 
+#: A client's own queue share (its API key's max_waiting), None for the default.
+ShareOf = Callable[[str], int | None]
+
 
 class Admitter:
     """Puts every inference, embed and admin job through one work queue (pipeline.Admit)."""
 
-    def __init__(self, queue: JobQueue) -> None:
+    def __init__(self, queue: JobQueue, share_of: ShareOf | None = None) -> None:
         self.queue = queue
+        self.share_of = share_of
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         """Block until ``call`` may run; return what frees its slot (None: not queued)."""
@@ -37,7 +43,13 @@ class Admitter:
         else:
             return None
         try:
-            slot = self.queue.acquire(model, call.client, admin=admin, client_gone=client_gone)
+            slot = self.queue.acquire(
+                model,
+                call.client,
+                admin=admin,
+                client_gone=client_gone,
+                max_waiting=self.share_of(call.client) if self.share_of is not None else None,
+            )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
         call.waited = slot.waited
@@ -48,9 +60,12 @@ class Admitter:
         self.queue.close()
 
 
-def init_app(app: Flask, settings: Settings) -> Admitter:
-    """The work queue of ``app``: in this process, or shared through Redis."""
+def init_app(app: Flask, settings: Settings, share_of: ShareOf | None = None) -> Admitter:
+    """The work queue of ``app``: in this process, or shared through Redis.
+
+    ``share_of(client)`` gives a client's own queue share (the limiter's API keys).
+    """
     queue: JobQueue = (SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(
         settings
     )
-    return Admitter(queue)
+    return Admitter(queue, share_of)

@@ -154,8 +154,12 @@ class JobQueue(Protocol):
         *,
         admin: bool = False,
         client_gone: ClientGone | None = None,
+        max_waiting: int | None = None,
     ) -> JobSlot:
         """Block until the job may run and return its slot.
+
+        ``max_waiting`` is the client's own queue share (its API key's ``max_waiting``),
+        in place of GATE_QUEUE_MAX_PER_CLIENT.
 
         Raises QueueFull, ClientShareFull, QueueTimeout or ShuttingDown (GateErrors with
         ``retry_after``), or ClientGone once ``client_gone`` is set while waiting.
@@ -327,12 +331,20 @@ class Scheduler:
     # Events
 
     def submit(
-        self, job_id: Hashable, model: str, client: str, now: float, *, admin: bool = False
+        self,
+        job_id: Hashable,
+        model: str,
+        client: str,
+        now: float,
+        *,
+        admin: bool = False,
+        max_waiting: int | None = None,
     ) -> Admission:
         """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised.
 
-        The client's share is checked before the total, so a client flooding the queue is
-        told so (429) rather than shown a busy server (503).
+        The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
+        is checked before the total, so a client flooding the queue is told so (429)
+        rather than shown a busy server (503).
         """
         now = self._advance(now)
         if job_id in self._jobs:
@@ -348,11 +360,12 @@ class Scheduler:
                 self._activate(lane, now, forced=False)
             self._start(job, now)
             return Admission.RUNNING
+        share = self.queue_max_per_client if max_waiting is None else max_waiting
         count = self._clients.get(client)
-        if count is not None and count.waiting >= self.queue_max_per_client:
+        if count is not None and count.waiting >= share:
             self._reject(lane, "client_queue_full")
             raise ClientShareFull(
-                f"too many waiting requests from this client (limit {self.queue_max_per_client})",
+                f"too many waiting requests from this client (limit {share})",
                 retry_after=self._lane_estimate(lane),
             )
         if len(self._waiting) >= self.queue_max:

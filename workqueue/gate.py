@@ -183,6 +183,7 @@ class WorkQueue:
         *,
         admin: bool = False,
         client_gone: GoneFlag | None = None,
+        max_waiting: int | None = None,
     ) -> Slot:
         """Block this greenlet until the job may run and return its Slot.
 
@@ -198,7 +199,9 @@ class WorkQueue:
         job_id = next(self._ids)
         submitted = self._clock()
         try:
-            admission = self._scheduler.submit(job_id, model, client, submitted, admin=admin)
+            admission = self._scheduler.submit(
+                job_id, model, client, submitted, admin=admin, max_waiting=max_waiting
+            )
         except GateError as exc:
             logger.info(
                 "work queue: turned away a job for %s from %s: %s (retry after %.0f s)",

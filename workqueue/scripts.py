@@ -412,13 +412,15 @@ class RedisScheduler:
         *,
         requeue: bool = False,
         waited: float = 0.0,
+        max_waiting: int | None = None,
         now_ms: int | None = None,
     ) -> Decision:
         """Add a job: it runs at once, waits, or is turned away (client share, queue full).
 
         ``requeue``: the job already waited ``waited`` seconds in another queue (this
         process's own, while Redis was out of reach); it is not turned away, and its
-        arrival counts from then for the switch rule and the oldest wait.
+        arrival counts from then for the switch rule and the oldest wait. ``max_waiting``
+        is the client's own queue share, in place of ``queue_max_per_client``.
         """
         args = self._argv(
             now_ms,
@@ -427,7 +429,7 @@ class RedisScheduler:
             client,
             owner,
             str(self.queue_max),
-            str(self.queue_max_per_client),
+            str(self.queue_max_per_client if max_waiting is None else max_waiting),
             "1" if requeue else "",
             str(max(0, int(waited * 1000))),
         )

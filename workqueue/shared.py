@@ -238,6 +238,7 @@ class SharedWorkQueue:
         *,
         admin: bool = False,
         client_gone: GoneFlag | None = None,
+        max_waiting: int | None = None,
     ) -> Slot:
         """Block this greenlet until the job may run and return its slot (see WorkQueue).
 
@@ -255,7 +256,7 @@ class SharedWorkQueue:
             if not self.fallback:
                 try:
                     return self._acquire_shared(
-                        model, client, admin, client_gone, submitted, requeue
+                        model, client, admin, client_gone, submitted, requeue, max_waiting
                     )
                 except RedisDown:
                     pass  # admitted below, with this process's own slots
@@ -263,7 +264,9 @@ class SharedWorkQueue:
                     requeue = True  # Redis forgot it: queue it there again
                     continue
             try:
-                local = self._local.acquire(model, client, admin=admin, client_gone=client_gone)
+                local = self._local.acquire(
+                    model, client, admin=admin, client_gone=client_gone, max_waiting=max_waiting
+                )
             except Requeued:
                 requeue = True  # Redis answers again: wait there
                 continue
@@ -330,6 +333,7 @@ class SharedWorkQueue:
         client_gone: GoneFlag | None,
         submitted: float,
         requeue: bool,
+        max_waiting: int | None = None,
     ) -> SharedSlot:
         job_id = f"{self.owner}:{next(self._ids)}"
         lane = lane_of(model, admin)
@@ -346,6 +350,7 @@ class SharedWorkQueue:
                 self.owner,
                 requeue=requeue,
                 waited=self._clock() - submitted if requeue else 0.0,
+                max_waiting=max_waiting,
             )
         except redis.RedisError as exc:
             self._waiters.pop(job_id, None)
@@ -362,7 +367,7 @@ class SharedWorkQueue:
             self._waiters.pop(job_id, None)
             slots = self._sched.slots(lane)
             if decision.outcome == "client_queue_full":
-                limit = self._sched.queue_max_per_client
+                limit = self._sched.queue_max_per_client if max_waiting is None else max_waiting
                 error: GateError = ClientShareFull(
                     f"too many waiting requests from this client (limit {limit})",
                     retry_after=self._estimate(decision.waiting, slots),
