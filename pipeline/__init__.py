@@ -75,26 +75,10 @@ class Keys(Protocol):
     def lookup(self, secret: str) -> Any: ...
 
 
-class PoolView(Protocol):
-    """How many connections to the upstream are lent out (proxy.transport.WatchedPool)."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def in_use(self) -> int: ...
-
-    @property
-    def free(self) -> int: ...
-
-
 class Upstream(Protocol):
     """The proxy's connection pool to Ollama (proxy.upstream.Upstream)."""
 
     url: str
-
-    @property
-    def pool(self) -> PoolView: ...
 
     def open(
         self,
@@ -158,7 +142,6 @@ __all__ = [
     "Keys",
     "LimiterView",
     "Pipeline",
-    "PoolView",
     "QueueView",
     "Release",
     "Upstream",

@@ -30,7 +30,7 @@ from workqueue.core import QueueSnapshot
 from . import accesslog
 from .board import Board, names_a_model, reason_of
 from .metrics import Metrics
-from .probe import UpstreamProbe
+from .probe import PooledUpstream, UpstreamProbe
 
 logger = logging.getLogger(__name__)
 
@@ -342,8 +342,11 @@ def init_app(app: Flask, settings: Settings) -> Status:
     """Subscribe a new Status to the call signals of ``app``; create_app keeps it in the
     app's Pipeline."""
     ext = Status(settings)
-    # Probes go through the proxy's pool, as forwarded requests do (see probe.py).
-    ext.probe.upstream = pipeline_of(app).upstream
+    upstream = pipeline_of(app).upstream
+    if isinstance(upstream, PooledUpstream):
+        # One backend: probes go through the proxy's pool, as forwarded requests do
+        # (probe.py). A fleet's backends are probed by their pollers (fleet/runtime.py).
+        ext.probe.upstream = upstream
     call_finished.connect(_on_finished, sender=app)
     call_rejected.connect(_on_rejected, sender=app)
     app.before_request(ext.ensure_started)

@@ -18,17 +18,14 @@ import http.client
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
 
 from errors import GateError
-
-if TYPE_CHECKING:
-    from pipeline import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +41,37 @@ MAX_AGE = 1.0
 # The gate's own probes name themselves, so Ollama's logs (and the test fake) can
 # tell them from client traffic.
 PROBE_HEADERS = {"Accept": "application/json", "User-Agent": "ollama-gate-probe"}
+
+
+class PoolView(Protocol):
+    """How many pooled connections to the upstream are lent out (proxy.transport.WatchedPool)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def in_use(self) -> int: ...
+
+    @property
+    def free(self) -> int: ...
+
+
+@runtime_checkable
+class PooledUpstream(Protocol):
+    """The proxy's pool to one Ollama server (proxy.upstream.Upstream), as the probe uses it."""
+
+    url: str
+
+    @property
+    def pool(self) -> PoolView: ...
+
+    def open(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes | Iterable[bytes] | None,
+    ) -> Any: ...
 
 
 class ProbeFailed(Exception):
@@ -62,7 +90,7 @@ class UpstreamProbe:
         ps_interval_down: float = PS_INTERVAL_DOWN,
         max_age: float = MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
-        upstream: Upstream | None = None,
+        upstream: PooledUpstream | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.url = url
