@@ -365,11 +365,23 @@ class FleetAdmitter:
             slot.release()
             if placed is not None:
                 fleet.refresh_ps(placed.name)
+            elif admin:
+                # A pull or create ended: what is installed where may have changed.
+                for backend in fleet.backends:
+                    fleet.refresh_tags(backend.name)
 
         return release
 
     def close(self) -> None:
         self.queue.close()
+
+
+def _copy_source(body: bytes) -> str | None:
+    try:
+        source = json.loads(body).get("source")
+    except (ValueError, AttributeError):
+        return None
+    return normalize_model(source) if isinstance(source, str) and source.strip() else None
 
 
 def _as_sent(call: Call) -> str:
@@ -410,6 +422,8 @@ class FleetUpstream:
         placed = has_request_context() and g.get("gate_backend") is not None
         call = g.get("gate_call") if has_request_context() else None
         model = call.model if call is not None else None
+        if model is None and path == "/api/copy" and isinstance(body, bytes):
+            model = _copy_source(body)  # a copy goes where its source is
         if placed:
             name = g.gate_backend
         else:
@@ -436,6 +450,13 @@ class FleetUpstream:
                 fleet.failed(name, again)
                 raise
         fleet.answered(name, resp.status, model)
+        if path in CHANGES_MODELS:
+            # A pull, create, copy or delete changes what the backend has installed: read
+            # its /api/tags again once this answer ends (copy and delete end at once).
+            if path in ("/api/copy", "/api/delete"):
+                fleet.refresh_tags(name)
+            elif has_request_context():
+                g.gate_changed_backend = name
         resp.headers.append((BACKEND_HEADER, name))
         return resp
 
@@ -476,6 +497,9 @@ class FleetUpstream:
     def close(self) -> None:
         self.fleet.close()
 
+
+#: Calls after which the backend's installed models are read again.
+CHANGES_MODELS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 
 #: Light reads answered with the union over the healthy backends.
 UNIONS = frozenset({"/api/tags", "/api/ps", "/v1/models"})

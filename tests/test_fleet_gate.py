@@ -254,3 +254,34 @@ def test_tags_ps_and_models_are_unions_and_show_asks_a_backend_with_the_model(
     )
     assert "phi3:latest" not in names and "qwen2.5:7b" in names
     fakes["solo"].start()
+
+
+def test_a_model_pulled_or_copied_through_the_gate_is_usable_through_it(
+    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+    assert requests.post(gate.url + "/api/generate", json=_gen("mistral")).status_code == 404
+    pulled = requests.post(gate.url + "/api/pull", json={"model": "mistral", "stream": False})
+    assert pulled.status_code == 200
+    where = pulled.headers["X-Gate-Backend"]
+
+    def usable() -> bool:
+        resp = requests.post(gate.url + "/api/generate", json=_gen("mistral"), timeout=30)
+        return resp.status_code == 200 and resp.headers["X-Gate-Backend"] == where
+
+    wait_for(usable)
+    copied = requests.post(
+        gate.url + "/api/copy", json={"source": "mistral", "destination": "mistral-copy"}
+    )
+    assert copied.status_code == 200 and copied.headers["X-Gate-Backend"] == where
+    # A copy goes where its source is: phi3 is on solo only.
+    copied = requests.post(gate.url + "/api/copy", json={"source": "phi3", "destination": "p2"})
+    assert copied.status_code == 200 and copied.headers["X-Gate-Backend"] == "solo"
+    wait_for(lambda: requests.post(gate.url + "/api/generate", json=_gen("mistral-copy")).ok)
+    deleted = requests.delete(gate.url + "/api/delete", json={"model": "mistral-copy"})
+    assert deleted.status_code == 200
+    wait_for(
+        lambda: (
+            requests.post(gate.url + "/api/generate", json=_gen("mistral-copy")).status_code == 404
+        )
+    )
