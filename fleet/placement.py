@@ -29,9 +29,9 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   backends that could run it take no new jobs and drain; the first place freed goes to it.
 * Copies: a model running somewhere takes a place on another backend too when it is
   loaded there, or when its queue is at least COPY_DEPTH times its running slots and the
-  backend has room without evicting anything. A copy keeps its place while jobs of its
-  model wait, and gives it up when they are done (hysteresis: it opens at a deep queue and
-  closes at an empty one).
+  backend has a free place (evicting, if it must, only idle models no job waits for). A
+  copy keeps its place while jobs of its model wait, and gives it up when they are done
+  (hysteresis: it opens at a deep queue and closes at an empty one).
 * A job whose backend failed before it answered goes back to its place in the queue
   (``retry``), never to be placed on that backend again.
 """
@@ -632,11 +632,15 @@ class FleetScheduler:
                 if target is not None and target is not lane:
                     continue
                 tier = self._tier(host, lane)
-                if placed and (
-                    tier == TIER_EVICT
-                    or (tier == TIER_ROOM and depth < self.copy_depth * running_slots)
-                ):
-                    continue  # a copy only where it is loaded, or for a deep queue
+                if placed and tier != TIER_LOADED:
+                    # A copy loads the model only for a deep queue, and evicts only idle
+                    # models that no job waits for.
+                    if depth < self.copy_depth * running_slots:
+                        continue
+                    if tier == TIER_EVICT and any(
+                        name in self._queued for name in host.view.loaded if name not in host.active
+                    ):
+                        continue
                 forced = target is lane
             key = (tier, (host.jobs() + 1) / host.backend.weight, host.index)
             if best is None or key < best[0]:

@@ -330,13 +330,19 @@ def test_a_second_copy_opens_for_a_deep_queue_and_closes_when_it_drains() -> Non
     assert s.snapshot(2.0)["backends"][1]["models"] == {}
 
 
-def test_a_copy_never_evicts() -> None:
-    s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
+def test_a_copy_for_a_deep_queue_may_evict_an_idle_model() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=2)
     s.observe("b", View(loaded={"other": GB}), 0.0)
     assert s.submit(1, "m", "x", 0.0) is RUNNING
     assert where(s, 1) == "a"
-    for job in range(2, 6):
-        assert s.submit(job, "m", "x", 0.0) is WAITING  # b would have to evict: no copy
+    assert s.submit(2, "m", "x", 0.0) is WAITING
+    assert s.tick(0.0) == []  # one waiting: no copy (b would have to evict)
+    assert s.submit(3, "m", "y", 0.0) is WAITING
+    assert s.tick(0.0) == [2]  # two waiting for one slot: a copy on b, "other" makes way
+    assert where(s, 2) == "b"
+    assert s.finish(2, 1.0) == [3]  # the copy goes on while m's jobs wait
+    assert s.finish(3, 2.0) == []  # and gives its place up when they are done
+    assert s.snapshot(2.0)["backends"][1]["models"] == {}
 
 
 def test_the_oldest_model_without_a_place_reserves_its_backends() -> None:
