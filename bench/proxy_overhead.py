@@ -9,6 +9,9 @@ times, and prints the medians as a Markdown table:
 
 - latency p50/p99 of GET /api/tags with 1 and with 50 connections (wrk --latency);
   "added" is gate minus direct;
+- latency p50 of two POSTs with 1 connection (wrk with a Lua script, the request in one
+  write): POST /api/show (a light POST) and a non-streamed POST /api/chat (inference,
+  through the work queue);
 - requests/s of GET /api/tags with 50 connections (the same wrk runs);
 - NDJSON lines/s received by 200 concurrent clients streaming /api/generate
   (bench/stream_load.py, its own process), at full speed (token interval 0, the
@@ -28,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,13 +87,41 @@ class Setup:
         return self.fake_url if where == "direct" else self.gate.url
 
 
-def run_wrk(setup: Setup, where: str, conns: int, seconds: float) -> dict[str, float]:
+#: The POSTs measured beside GET /api/tags: a light POST and a short non-streamed chat.
+POSTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "show": ("/api/show", {"model": "llama3.2"}),
+    "chat": (
+        "/api/chat",
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False},
+    ),
+}
+
+
+def wrk_script(path: str, body: dict[str, Any]) -> Path:
+    """A wrk Lua script that sends ``body`` as JSON to ``path`` with POST (one write)."""
+    script = Path(tempfile.mkdtemp(prefix="bench-wrk-")) / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.path = {json.dumps(path)}\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+def run_wrk(
+    setup: Setup, where: str, conns: int, seconds: float, post: str | None = None
+) -> dict[str, float]:
+    """wrk against GET /api/tags, or one of POSTS."""
     meter = CpuMeter(setup.gate_pids)
     fake = CpuMeter([setup.fake_pid])
     args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "5s", "--latency"]
-    proc = setup.children.popen(
-        [*args, setup.url(where) + "/api/tags"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    if post is None:
+        target = setup.url(where) + "/api/tags"
+    else:
+        path, body = POSTS[post]
+        args += ["-s", str(wrk_script(path, body))]
+        target = setup.url(where) + path
+    proc = setup.children.popen([*args, target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     meter.start()
     fake.start()
     out, _ = proc.communicate(timeout=seconds + 30)
@@ -178,6 +210,16 @@ def summarize(runs: Runs) -> dict[str, Any]:
         "gate": med(runs, "tags_c1/gate", "rps"),
     }
     summary["gate_cpu_us_per_req"] = med(runs, "tags_c50/gate", "gate_cpu_us_per_req")
+    for post in POSTS:
+        key = f"post_{post}_c1"
+        if f"{key}/gate" in runs:
+            d, g = med(runs, f"{key}/direct", "p50_ms"), med(runs, f"{key}/gate", "p50_ms")
+            summary[key] = {
+                "direct_ms": d,
+                "gate_ms": g,
+                "added_ms": g - d,
+                "gate_cpu_us_per_req": med(runs, f"{key}/gate", "gate_cpu_us_per_req"),
+            }
     for name in ("streams_max", "streams_paced"):
         if f"{name}/gate" in runs:
             summary[name] = {
@@ -213,6 +255,15 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {_cell(runs, key + '/direct', p, '.3f')} "
                 f"| {_cell(runs, key + '/gate', p, '.3f')} | {added:+.3f} ms |"
             )
+    for post, (path, _body) in POSTS.items():
+        key = f"post_{post}_c1"
+        if key in summary:
+            rows.append(
+                f"| POST {path} latency p50, 1 conn. (ms) "
+                f"| {_cell(runs, key + '/direct', 'p50_ms', '.3f')} "
+                f"| {_cell(runs, key + '/gate', 'p50_ms', '.3f')} "
+                f"| {summary[key]['added_ms']:+.3f} ms |"
+            )
     for conns in (1, 50):
         key = f"tags_c{conns}"
         d, g = summary[f"rps_c{conns}"]["direct"], summary[f"rps_c{conns}"]["gate"]
@@ -239,6 +290,13 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"| gate worker CPU per request, /api/tags 50 conn. (µs) | – "
         f"| {_cell(runs, 'tags_c50/gate', 'gate_cpu_us_per_req', '.0f')} | |"
     )
+    for post, (path, _body) in POSTS.items():
+        key = f"post_{post}_c1"
+        if key in summary:
+            rows.append(
+                f"| gate worker CPU per request, POST {path} 1 conn. (µs) | – "
+                f"| {_cell(runs, key + '/gate', 'gate_cpu_us_per_req', '.0f')} | |"
+            )
     for name in labels:
         if name in summary:
             rows.append(
@@ -268,6 +326,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=200)
     p.add_argument("--tokens", type=int, default=200, help="tokens per stream")
     p.add_argument("--paced-interval", type=float, default=0.01, help="0 skips the paced runs")
+    p.add_argument(
+        "--no-streams", action="store_true", help="skip the stream runs (latency figures only)"
+    )
     p.add_argument("--json", type=Path, help="also write every run and the summary here")
     p.add_argument(
         "--gate-env", action="append", default=[], metavar="K=V", help="extra gate setting"
@@ -297,11 +358,26 @@ def main() -> int:
             for where in ("direct", "gate"):  # warm up pools and code paths
                 run_wrk(setup, where, 50, 1)
             measure(runs, "tags_c1", args.repeat, lambda w: run_wrk(setup, w, 1, d), log)
+            for post in POSTS:
+                measure(
+                    runs,
+                    f"post_{post}_c1",
+                    args.repeat,
+                    lambda w, post=post: run_wrk(setup, w, 1, d, post),
+                    log,
+                )
             measure(runs, "tags_c50", args.repeat, lambda w: run_wrk(setup, w, 50, d), log)
             s, t = args.streams, args.tokens
-            measure(
-                runs, "streams_max", args.repeat, lambda w: run_streams(setup, w, s, t, 0, d), log
-            )
+            if args.no_streams:
+                args.paced_interval = 0.0
+            else:
+                measure(
+                    runs,
+                    "streams_max",
+                    args.repeat,
+                    lambda w: run_streams(setup, w, s, t, 0, d),
+                    log,
+                )
             if args.paced_interval > 0:
                 i = args.paced_interval
                 measure(

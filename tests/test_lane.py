@@ -27,6 +27,7 @@ from settings import Settings
 from tests.support import Gate, client_requests
 
 PEER = {"REMOTE_ADDR": "192.0.2.7"}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -115,7 +116,10 @@ def test_head_through_the_lane_has_no_body(make_app: Callable[..., Flask]) -> No
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("POST", "/api/show", b'{"model": "llama3.2"}'),  # light, with a body
+        ("POST", "/api/show", b"not json"),  # Flask answers the 400s
+        ("POST", "/api/show", b'{"name": ""}'),
+        ("POST", "/api/show", b"[" * 100_000 + b"]" * 100_000),
+        ("POST", "/api/generate", b'{"model": "llama3.2"}'),  # not light
         ("GET", "/api/tags", b"{}"),  # a GET with a body
         ("GET", "/api//tags", None),  # Flask redirects it
         ("GET", "/v1/models/", None),
@@ -133,6 +137,41 @@ def test_what_the_lane_leaves_to_flask(
     r = client.open(path, method=method, data=body, environ_base=PEER)
     assert r.status_code < 500, r.data
     assert lane_of(app).served == 0
+
+
+def test_light_posts_take_the_lane(make_app: Callable[..., Flask], fake: FakeOllama) -> None:
+    app = make_app()
+    lane = lane_of(app)
+    client = app.test_client()
+    warm(client)
+    before = light_metric(app, client)
+    body = b'{"model": "llama3.2", "verbose": false}'
+    with client.post("/api/show", data=body, headers=JSON, environ_base=PEER) as r:
+        assert r.status_code == 200, r.data
+        direct = requests.post(fake.url + "/api/show", data=body, headers=JSON, timeout=5)
+        assert r.json == direct.json()
+    assert lane.served == 1
+    seen = [rec for rec in client_requests(fake) if rec["path"] == "/api/show"]
+    assert [rec["body_bytes"] for rec in seen] == [len(body), len(body)]
+    assert light_metric(app, client) == before + 1
+    # What the lane leaves to Flask gets Flask's answer, from the same bytes.
+    with client.post("/api/show", data=b"{}", headers=JSON, environ_base=PEER) as r:
+        assert r.status_code == 400 and r.json == {"error": "model is required"}
+    with client.post("/api/show", data=b"x" * 100, environ_base=PEER) as r:
+        assert r.status_code == 400 and r.json == {"error": "request body must be a JSON object"}
+    assert lane.served == 1
+
+
+def test_a_fleet_keeps_light_posts_in_flask(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    lane = lane_of(app)
+    assert lane.posts  # one backend: the proxy's own pool
+    lane.posts = False
+    client = app.test_client()
+    warm(client)
+    with client.post("/api/show", json={"model": "llama3.2"}, environ_base=PEER) as r:
+        assert r.status_code == 200
+    assert lane.served == 0
 
 
 def test_lane_paths_come_from_the_contract() -> None:
@@ -219,10 +258,12 @@ VARYING = {"date", "server"}
 LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 
-def answer(gate: Gate, method: str, path: str, headers: dict[str, str]) -> tuple[Any, ...]:
+def answer(
+    gate: Gate, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+) -> tuple[Any, ...]:
     conn = http.client.HTTPConnection("127.0.0.1", gate.port, timeout=10)
     try:
-        conn.request(method, path, headers=headers)
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
         kept = sorted(
@@ -241,31 +282,37 @@ def test_the_lane_answers_as_flask_does(
     lane_gate = gate_factory(fake.url)  # no limits: light reads take the lane
     flask_gate = gate_factory(fake.url, {"GATE_LIMIT_LIGHT": "1000000/minute"})
     headers = {"X-Custom": "yes", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "TE": "trailers"}
-    cases = [
-        ("GET", "/api/tags"),
-        ("GET", "/api/tags?x=1&y=%20z"),
-        ("GET", "/api/version"),
-        ("GET", "/api/ps"),
-        ("GET", "/"),
-        ("HEAD", "/"),
-        ("HEAD", "/api/tags"),
-        ("GET", "/v1/models"),
-        ("GET", "/v1/models/llama3.2"),
-        ("GET", "/v1/models/no-such-model"),
+    show = b'{"model": "llama3.2"}'
+    cases: list[tuple[str, str, bytes | None]] = [
+        ("GET", "/api/tags", None),
+        ("GET", "/api/tags?x=1&y=%20z", None),
+        ("GET", "/api/version", None),
+        ("GET", "/api/ps", None),
+        ("GET", "/", None),
+        ("HEAD", "/", None),
+        ("HEAD", "/api/tags", None),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/llama3.2", None),
+        ("GET", "/v1/models/no-such-model", None),
+        ("POST", "/api/show", show),
+        ("POST", "/api/show?x=1", show),
+        ("POST", "/api/show", b'{"model": "no-such-model"}'),
     ]
     for gate in (lane_gate, flask_gate):
         answer(gate, "GET", "/api/version", {})  # warm: each worker's first goes to Flask
     counted_before = [light_count(gate) for gate in (lane_gate, flask_gate)]
-    for method, path in cases:
+    for method, path, body in cases:
         fake.reset()
-        via_lane = answer(lane_gate, method, path, headers)
+        via_lane = answer(lane_gate, method, path, headers, body)
         lane_seen = client_requests(fake)
         fake.reset()
-        via_flask = answer(flask_gate, method, path, headers)
+        via_flask = answer(flask_gate, method, path, headers, body)
         flask_seen = client_requests(fake)
         assert via_lane == via_flask, (method, path)
-        assert [(r["method"], r["path"], r["query"], r["headers"]) for r in lane_seen] == [
-            (r["method"], r["path"], r["query"], r["headers"]) for r in flask_seen
+        assert [
+            (r["method"], r["path"], r["query"], r["headers"], r["body_bytes"]) for r in lane_seen
+        ] == [
+            (r["method"], r["path"], r["query"], r["headers"], r["body_bytes"]) for r in flask_seen
         ], (method, path)
     # Both gates counted every case they forwarded, each as answered in full.
     for gate, before in zip((lane_gate, flask_gate), counted_before, strict=True):
