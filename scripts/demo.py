@@ -122,7 +122,9 @@ def start_gate(upstream: str, bind: str, keys: Path) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise SystemExit(f"demo: the gate exited with status {proc.returncode} (see above)")
         try:
-            requests.get(url + "/api/version", timeout=1)
+            # The health check: any answer means the gate is up, and it needs no API key
+            # (a keyless /api/version would show on the status page as a refused client).
+            requests.get(url + "/gate/healthz", timeout=(1, 10))
             return proc
         except requests.RequestException:
             time.sleep(0.05)
