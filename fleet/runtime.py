@@ -86,8 +86,11 @@ class FleetWorkQueue(WorkQueue):
         snap = super().snapshot()
         if self.catalogue is not None:
             placed = {row["name"]: row for row in snap.get("backends") or []}
+            now = self._clock()
             rows = []
             for row in self.catalogue.snapshot():
+                probed = row["last_probe"]
+                row["probe_age"] = None if probed is None else round(max(0.0, now - probed), 3)
                 place = placed.get(row["name"], {})
                 row["models"] = place.get("models", {})
                 row["running"] = place.get("running", 0)

@@ -218,6 +218,9 @@ class Status:
             "name": self.settings.backends()[0].name,
             "url": upstream.get("url"),
             "health": "unknown" if healthy is None else "up" if healthy else "down",
+            "probe_age": upstream.get("age"),
+            "last_error": upstream.get("error"),
+            "version": upstream.get("version"),
             "loaded": {
                 str(item.get("name")): {
                     "size_vram": item.get("size_vram"),

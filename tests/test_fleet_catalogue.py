@@ -120,3 +120,21 @@ def test_a_404_forgets_the_model_on_that_backend_and_bad_answers_are_ignored() -
     assert c.view("a").installed == {"ok:latest": 0}
     c.read_tags("a", "not json", 2.0)
     assert c.view("a").installed == {}
+
+
+def test_status_rows_say_how_long_ago_each_backend_was_probed() -> None:
+    from fleet.runtime import Fleet
+    from settings import Settings
+
+    now = [100.0]
+    settings = Settings(upstream="http://127.0.0.1:9,http://127.0.0.1:10")
+    fleet = Fleet(settings, settings.backends(), clock=lambda: now[0])
+    try:
+        first, second = (b.name for b in fleet.backends)
+        fleet.catalogue.probe_ok(first, 98.5, "0.12.6")
+        now[0] = 101.25
+        rows = {row["name"]: row for row in fleet.queue.snapshot()["backends"]}
+        assert rows[first]["probe_age"] == 2.75
+        assert rows[second]["probe_age"] is None  # not probed yet
+    finally:
+        fleet.close()

@@ -355,6 +355,18 @@ def test_status_json_without_a_work_queue(make_app: Any) -> None:
     assert "history" not in client.get("/gate/status.json?history=0").get_json()
 
 
+def test_status_json_backends_for_a_fleet_of_one_follow_the_probe(
+    make_app: Any, fake: FakeOllama
+) -> None:
+    client = make_app().test_client()
+    (row,) = client.get("/gate/status.json").get_json()["backends"]
+    assert row["health"] == "unknown" and row["probe_age"] is None
+    assert client.get("/gate/healthz").status_code == 200  # probes the upstream
+    (row,) = client.get("/gate/status.json").get_json()["backends"]
+    assert row["health"] == "up" and row["url"] == fake.url
+    assert row["probe_age"] >= 0 and row["version"] and row["last_error"] is None
+
+
 class StubQueue:
     """Stands in for workqueue.WorkQueue: only snapshot() is read."""
 

@@ -87,7 +87,15 @@
   function renderTop(doc) {
     var up = doc.upstream || {};
     var pill = $("upstream");
-    if (up.healthy === true) {
+    var fleet = backendsOf(doc);
+    if (fleet.length > 1) {
+      // Several backends: the upstream probe sees only the first; the fleet's own health counts.
+      var live = fleet.filter(function (b) { return b.health === "up"; }).length;
+      var down = fleet.filter(function (b) { return b.health === "down"; }).length;
+      pill.className = "pill " + (down ? "pill-bad" : live === fleet.length ? "pill-ok" : "pill-unknown");
+      pill.textContent = "backends " + live + " of " + fleet.length + " up" + (down ? " · " + down + " down" : "");
+      pill.title = fleet.map(function (b) { return b.name + " " + b.health; }).join(", ");
+    } else if (up.healthy === true) {
       pill.className = "pill pill-ok";
       pill.textContent = "upstream up" + (up.version ? " · Ollama " + up.version : "") +
         (up.latency !== null && up.latency !== undefined ? " · " + Math.round(up.latency * 1000) + " ms" : "");
@@ -98,7 +106,7 @@
       pill.className = "pill pill-unknown";
       pill.textContent = "upstream not probed yet";
     }
-    pill.title = up.url || "";
+    if (fleet.length <= 1) pill.title = up.url || "";
     var w = doc.worker || {};
     setText("worker", "worker pid " + w.pid + (w.workers > 1 ? " (one of " + w.workers + ")" : "") +
       " · up " + secs(w.uptime) + " · access " + w.access);
@@ -131,7 +139,17 @@
     }
     if (failures > 2) items.push(["bad", "status.json does not answer: the figures below are stale."]);
     var up = doc.upstream || {};
-    if (up.healthy === false) {
+    var fleet = backendsOf(doc);
+    if (fleet.length > 1) {
+      // Several backends: each one down gets its own loud banner, first.
+      var down = fleet.filter(function (b) { return b.health === "down"; });
+      var allDown = down.length === fleet.length;
+      down.slice().reverse().forEach(function (b) {
+        items.unshift(["down", "Backend " + b.name + " is down: " + (b.url || "it") + " does not answer.",
+          (b.last_error || "no answer") + " · " + probed(b) +
+          (allDown ? " · jobs cannot run until a backend answers again." : " · it takes no new jobs; they go to the other backends.")]);
+      });
+    } else if (up.healthy === false) {
       // The one thing an operator must not miss: first, and loud.
       items.unshift(["down", "Ollama is down: " + (up.url || "the upstream") + " does not answer.",
         (up.error || "no answer") + (up.age !== null && up.age !== undefined ? " · checked " + secs(up.age) + " ago" : "") +
@@ -279,6 +297,134 @@
       secs(Math.max(0, doc.generated - up.loaded_checked)) + " ago" : "");
   }
 
+  // -- backends -------------------------------------------------------------------------
+
+  function backendsOf(doc) { return doc.backends || []; }
+
+  function probed(b) {
+    if (b.probe_age === null || b.probe_age === undefined) return "not probed yet";
+    return "probed " + secs(b.probe_age) + " ago";
+  }
+
+  function healthBadge(b) {
+    var h = b.health === "up" || b.health === "down" ? b.health : "unknown";
+    return el("span", { className: "health health-" + h, text: h });
+  }
+
+  function vramUsed(b) {
+    if (b.vram_used !== null && b.vram_used !== undefined) return b.vram_used;
+    var loaded = b.loaded || {}, total = 0;
+    Object.keys(loaded).forEach(function (m) { total += loaded[m].size_vram || 0; });
+    return total;
+  }
+
+  // The models a backend has loaded or runs jobs of, each with its VRAM and running/slots.
+  function backendModels(b) {
+    var loaded = b.loaded || {}, models = b.models || {}, seen = {};
+    Object.keys(loaded).concat(Object.keys(models)).forEach(function (m) { seen[m] = true; });
+    return Object.keys(seen).sort().map(function (m) {
+      var l = loaded[m], r = models[m];
+      return {
+        name: m,
+        vram: l ? bytes(l.size_vram) : "not loaded",
+        running: r ? num(r.running) + " / " + num(r.slots) : "idle",
+        busy: !!(r && r.running),
+      };
+    });
+  }
+
+  function modelsCount(b) {
+    var n = Object.keys(b.loaded || {}).length;
+    return n + (b.max_models ? " of " + b.max_models : "") + " model" + ((b.max_models || n) === 1 ? "" : "s") + " loaded";
+  }
+
+  function vramText(b) {
+    var used = vramUsed(b);
+    return "VRAM " + bytes(used) + (b.vram ? " of " + bytes(b.vram) : " (no budget set)");
+  }
+
+  // A fleet of one: a single line.
+  function backendLine(b) {
+    var parts = backendModels(b).map(function (m) {
+      return m.name + " (" + m.vram + (m.busy ? ", " + m.running + " running" : "") + ")";
+    });
+    return el("div", { className: "backend one health-" + b.health, "data-backend": b.name, "data-health": b.health }, [
+      el("span", { className: "backend-name", text: b.name, title: b.url || "" }),
+      healthBadge(b),
+      el("span", { className: "muted", text: probed(b) + (b.version ? " · Ollama " + b.version : "") }),
+      el("span", { className: "backend-loaded", text: modelsCount(b) + (parts.length ? ": " + parts.join(", ") : "") }),
+    ]);
+  }
+
+  function backendCard(b) {
+    var rows = backendModels(b).map(function (m) {
+      return el("tr", { "data-model": m.name }, [
+        el("td", { className: "name", text: m.name, title: m.name }),
+        cell(m.vram, "num"),
+        cell(m.running, "num" + (m.busy ? " hot" : "")),
+      ]);
+    });
+    if (!rows.length) {
+      rows.push(el("tr", { className: "empty" }, [el("td", { text: "nothing loaded", colspan: "3" })]));
+    }
+    var meter = null;
+    if (b.vram) {
+      var pct = Math.min(100, Math.round(100 * vramUsed(b) / b.vram));
+      meter = el("div", { className: "meter", title: pct + "% of the VRAM budget" },
+        [el("i", { style: "width:" + pct + "%" })]);
+    }
+    var counts = [];
+    [["running", "running"], ["installed", "installed"], ["loads", "loads"], ["evictions", "evictions"]]
+      .forEach(function (f) {
+        if (b[f[0]] !== undefined && b[f[0]] !== null) counts.push(f[1] + " " + num(b[f[0]]));
+      });
+    if (b.draining_for) counts.push("making room for " + b.draining_for);
+    return el("div", { className: "backend health-" + b.health, "data-backend": b.name, "data-health": b.health }, [
+      el("div", { className: "backend-head" }, [
+        el("span", { className: "backend-name", text: b.name, title: b.url || "" }),
+        healthBadge(b),
+        el("span", { className: "muted", text: probed(b) + (b.version ? " · Ollama " + b.version : "") }),
+      ]),
+      b.health === "down" ? el("p", { className: "backend-down",
+        text: "does not answer: " + (b.last_error || "no answer") + " · takes no new jobs" }) : null,
+      el("div", { className: "backend-facts" }, [
+        el("span", { text: modelsCount(b) + " · " + vramText(b) }), meter,
+      ]),
+      el("table", { className: "backend-models" }, [
+        el("thead", {}, [el("tr", {}, [
+          el("th", { text: "Model" }), el("th", { className: "num", text: "VRAM" }),
+          el("th", { className: "num", text: "Running" }),
+        ])]),
+        el("tbody", {}, rows),
+      ]),
+      counts.length ? el("div", { className: "backend-counts muted", text: counts.join(" · ") }) : null,
+    ]);
+  }
+
+  function renderBackends(doc) {
+    var fleet = backendsOf(doc);
+    var section = $("backends-section"), box = $("backends");
+    section.hidden = !fleet.length;
+    // With several backends the first one's /api/ps says too little: the cards say it all.
+    $("loaded-section").hidden = fleet.length > 1;
+    var key = JSON.stringify(fleet);
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.classList.toggle("several", fleet.length > 1);
+    box.textContent = "";
+    if (fleet.length === 1) {
+      box.appendChild(backendLine(fleet[0]));
+      setText("backends-note", "");
+      return;
+    }
+    var live = fleet.filter(function (b) { return b.health === "up"; }).length;
+    var loaded = 0, used = 0;
+    fleet.forEach(function (b) { loaded += Object.keys(b.loaded || {}).length; used += vramUsed(b); });
+    setText("backends-note", "· " + live + " of " + fleet.length + " up · " + loaded + " model" +
+      (loaded === 1 ? "" : "s") + " loaded · VRAM " + bytes(used));
+    fleet.forEach(function (b) { box.appendChild(backendCard(b)); });
+  }
+
   // -- charts ---------------------------------------------------------------------------
 
   // A step for four grid lines that is 1, 2, 2.5 or 5 times a power of ten.
@@ -375,6 +521,7 @@
     renderBanners(doc);
     renderTiles(doc);
     renderCaps(doc);
+    renderBackends(doc);
     renderModels(doc);
     renderClients(doc);
     renderRejections(doc);
