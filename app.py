@@ -38,8 +38,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     error_handlers.init_app(app)
     upstream = proxy.init_app(app, settings)
     rate_limiter = limiter.init_app(app, settings)
-    admitter = workqueue.init_app(app, settings, share_of=rate_limiter.max_waiting_of)
-    backends = fleet.runtime.init_app(app, settings, share_of=rate_limiter.max_waiting_of)
+    admitter = workqueue.init_app(app, settings, caps_of=rate_limiter.caps_of)
+    backends = fleet.runtime.init_app(app, settings, caps_of=rate_limiter.caps_of)
     if backends is not None:
         # Several backends: each job runs on the backend the placement chose.
         upstream, admitter = backends.upstream, backends.admitter  # type: ignore[assignment]

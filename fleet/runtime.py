@@ -28,7 +28,7 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from proxy.upstream import Upstream, UpstreamResponse, describe
 from settings import Settings
-from workqueue.admission import ShareOf
+from workqueue.admission import CapsOf
 from workqueue.core import QueueSnapshot
 from workqueue.gate import ClientGone, Slot, WorkQueue, _Waiter, wait_or_gone
 
@@ -322,10 +322,10 @@ class Fleet:
 class FleetAdmitter:
     """The admission hook over a fleet (pipeline.Admit): catalogue first, then the queue."""
 
-    def __init__(self, fleet: Fleet, share_of: ShareOf | None = None) -> None:
+    def __init__(self, fleet: Fleet, caps_of: CapsOf | None = None) -> None:
         self.fleet = fleet
         self.queue = fleet.queue
-        self.share_of = share_of
+        self.caps_of = caps_of
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         fleet = self.fleet
@@ -353,7 +353,9 @@ class FleetAdmitter:
                 call.client,
                 admin=admin,
                 client_gone=client_gone,
-                max_waiting=self.share_of(call.client) if self.share_of is not None else None,
+                # A key's max_waiting; its max_running is refused with several backends
+                # (limiter.extension), which the fleet's placement does not enforce.
+                max_waiting=self.caps_of(call.client)[0] if self.caps_of is not None else None,
             )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
@@ -560,7 +562,7 @@ class FleetParts:
     admitter: FleetAdmitter
 
 
-def init_app(app: Flask, settings: Settings, share_of: ShareOf | None = None) -> FleetParts | None:
+def init_app(app: Flask, settings: Settings, caps_of: CapsOf | None = None) -> FleetParts | None:
     """The fleet of ``app`` when several backends are configured (None: one backend)."""
     backends = settings.backends()
     if len(backends) < 2:
@@ -578,4 +580,4 @@ def init_app(app: Flask, settings: Settings, share_of: ShareOf | None = None) ->
         ),
     )
     app.extensions["gate.fleet"] = fleet
-    return FleetParts(fleet, FleetUpstream(fleet), FleetAdmitter(fleet, share_of))
+    return FleetParts(fleet, FleetUpstream(fleet), FleetAdmitter(fleet, caps_of))

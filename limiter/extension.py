@@ -110,6 +110,8 @@ class GateLimiter:
 
     def __init__(self, settings: Settings) -> None:
         self.keys_file = settings.api_keys_file
+        # Several backends: the fleet's placement enforces no max_running (refused below).
+        self.fleet = len(settings.backends()) > 1
         self.keyring: Keyring | None = load_keys(self.keys_file) if self.keys_file else None
         self.defaults: dict[EndpointClass, str] = {
             cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
@@ -122,6 +124,7 @@ class GateLimiter:
         self._check_limit_strings()
         if self.keyring is not None:
             self._check_key_limits(self.keyring)
+            self._check_caps(self.keyring)
         self._warn_of_burst_refusals(settings)
         # With every class off and no keys file (whose keys may turn a class on, now or
         # after a reload) Flask-Limiter is not installed at all.
@@ -150,6 +153,14 @@ class GateLimiter:
         """Parse every limit string with the limits library itself: fail at boot, not later."""
         strings = {f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES}
         self._check_strings({**strings, "GATE_AUTH_FAIL_LIMIT": self.auth_fail_limit})
+
+    def _check_caps(self, keyring: Keyring) -> None:
+        capped = [key.name for key in keyring.keys if key.max_running is not None]
+        if self.fleet and capped:
+            raise SettingsError(
+                f"{self.keys_file} [keys.{capped[0]}] max_running: not enforced with several "
+                "backends (GATE_BACKENDS_FILE or a GATE_UPSTREAM list); remove it there"
+            )
 
     def _check_key_limits(self, keyring: Keyring) -> None:
         strings = {
@@ -222,6 +233,7 @@ class GateLimiter:
         try:
             fresh = load_keys(self.keys_file)
             self._check_key_limits(fresh)
+            self._check_caps(fresh)
         except ValueError as exc:  # KeysFileError, SettingsError: both name file and line
             logger.error("keys file not reloaded, the keys in force stay: %s", exc)
             return False
@@ -319,12 +331,10 @@ class GateLimiter:
         if environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_API_KEY"):
             self.guard.failed(client_address(request.remote_addr))
 
-    def max_waiting_of(self, client: str) -> int | None:
-        """The work-queue share of ``client`` (a key name) when its key sets max_waiting."""
-        if self.keyring is None:
-            return None
-        key = self.keyring.by_name.get(client)
-        return key.max_waiting if key is not None else None
+    def caps_of(self, client: str) -> tuple[int | None, int | None]:
+        """The work-queue caps of ``client`` (a key name): its key's max_waiting, max_running."""
+        key = self.keyring.by_name.get(client) if self.keyring is not None else None
+        return (key.max_waiting, key.max_running) if key is not None else (None, None)
 
     def limit_for(self, cls: EndpointClass, key: ApiKey | None) -> str:
         """The limit string for ``cls`` and ``key`` (its override, else the class default)."""

@@ -10,6 +10,7 @@ secret itself (DESIGN.md, "API keys file")::
     tokens_per_minute = 20000        # optional token budget
     models = ["llama3.2:*"]          # optional allow-list of model globs (limiter.allow)
     max_waiting = 100                # optional: its share of the work queue
+    max_running = 2                  # optional: its jobs running at once, all models
 
 A file the gate cannot use raises ``KeysFileError`` naming the file and line.
 Only the standard library, ``limiter.policy`` and ``limiter.allow`` are imported here: gunicorn's
@@ -36,7 +37,15 @@ from .policy import normalize_limit
 ROLES = ("user", "admin")
 LIMIT_FIELDS: dict[str, EndpointClass] = {f"limit_{cls}": cls for cls in CLASSES}
 FIELDS = frozenset(
-    {"key_sha256", "role", "tokens_per_minute", "models", "max_waiting", *LIMIT_FIELDS}
+    {
+        "key_sha256",
+        "role",
+        "tokens_per_minute",
+        "models",
+        "max_waiting",
+        "max_running",
+        *LIMIT_FIELDS,
+    }
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -66,6 +75,7 @@ class ApiKey:
     tokens_per_minute: int | None = None  # None: no token budget
     models: AllowList | None = None  # None: every model
     max_waiting: int | None = None  # its jobs waiting in the work queue; None: the default
+    max_running: int | None = None  # its jobs running at once, all models; None: no cap
 
     @property
     def is_admin(self) -> bool:
@@ -202,6 +212,9 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
     max_waiting = table.get("max_waiting")
     if max_waiting is not None and not _positive(max_waiting):
         raise fail("max_waiting must be a whole number of 1 or more", "max_waiting")
+    max_running = table.get("max_running")
+    if max_running is not None and not _positive(max_running):
+        raise fail("max_running must be a whole number of 1 or more", "max_running")
     models = None
     if "models" in table:
         patterns = table["models"]
@@ -213,7 +226,9 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
             models = AllowList(tuple(check_pattern(p) for p in patterns))
         except ValueError as exc:
             raise fail(f"models: {exc}", "models") from None
-    return ApiKey(name, digest.strip().lower(), role, limits, budget, models, max_waiting)
+    return ApiKey(
+        name, digest.strip().lower(), role, limits, budget, models, max_waiting, max_running
+    )
 
 
 def _positive(value: Any) -> bool:

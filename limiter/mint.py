@@ -33,6 +33,7 @@ def stanza(
     tokens_per_minute: int | None = None,
     models: Sequence[str] | None = None,
     max_waiting: int | None = None,
+    max_running: int | None = None,
 ) -> str:
     """The keys-file table for a key (checked by the keys file parser before it is shown)."""
     # Bare TOML keys are letters, digits, _ and -; "alice.b" unquoted would be a nested table.
@@ -49,6 +50,8 @@ def stanza(
         lines.append(f"models = {json.dumps(list(models))}")
     if max_waiting is not None:
         lines.append(f"max_waiting = {max_waiting}")
+    if max_running is not None:
+        lines.append(f"max_running = {max_running}")
     text = "\n".join(lines) + "\n"
     parse_keys(text, "<minted stanza>")  # raises KeysFileError for what the file cannot hold
     return text
@@ -88,17 +91,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="its jobs waiting in the work queue at once (default GATE_QUEUE_MAX_PER_CLIENT)",
     )
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        metavar="N",
+        help="its jobs running at once, all models (default: no cap of its own)",
+    )
     args = parser.parse_args(argv)
     for option, value in (
         ("--tokens-per-minute", args.tokens_per_minute),
         ("--max-waiting", args.max_waiting),
+        ("--max-running", args.max_running),
     ):
         if value is not None and value < 1:
             parser.error(f"{option} must be 1 or more")
     secret = new_secret()
     try:
         text = stanza(
-            args.name, secret, args.role, args.tokens_per_minute, args.models, args.max_waiting
+            args.name,
+            secret,
+            args.role,
+            args.tokens_per_minute,
+            args.models,
+            args.max_waiting,
+            args.max_running,
         )
     except ValueError as exc:
         parser.error(str(exc).replace("<minted stanza> line 1: ", ""))

@@ -21,16 +21,16 @@ ADMIN_QUEUED = frozenset({"/api/pull", "/api/push", "/api/create"})
 # Jobs of an admin lane are keyed by this name in place of a model.
 ADMIN_MODEL = "admin"
 
-#: A client's own queue share (its API key's max_waiting), None for the default.
-ShareOf = Callable[[str], int | None]
+#: A client's caps (its API key's max_waiting and max_running), None where it has none.
+CapsOf = Callable[[str], tuple[int | None, int | None]]
 
 
 class Admitter:
     """Puts every inference, embed and admin job through one work queue (pipeline.Admit)."""
 
-    def __init__(self, queue: JobQueue, share_of: ShareOf | None = None) -> None:
+    def __init__(self, queue: JobQueue, caps_of: CapsOf | None = None) -> None:
         self.queue = queue
-        self.share_of = share_of
+        self.caps_of = caps_of
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         """Block until ``call`` may run; return what frees its slot (None: not queued)."""
@@ -42,13 +42,17 @@ class Admitter:
             model, admin = call.model, False
         else:
             return None
+        max_waiting, max_running = (
+            self.caps_of(call.client) if self.caps_of is not None else (None, None)
+        )
         try:
             slot = self.queue.acquire(
                 model,
                 call.client,
                 admin=admin,
                 client_gone=client_gone,
-                max_waiting=self.share_of(call.client) if self.share_of is not None else None,
+                max_waiting=max_waiting,
+                max_running=max_running,
             )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
@@ -60,12 +64,12 @@ class Admitter:
         self.queue.close()
 
 
-def init_app(app: Flask, settings: Settings, share_of: ShareOf | None = None) -> Admitter:
+def init_app(app: Flask, settings: Settings, caps_of: CapsOf | None = None) -> Admitter:
     """The work queue of ``app``: in this process, or shared through Redis.
 
-    ``share_of(client)`` gives a client's own queue share (the limiter's API keys).
+    ``caps_of(client)`` gives a client's own caps (the limiter's API keys).
     """
     queue: JobQueue = (SharedWorkQueue if is_shared(settings) else WorkQueue).from_settings(
         settings
     )
-    return Admitter(queue, share_of)
+    return Admitter(queue, caps_of)

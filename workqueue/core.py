@@ -15,6 +15,9 @@ Rules (DESIGN.md, "Scheduling rules"), as implemented here:
   whichever is later, so a model switched in runs at least ``switch_after`` before it can
   be made to drain: without that, two busy models would swap after every batch.
 * Within a model (and in the admin lane) clients take turns round-robin.
+* A client with a running cap (its API key's ``max_running``) at its cap takes no turn:
+  its waiting jobs stay where they are while other clients' jobs run, and they neither
+  hold a slot nor win a model a place or a switch until one of its jobs ends.
 * The admin lane has its own ``admin_concurrency`` slots and takes no model place.
 """
 
@@ -155,11 +158,13 @@ class JobQueue(Protocol):
         admin: bool = False,
         client_gone: ClientGone | None = None,
         max_waiting: int | None = None,
+        max_running: int | None = None,
     ) -> JobSlot:
         """Block until the job may run and return its slot.
 
         ``max_waiting`` is the client's own queue share (its API key's ``max_waiting``),
-        in place of GATE_QUEUE_MAX_PER_CLIENT.
+        in place of GATE_QUEUE_MAX_PER_CLIENT; ``max_running`` caps its jobs running at
+        once (its key's ``max_running``).
 
         Raises QueueFull, ClientShareFull, QueueTimeout or ShuttingDown (GateErrors with
         ``retry_after``), or ClientGone once ``client_gone`` is set while waiting.
@@ -255,6 +260,11 @@ class _Job:
 class _ClientCount:
     waiting: int = 0
     running: int = 0
+    max_running: int | None = None  # the latest cap its jobs came with (None: no cap)
+
+    def may_run(self) -> bool:
+        """Whether one more of its jobs may start."""
+        return self.max_running is None or self.running < self.max_running
 
 
 class Scheduler:
@@ -339,12 +349,14 @@ class Scheduler:
         *,
         admin: bool = False,
         max_waiting: int | None = None,
+        max_running: int | None = None,
     ) -> Admission:
         """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised.
 
         The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
         is checked before the total, so a client flooding the queue is told so (429)
-        rather than shown a busy server (503).
+        rather than shown a busy server (503). ``max_running`` caps the client's jobs
+        running at once, all lanes together; each job brings its client's current cap.
         """
         now = self._advance(now)
         if job_id in self._jobs:
@@ -355,10 +367,15 @@ class Scheduler:
         lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
         job = _Job(job_id, model, client, lane, now, self._seq)
-        if self._can_start(lane, now):
+        count = self._clients.get(client)
+        if count is not None:
+            count.max_running = max_running
+        running = count.running if count is not None else 0
+        if (max_running is None or running < max_running) and self._can_start(lane, now):
             if not admin and lane.name not in self._active:
                 self._activate(lane, now, forced=False)
             self._start(job, now)
+            self._clients[client].max_running = max_running
             return Admission.RUNNING
         share = self.queue_max_per_client if max_waiting is None else max_waiting
         count = self._clients.get(client)
@@ -373,6 +390,7 @@ class Scheduler:
             estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
             raise QueueFull(retry_after=estimate)
         self._enqueue(job)
+        self._clients[client].max_running = max_running
         return Admission.WAITING
 
     def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
@@ -530,7 +548,7 @@ class Scheduler:
 
     def _can_start(self, lane: _Lane, now: float) -> bool:
         """Whether a new job for ``lane`` may run at once, ahead of nobody."""
-        if lane.waiting:
+        if self._oldest_ready(lane) is not None:
             return False  # others of this lane wait already: take a turn behind them
         if lane.admin:
             return len(lane.running) < lane.slots
@@ -562,15 +580,43 @@ class Scheduler:
         return started
 
     def _fill(self, lane: _Lane, now: float, started: list[Hashable]) -> None:
-        """Start ``lane``'s waiting jobs up to its slots, clients in turn."""
-        while lane.turns and len(lane.running) < lane.slots:
-            client, jobs = next(iter(lane.turns.items()))
-            job = next(iter(jobs.values()))
+        """Start ``lane``'s waiting jobs up to its slots, clients in turn.
+
+        A client at its running cap is passed over and keeps its place in the round.
+        """
+        while len(lane.running) < lane.slots:
+            job = self._next_in_turn(lane)
+            if job is None:
+                return
             self._dequeue(job)
-            if jobs:
-                lane.turns.move_to_end(client)  # _dequeue dropped the client if it had no more
+            if job.client in lane.turns:
+                lane.turns.move_to_end(job.client)  # _dequeue dropped it if it had no more
             self._start(job, now)
             started.append(job.key)
+
+    def _may_run(self, client: str) -> bool:
+        count = self._clients.get(client)
+        return count is None or count.may_run()
+
+    def _next_in_turn(self, lane: _Lane) -> _Job | None:
+        """The first job of the first client in ``lane``'s round that may run one more."""
+        for client, jobs in lane.turns.items():
+            if self._may_run(client):
+                return next(iter(jobs.values()))
+        return None
+
+    def _oldest_ready(self, lane: _Lane) -> _Job | None:
+        """``lane``'s oldest waiting job whose client may run one more (None: none may)."""
+        oldest = lane.oldest()
+        if oldest is None or self._may_run(oldest.client):
+            return oldest  # no caps in the way: the common case, at once
+        best: _Job | None = None
+        for client, jobs in lane.turns.items():
+            if self._may_run(client):
+                job = next(iter(jobs.values()))
+                if best is None or job.seq < best.seq:
+                    best = job
+        return best
 
     def _oldest_queued(self) -> _Lane | None:
         """The model without a place whose oldest job has waited longest."""
@@ -579,7 +625,7 @@ class Scheduler:
         for name, lane in self._queued.items():
             if name in self._active:
                 continue
-            job = lane.oldest()
+            job = self._oldest_ready(lane)
             if job is not None and (best is None or job.seq < best_seq):
                 best, best_seq = lane, job.seq
         return best
@@ -589,7 +635,7 @@ class Scheduler:
         lane = self._oldest_queued()
         if lane is None:
             return None
-        oldest = lane.oldest()
+        oldest = self._oldest_ready(lane)
         assert oldest is not None
         return max(oldest.submitted, self._slice_start) + self.switch_after
 

@@ -184,6 +184,7 @@ class WorkQueue:
         admin: bool = False,
         client_gone: GoneFlag | None = None,
         max_waiting: int | None = None,
+        max_running: int | None = None,
     ) -> Slot:
         """Block this greenlet until the job may run and return its Slot.
 
@@ -199,8 +200,11 @@ class WorkQueue:
         job_id = next(self._ids)
         submitted = self._clock()
         try:
+            caps = {"max_waiting": max_waiting}
+            if max_running is not None:  # a fleet's scheduler takes no running cap
+                caps["max_running"] = max_running
             admission = self._scheduler.submit(
-                job_id, model, client, submitted, admin=admin, max_waiting=max_waiting
+                job_id, model, client, submitted, admin=admin, **caps
             )
         except GateError as exc:
             logger.info(

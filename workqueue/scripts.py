@@ -53,21 +53,48 @@ local function slots(lane)
   return OVERRIDES[lane] or CONC
 end
 
-local function oldest_queued()
-  -- The model lane without a place whose oldest job has waited longest.
-  local queued = redis.call('ZRANGE', P .. 'queued', 0, -1)
-  for _, lane in ipairs(queued) do
-    if redis.call('SISMEMBER', P .. 'active', lane) == 0 then return lane end
+local function may_run(client)
+  -- Whether one more job of client may start (its API key's max_running, if any).
+  local cap = redis.call('HGET', P .. 'cap', client)
+  if not cap then return true end
+  return tonumber(redis.call('HGET', P .. 'cr', client) or '0') < tonumber(cap)
+end
+
+local function oldest_ready(lane)
+  -- The lane's oldest waiting job whose client may run one more, and its seq (or nil).
+  local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0, 'WITHSCORES')
+  if #first == 0 then return nil end
+  if may_run(redis.call('HGET', P .. 'job:' .. first[1], 'client')) then
+    return first[1], tonumber(first[2])
   end
-  return nil
+  local best, best_seq = nil, nil
+  for _, client in ipairs(redis.call('LRANGE', P .. 'turns:' .. lane, 0, -1)) do
+    if may_run(client) then
+      local id = redis.call('LINDEX', P .. 'cq:' .. lane .. '\0' .. client, 0)
+      local seq = tonumber(redis.call('ZSCORE', P .. 'q:' .. lane, id))
+      if not best_seq or seq < best_seq then best, best_seq = id, seq end
+    end
+  end
+  return best, best_seq
+end
+
+local function oldest_queued()
+  -- The model lane without a place whose oldest job that may run has waited longest.
+  local queued = redis.call('ZRANGE', P .. 'queued', 0, -1)
+  local best, best_id, best_seq = nil, nil, nil
+  for _, lane in ipairs(queued) do
+    if redis.call('SISMEMBER', P .. 'active', lane) == 0 then
+      local id, seq = oldest_ready(lane)
+      if id and (not best_seq or seq < best_seq) then best, best_id, best_seq = lane, id, seq end
+    end
+  end
+  return best, best_id
 end
 
 local function switch_target()
-  local lane = oldest_queued()
+  local lane, id = oldest_queued()
   if not lane then return nil end
-  local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0)
-  if #first == 0 then return nil end
-  local sub = tonumber(redis.call('HGET', P .. 'job:' .. first[1], 'sub'))
+  local sub = tonumber(redis.call('HGET', P .. 'job:' .. id, 'sub'))
   local slice = tonumber(redis.call('GET', P .. 'slice') or '0')
   if math.max(sub, slice) + SWITCH_AFTER <= now then return lane end
   return nil
@@ -116,7 +143,11 @@ local function fill(lane)
   -- Start lane's waiting jobs up to its slots, clients in turn (round-robin).
   local turns = P .. 'turns:' .. lane
   while redis.call('SCARD', P .. 'run:' .. lane) < slots(lane) do
-    local client = redis.call('LINDEX', turns, 0)
+    -- The first client in turn that may run one more; one at its cap keeps its place.
+    local client = nil
+    for _, c in ipairs(redis.call('LRANGE', turns, 0, -1)) do
+      if may_run(c) then client = c; break end
+    end
     if not client then return end
     local cq = P .. 'cq:' .. lane .. '\0' .. client
     local id = redis.call('LINDEX', cq, 0)
@@ -184,7 +215,7 @@ local function reap()
 end
 
 local function can_start(lane)
-  if redis.call('ZCARD', P .. 'q:' .. lane) > 0 then return false end
+  if oldest_ready(lane) then return false end
   local running = redis.call('SCARD', P .. 'run:' .. lane)
   if lane == 'a' then return running < ADMIN_SLOTS end
   if switch_target() then return false end
@@ -194,8 +225,9 @@ end
 """
 
 # ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client, then
-# "requeue" ('1': a job that already waited elsewhere, so the bounds do not turn it away)
-# and the ms it already waited (its arrival is set that far back).
+# "requeue" ('1': a job that already waited elsewhere, so the bounds do not turn it away),
+# the ms it already waited (its arrival is set that far back), and the client's running
+# cap (its API key's max_running; '' for none), which the client keeps until its next job.
 # Returns {'running'} | {'waiting'} | {'client_queue_full', lane_waiting} | {'queue_full', waiting}.
 _SUBMIT = (
     _PRELUDE
@@ -205,8 +237,13 @@ local queue_max, per_client = tonumber(ARGV[12]), tonumber(ARGV[13])
 local requeue, sub = ARGV[14] == '1', now - tonumber(ARGV[15])
 if reap() > 0 then pump() end
 if redis.call('EXISTS', P .. 'job:' .. id) == 1 then return redis.error_reply('job exists') end
+if ARGV[16] ~= '' then
+  redis.call('HSET', P .. 'cap', client, ARGV[16])
+else
+  redis.call('HDEL', P .. 'cap', client)
+end
 local job = P .. 'job:' .. id
-if can_start(lane) then
+if may_run(client) and can_start(lane) then
   redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w')
   if lane ~= 'a' and redis.call('SISMEMBER', P .. 'active', lane) == 0 then
     redis.call('SET', P .. 'slice', now)
@@ -413,6 +450,7 @@ class RedisScheduler:
         requeue: bool = False,
         waited: float = 0.0,
         max_waiting: int | None = None,
+        max_running: int | None = None,
         now_ms: int | None = None,
     ) -> Decision:
         """Add a job: it runs at once, waits, or is turned away (client share, queue full).
@@ -420,7 +458,8 @@ class RedisScheduler:
         ``requeue``: the job already waited ``waited`` seconds in another queue (this
         process's own, while Redis was out of reach); it is not turned away, and its
         arrival counts from then for the switch rule and the oldest wait. ``max_waiting``
-        is the client's own queue share, in place of ``queue_max_per_client``.
+        is the client's own queue share, in place of ``queue_max_per_client``;
+        ``max_running`` caps the client's running jobs (see ``core.Scheduler.submit``).
         """
         args = self._argv(
             now_ms,
@@ -432,6 +471,7 @@ class RedisScheduler:
             str(self.queue_max_per_client if max_waiting is None else max_waiting),
             "1" if requeue else "",
             str(max(0, int(waited * 1000))),
+            "" if max_running is None else str(max_running),
         )
         reply = self._submit(keys=[self.prefix], args=args)
         outcome = _text(reply[0])

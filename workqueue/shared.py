@@ -239,6 +239,7 @@ class SharedWorkQueue:
         admin: bool = False,
         client_gone: GoneFlag | None = None,
         max_waiting: int | None = None,
+        max_running: int | None = None,
     ) -> Slot:
         """Block this greenlet until the job may run and return its slot (see WorkQueue).
 
@@ -256,7 +257,14 @@ class SharedWorkQueue:
             if not self.fallback:
                 try:
                     return self._acquire_shared(
-                        model, client, admin, client_gone, submitted, requeue, max_waiting
+                        model,
+                        client,
+                        admin,
+                        client_gone,
+                        submitted,
+                        requeue,
+                        max_waiting,
+                        max_running,
                     )
                 except RedisDown:
                     pass  # admitted below, with this process's own slots
@@ -265,7 +273,12 @@ class SharedWorkQueue:
                     continue
             try:
                 local = self._local.acquire(
-                    model, client, admin=admin, client_gone=client_gone, max_waiting=max_waiting
+                    model,
+                    client,
+                    admin=admin,
+                    client_gone=client_gone,
+                    max_waiting=max_waiting,
+                    max_running=max_running,
                 )
             except Requeued:
                 requeue = True  # Redis answers again: wait there
@@ -334,6 +347,7 @@ class SharedWorkQueue:
         submitted: float,
         requeue: bool,
         max_waiting: int | None = None,
+        max_running: int | None = None,
     ) -> SharedSlot:
         job_id = f"{self.owner}:{next(self._ids)}"
         lane = lane_of(model, admin)
@@ -351,6 +365,7 @@ class SharedWorkQueue:
                 requeue=requeue,
                 waited=self._clock() - submitted if requeue else 0.0,
                 max_waiting=max_waiting,
+                max_running=max_running,
             )
         except redis.RedisError as exc:
             self._waiters.pop(job_id, None)
