@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from fakeollama import FakeOllama
-from tests.nginx_support import Nginx
-from tests.support import Gate, client_requests, upstream_saw_leave
+from tests.nginx_support import Nginx, start_nginx
+from tests.support import Gate, client_requests, start_gate, upstream_saw_leave
 
 GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
@@ -66,14 +66,29 @@ def limited(
     return nginx_factory(gate)
 
 
+@pytest.fixture(scope="module")
+def _proxied_pair(
+    fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gate, Nginx]]:
+    folder = tmp_path_factory.mktemp("proxied")
+    gate = start_gate(fake.url, folder, {"GATE_TRUSTED_PROXIES": "1"})
+    try:
+        nginx = start_nginx(f"127.0.0.1:{gate.port}", folder)
+    except BaseException:
+        gate.stop()
+        raise
+    yield gate, nginx
+    nginx.stop()
+    gate.stop()
+
+
 @pytest.fixture
-def proxied(
-    fake: FakeOllama,
-    gate_factory: Callable[..., Gate],
-    nginx_factory: Callable[..., Nginx],
-) -> Nginx:
-    """nginx in front of a gate without limits."""
-    return nginx_factory(gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1"}))
+def proxied(_proxied_pair: tuple[Gate, Nginx]) -> Iterator[Nginx]:
+    """nginx in front of a gate without limits, both shared by this module's tests (no
+    test changes them); after each test the gate holds no slot and no waiting job."""
+    gate, nginx = _proxied_pair
+    yield nginx
+    gate.assert_idle()
 
 
 def test_two_client_addresses_get_separate_buckets(limited: Nginx, fake: FakeOllama) -> None:
