@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
-from .wire import now_iso
+from .wire import iso
 
 DEFAULT_MODELS: tuple[str, ...] = (
     "llama3.2:latest",
@@ -70,7 +71,7 @@ def model_field(body: Any) -> str | None:
 class Model:
     """One installed model: its name, digest, size in bytes and details."""
 
-    __slots__ = ("name", "digest", "size", "modified_at", "details", "embedding")
+    __slots__ = ("name", "digest", "size", "modified_at", "created", "details", "embedding")
 
     def __init__(
         self,
@@ -87,7 +88,10 @@ class Model:
         self.embedding = guessed_embedding if embedding is None else embedding
         self.digest = digest or hashlib.sha256(f"fakeollama:{name}".encode()).hexdigest()
         self.size = size if size is not None else guessed_size
-        self.modified_at = now_iso()
+        modified = datetime.now(UTC)
+        self.modified_at = iso(modified)
+        # /v1/models' "created": Ollama gives the model's modification time, which stays put.
+        self.created = int(modified.timestamp())
 
     def tag(self) -> dict[str, Any]:
         """The model's entry in /api/tags."""

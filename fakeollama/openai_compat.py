@@ -139,19 +139,19 @@ async def embeddings(x: Exchange) -> web.StreamResponse:
 
 
 async def models(x: Exchange) -> web.StreamResponse:
-    created = int(time.time())
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "library"}
-        for name in x.sim.catalog
+        {"id": name, "object": "model", "created": m.created, "owned_by": "library"}
+        for name, m in x.sim.catalog.items()
     ]
     return x.reply({"object": "list", "data": data})
 
 
 async def model(x: Exchange) -> web.StreamResponse:
     raw = x.request.match_info["model"]
-    if normalize_model(raw) not in x.sim.catalog:
+    found = x.sim.catalog.get(normalize_model(raw))
+    if found is None:
         return x.error(404, f"model '{raw}' not found")
-    out = {"id": raw, "object": "model", "created": int(time.time()), "owned_by": "library"}
+    out = {"id": raw, "object": "model", "created": found.created, "owned_by": "library"}
     return x.reply(out)
 
 

@@ -379,6 +379,14 @@ def test_openai_completions_embeddings_models(fake, oai):
 
     ids = [m.id for m in oai.models.list()]
     assert ids == list(DEFAULT_MODELS)
+    # "created" is the model's modification time, as Ollama gives it: it never moves.
+    tags = {
+        m["name"]: m["modified_at"] for m in requests.get(fake.url + "/api/tags").json()["models"]
+    }
+    for m in oai.models.list():
+        modified = datetime.fromisoformat(tags[m.id])
+        assert m.created == int(modified.timestamp())
+        assert oai.models.retrieve(m.id).created == m.created
     assert oai.models.retrieve("m1:latest").id == "m1:latest"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("nope")
