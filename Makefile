@@ -29,7 +29,7 @@ run: install
 test: dev-install system-deps js-deps lint
 	$(PY) -m pytest
 
-## demo: the gate in front of the built-in Ollama simulator, with some load, on GATE_BIND (default 127.0.0.1:8000)
+## demo: the gate in front of two simulated Ollama backends, with some load, on GATE_BIND (default 127.0.0.1:8000)
 demo: dev-install
 	$(PY) scripts/demo.py
 

@@ -1,12 +1,14 @@
-"""`make demo`: the gate in front of the built-in Ollama simulator, with some load.
+"""`make demo`: the gate in front of two simulated Ollama hosts, with some load.
 
-Starts the simulator (fakeollama: room for two models, slow loads, streamed
-tokens), the gate under gunicorn in front of it on GATE_BIND (default
-127.0.0.1:8000), and eight clients that keep asking four models for
-completions, each with one of five API keys (one of them limited to 6
-generations a minute, so some 429s show). Open the printed URL and watch; stop
-with Ctrl-C (or pass --duration to stop by itself). When something already
-listens on the gate's address, the demo stops at once and says so.
+Starts two simulators of different sizes (fakeollama: gpu-big holds two models
+in 8 GiB, gpu-small one in 4 GiB; slow loads, streamed tokens), the gate under
+gunicorn in front of both on GATE_BIND (default 127.0.0.1:8000), with a
+GATE_BACKENDS_FILE the demo writes to a temporary folder, and eight clients
+that keep asking four models for completions, each with one of five API keys
+(one of them limited to 6 generations a minute, so some 429s show). Open the
+printed URL and watch; stop with Ctrl-C (or pass --duration to stop by
+itself). When something already listens on the gate's address, the demo stops
+at once and says so.
 scripts/status_screenshot.py takes docs/status.png under this same load.
 """
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +42,24 @@ MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "m1:latest", "m2:latest"]
 KEYS = ["alice", "bob", "carol", "ci-batch", "notebook-7"]
 LIMITED = "ci-batch"  # limit_inference = "6/minute"
 CLIENTS = 8
+
+
+@dataclass(frozen=True)
+class SimulatedBackend:
+    """One simulated Ollama host and its GATE_BACKENDS_FILE table."""
+
+    name: str
+    models: str  # installed, NAME=SIZE
+    max_models: int  # loaded at once (the simulator's --vram, the gate's max_models)
+    vram: str  # the simulator's --vram-bytes, the gate's vram
+    model_concurrency: int  # the simulator's --num-parallel, the gate's model_concurrency
+
+
+# Two hosts of different sizes; m2 is installed on the big one only.
+BACKENDS = [
+    SimulatedBackend("gpu-big", "llama3.2=2GB,qwen2.5:0.5b=1GB,m1=2GB,m2=2GB", 2, "8GiB", 2),
+    SimulatedBackend("gpu-small", "llama3.2=2GB,qwen2.5:0.5b=1GB,m1=2GB", 1, "4GiB", 1),
+]
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -90,28 +111,49 @@ def keys_file(folder: Path) -> Path:
     return path
 
 
-def start_simulator() -> tuple[subprocess.Popen[str], str]:
-    """The simulator on a free port: two models fit in its "VRAM", loads take 1.5 s."""
+def backends_file(folder: Path, urls: dict[str, str]) -> Path:
+    """The demo's GATE_BACKENDS_FILE: one table per simulated backend."""
+    lines = []
+    for b in BACKENDS:
+        lines += [
+            f"[backends.{b.name}]",
+            f'url = "{urls[b.name]}"',
+            f"max_models = {b.max_models}",
+            f'vram = "{b.vram}"',
+            f"model_concurrency = {b.model_concurrency}",
+        ]
+    path = folder / "backends.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_simulator(backend: SimulatedBackend) -> tuple[subprocess.Popen[str], str]:
+    """One simulator on a free port, sized as ``backend`` says; loads take 1.5 s."""
     cmd = [
-        sys.executable, "-m", "fakeollama", "--port", "0", "--vram", "2", "--load-time", "1.5",
+        sys.executable, "-m", "fakeollama", "--port", "0", "--load-time", "1.5",
         "--token-interval", "0.05", "--tokens", "30", "--no-record",
+        "--models", backend.models, "--vram", str(backend.max_models),
+        "--vram-bytes", backend.vram, "--num-parallel", str(backend.model_concurrency),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "listening on " not in line:
-        raise SystemExit(f"simulator did not start: {line!r}")
+        proc.kill()
+        raise SystemExit(f"demo: simulator {backend.name} did not start: {line!r}")
     return proc, line.split("listening on ", 1)[1].strip()
 
 
-def start_gate(upstream: str, bind: str, keys: Path) -> subprocess.Popen[bytes]:
+def start_gate(backends: Path, bind: str, keys: Path) -> subprocess.Popen[bytes]:
     """The gate under gunicorn on ``bind``; returns once it answers, stops the demo if it exits."""
     env = dict(os.environ)
-    env.setdefault("GATE_MAX_ACTIVE_MODELS", "1")
-    env.setdefault("GATE_MODEL_CONCURRENCY", "2")
     env.setdefault("GATE_SWITCH_AFTER", "8")
     env.setdefault("GATE_LIMIT_INFERENCE", "off")
-    env.update({"GATE_UPSTREAM": upstream, "GATE_BIND": bind, "GATE_API_KEYS_FILE": str(keys)})
+    # Several backends are served by one worker with memory:// storage (docs/DEPLOY.md).
+    env.update({"GATE_WORKERS": "1", "GATE_STORAGE_URI": "memory://"})
+    env.update(
+        {"GATE_BACKENDS_FILE": str(backends), "GATE_BIND": bind, "GATE_API_KEYS_FILE": str(keys)}
+    )
     gunicorn = Path(sys.executable).parent / "gunicorn"
     proc = subprocess.Popen(
         [str(gunicorn), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=env
@@ -181,16 +223,19 @@ class Demo:
 
 @contextlib.contextmanager
 def running(bind: str, clients: int = CLIENTS) -> Iterator[Demo]:
-    """The simulator, the gate on ``bind`` and the load, until the block ends."""
+    """The simulators, the gate on ``bind`` and the load, until the block ends."""
     host, port = parse_bind(bind)
     check_free(host, port)
     folder = Path(tempfile.mkdtemp(prefix="gate-demo-"))
-    sim, sim_url = start_simulator()
-    procs: tuple[subprocess.Popen, ...] = (sim,)
+    procs: list[subprocess.Popen] = []  # the gate first: it stops before its backends
     threads: list[threading.Thread] = []
     demo = Demo(url_for(host, port), threading.Event())
     try:
-        procs = (start_gate(sim_url, bind, keys_file(folder)), sim)
+        urls = {}
+        for backend in BACKENDS:
+            sim, urls[backend.name] = start_simulator(backend)
+            procs.append(sim)
+        procs.insert(0, start_gate(backends_file(folder, urls), bind, keys_file(folder)))
         for i in range(clients):
             name = KEYS[i % len(KEYS)]
             args = (demo.url, f"{name}-{i}", demo.stop, demo.stats, f"{name}-secret")
@@ -199,7 +244,11 @@ def running(bind: str, clients: int = CLIENTS) -> Iterator[Demo]:
             t.start()
         yield demo
     finally:
-        shut_down(demo.stop, threads, procs)
+        shut_down(demo.stop, threads, tuple(procs))
+        for proc in procs:
+            if proc.stdout is not None:  # the simulators' "listening on" pipes
+                proc.stdout.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -217,7 +266,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     with running(args.bind, args.clients) as demo:
         url = demo.url
-        print(f"\nOllama Gate demo: gate at {url} in front of the simulator.")
+        hosts = " and ".join(
+            f"{b.name} ({b.max_models} model{'s' if b.max_models > 1 else ''} in {b.vram})"
+            for b in BACKENDS
+        )
+        print(f"\nOllama Gate demo: gate at {url} in front of two simulated backends: {hosts}.")
         print(f"  status page: {url}/gate/status   JSON: {url}/gate/status.json")
         print(
             f"  try: curl {url}/api/generate -H 'Authorization: Bearer you-secret' "

@@ -9,8 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import requests
 
 from tests.support import ROOT, free_port
 
@@ -69,7 +71,26 @@ def test_the_demo_serves_on_gate_bind() -> None:
     port = free_port()
     result = run_demo(f"127.0.0.1:{port}", "--duration", "2", "--clients", "2")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"gate at http://127.0.0.1:{port} in front of the simulator" in result.stdout
+    assert f"gate at http://127.0.0.1:{port} in front of two simulated backends" in result.stdout
     done = result.stdout.rsplit("done: ", 1)[1]
     # Each client finishes the answer it is reading when the demo stops.
     assert ast.literal_eval(done.strip())["ok"] >= 2, result.stdout
+
+
+def test_the_demo_runs_a_fleet_of_two_backends_of_different_sizes() -> None:
+    def backends() -> dict[str, dict[str, object]]:
+        with requests.get(running.url + "/gate/status.json?history=0", timeout=10) as resp:
+            resp.raise_for_status()
+            return {row["name"]: row for row in resp.json()["backends"]}
+
+    with demo.running(f"127.0.0.1:{free_port()}", clients=2) as running:
+        deadline = time.monotonic() + 60
+        while not ({"up"} == {row["health"] for row in backends().values()} and running.stats):
+            assert time.monotonic() < deadline, (backends(), running.stats)
+            time.sleep(0.1)
+        rows = backends()
+        assert list(rows) == ["gpu-big", "gpu-small"]
+        assert (rows["gpu-big"]["max_models"], rows["gpu-small"]["max_models"]) == (2, 1)
+        assert (rows["gpu-big"]["vram"], rows["gpu-small"]["vram"]) == (8 * 2**30, 4 * 2**30)
+        assert rows["gpu-big"]["installed"] == 4 and rows["gpu-small"]["installed"] == 3
+    assert running.stats.get("ok", 0) >= 1, running.stats
