@@ -77,6 +77,10 @@ def test_backends_section_lists_each_backend_and_shows_a_killed_one_down(
         assert "probed" in big and "loads" in big and "evictions" in big, big
         assert "(no budget set)" in cards(driver)["small"]["text"]
         assert text(driver, "upstream") == "backends 3 of 3 up"
+        # The places are the backends' own: 2 + 1 + 1 models.
+        assert text(driver, "active-models").endswith(" / 4")
+        caps = text(driver, "caps")
+        assert "backends big 2 model(s) in 7.5 GiB, small 1 model(s), spare 1 model(s)" in caps
         # The first backend's /api/ps alone would mislead: the cards replace that table.
         assert not driver.find_element("id", "loaded-section").is_displayed()
         assert down_banner(driver) == ""

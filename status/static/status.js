@@ -171,9 +171,13 @@
     if (!c) { setText("caps", ""); return; }
     var over = c.model_concurrency_overrides || {};
     var extra = Object.keys(over).map(function (m) { return m + " " + over[m]; }).join(", ");
-    setText("caps", "Configured: " + num(c.model_concurrency) + " job(s) at once per model" +
-      (extra ? " (" + extra + ")" : "") +
-      " · " + num(c.max_active_models) + " active model(s)" +
+    var fleet = backendsOf(doc);
+    // Several backends: each holds its own max_models (and vram), from GATE_BACKENDS_FILE.
+    var places = fleet.length > 1 ? "backends " + fleet.map(function (b) {
+      return b.name + " " + num(b.max_models) + " model(s)" + (b.vram ? " in " + bytes(b.vram) : "");
+    }).join(", ") : num(c.model_concurrency) + " job(s) at once per model" +
+      (extra ? " (" + extra + ")" : "") + " · " + num(c.max_active_models) + " active model(s)";
+    setText("caps", "Configured: " + places +
       " · queue " + num(c.queue_max) + ", " + num(c.queue_max_per_client) + " per client" +
       " · wait at most " + secs(c.queue_timeout) +
       " · switch after " + secs(c.switch_after) +
@@ -196,6 +200,12 @@
     setText("total-waiting-sub", queueMax ? "max " + num(queueMax) +
       (caps.queue_max_per_client ? " · " + num(caps.queue_max_per_client) + "/client" : "") : "");
     var maxActive = caps.max_active_models || (q && q.max_active_models);
+    var fleet = backendsOf(doc);
+    if (fleet.length > 1) {
+      // Several backends: the places are theirs (a model may hold one on each).
+      maxActive = 0;
+      fleet.forEach(function (b) { maxActive += b.max_models || 0; });
+    }
     setText("active-models", q ? num((q.active_models || []).length) + (maxActive ? " / " + num(maxActive) : "") : "–");
     setText("active-models-sub", q && (q.active_models || []).length ? q.active_models.join(", ") : "none running");
     setText("oldest-wait", q && q.waiting ? secs(q.oldest_wait) : "–");
