@@ -1,285 +1,776 @@
-"""Several backends: the gate's placement against the routers peers use, on one workload.
+"""Several backends: the gate's placement against the routers peers use, on one flood.
 
-Three simulated Ollamas in their Ollama-like mode hold 2, 1 and 2 models at once
-(``--vram``), serve ``--num-parallel`` requests per model, load a model in
-``--load-time`` seconds, and crash a request (HTTP 500, as a killed runner does) when a
-model must load while VRAM is full of busy models (``--on-overflow crash``). Every
-model is installed everywhere. The same 60 streaming jobs (5 models, 20 clients, three
-jobs each, one after the other) go, in one run and against freshly reset backends:
+Three fake Ollamas in their Ollama-like mode (``--on-overflow queue``: arrival order,
+head of line, one load at a time, evict an idle model when VRAM is full, as Ollama's
+server/sched.go) have every model installed and VRAM for 2, 1 and 2 of them
+(``--vram-bytes``, models of equal size), ``num_parallel`` 2. Twenty clients each stream
+three generations, one after the other: 60 jobs over 5 models, in two mixes: ``even``
+(each client three different models, 12 jobs per model) and ``skewed`` (a fixed random
+mix: 18, 18, 10, 8 and 6 jobs). Each mix goes, against the same fakes reset in between:
 
-* through the gate (GATE_BACKENDS_FILE with the same sizes);
-* round-robin across the backends (the client picks backend i mod 3);
-* "loaded first, no slots": a backend that has the model loaded (its /api/ps), else
-  round-robin, with no limit on what runs at once (the strategy of Olla, LiteLLM's
-  router and others).
+* through the gate (one gevent worker; GATE_BACKENDS_FILE with each backend's
+  ``max_models``, ``vram`` and ``model_concurrency``; each client its own address);
+* round-robin across the backends;
+* "loaded first, no slots": a backend whose ``/api/ps`` lists the model (read just before
+  each request), else round-robin; no limit on what runs at once.
 
-Reported per strategy: model loads, crashes, makespan against a lower bound (the work
-divided by the slots, plus one unavoidable load), TTFT p50/p99. Then the flood again
-through the gate with one backend killed a third of the way in.
+The two peers route in the client itself, so they pay no relay hop at all. A request a
+backend crashed (500, with ``--on-overflow crash``) is sent again, as a client would, up
+to MAX_TRIES times. A last run sends the even mix through a fresh gate and SIGKILLs
+backend ``a`` once a third of the jobs have finished: what finished, what failed,
+whether anything hung or left a slot held.
 
-    .venv/bin/python bench/fleet.py [--jobs 60] [--clients 20] [--load-time 1] [--out FILE]
+The lower bound of the makespan (``lower_bound``): at any moment a backend b serves at
+most P_b (``num_parallel``) jobs for each of the M_b models it can hold, and it loads one
+model at a time, so its i-th place serves from i x L (the load time) at the earliest.
+Over a makespan T the fleet has at most sum_b P_b x sum_{i=1..M_b} (T - i x L)
+slot-seconds, which must cover the work N x t (jobs times seconds per job):
+
+    T >= (N x t + L x sum_b P_b x M_b (M_b + 1) / 2) / sum_b P_b x M_b
+
+i.e. the work over the slots plus the loads no router avoids (each place loaded once,
+one after another on each backend). Also reported: the best makespan while each model
+keeps a single place (the busiest model's jobs over its slots, plus a load); beating it
+takes a second copy of a busy model, i.e. a load beyond one per model.
+
+    .venv/bin/python bench/fleet.py [--quick] [--mix even|skewed|both] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import itertools
 import json
+import math
 import os
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import (  # noqa: E402
-    Children,
-    interruptible,
-    machine,
-    start_fake,
-    start_gate,
-    write_json,
-)
+import harness  # noqa: E402
+from harness import Children  # noqa: E402
 
-MODELS = ["llama3.2:1b", "qwen2.5:0.5b", "gemma2:2b", "phi3:mini", "smollm2:135m"]
-SIZES = (2, 1, 2)  # models each backend holds at once
+from fakeollama.process import FakeOllamaProcess  # noqa: E402
+
+GB = 1000**3
+SKEW_SEED = 7
+# A request the backend crashed (500, ``--on-overflow crash``) is sent again, as a client
+# would, at most this many times: until it is answered it is work not done.
 MAX_TRIES = 20
+STRATEGIES = ("gate", "round_robin", "loaded_first")
 
 
-def control(base: str, path: str) -> dict[str, Any]:
-    method = "GET" if path.startswith("/_fake/stats") else "POST"
-    req = urllib.request.Request(
-        base + path, method=method, data=None if method == "GET" else b"{}"
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]
+@dataclass(frozen=True)
+class Setup:
+    """One run's shape: the fleet, the models and the flood."""
+
+    places: tuple[int, ...]  # models each backend's VRAM holds
+    models: int
+    clients: int
+    jobs_per_client: int
+    tokens: int
+    token_interval: float
+    load_time: float
+    num_parallel: int
+    model_gb: int
+    timeout: float  # seconds a job may go without a byte before it counts as hung
+    on_overflow: str
+    mix: str = "even"  # even: each model as often; skewed: a fixed random mix
+
+    @property
+    def model_names(self) -> list[str]:
+        return [f"m{i + 1}:latest" for i in range(self.models)]
+
+    @property
+    def jobs(self) -> int:
+        return self.clients * self.jobs_per_client
+
+    @property
+    def job_seconds(self) -> float:
+        return self.tokens * self.token_interval
+
+    def plan(self) -> list[list[str]]:
+        """Each client's models, in order.
+
+        ``even``: client c's k-th job is model (c + k) mod models, so every model has
+        as many jobs. ``skewed``: each job a model drawn at random (seed 7; with the
+        defaults 18, 18, 10, 8 and 6 jobs), so the busiest models outgrow one place.
+        """
+        names = self.model_names
+        if self.mix == "even":
+            return [
+                [names[(c + k) % len(names)] for k in range(self.jobs_per_client)]
+                for c in range(self.clients)
+            ]
+        rng = random.Random(SKEW_SEED)
+        plan: list[list[str]] = [[] for _ in range(self.clients)]
+        for i in range(self.jobs):
+            plan[i % self.clients].append(rng.choice(names))
+        return plan
 
 
-def stream(url: str, model: str, tokens: int) -> dict[str, Any]:
-    """One streaming generate: status, time to first body byte, whether it ended well."""
-    body = {"model": model, "prompt": "hi", "options": {"num_predict": tokens}}
-    req = urllib.request.Request(
-        url + "/api/generate",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+def lower_bound(setup: Setup) -> dict[str, float]:
+    """The makespan no router can beat on this fleet (module docstring), and its parts."""
+    slots = sum(setup.num_parallel * m for m in setup.places)
+    work = setup.jobs * setup.job_seconds
+    staggered = setup.load_time * sum(setup.num_parallel * m * (m + 1) / 2 for m in setup.places)
+    return {
+        "seconds": (work + staggered) / slots,
+        "work_over_slots": work / slots,
+        "loads_term": staggered / slots,
+        "slots": slots,
+        "min_loads": setup.models,
+        "one_place_seconds": one_place(setup),
+    }
+
+
+def one_place(setup: Setup) -> float:
+    """The best makespan while each model keeps one place (no load beyond the first):
+    the busiest model's jobs over its ``num_parallel`` slots, after its load."""
+    counts = Counter(model for models in setup.plan() for model in models)
+    busiest = max(counts.values())
+    return math.ceil(busiest / setup.num_parallel) * setup.job_seconds + setup.load_time
+
+
+# The flood
+
+
+@dataclass
+class Job:
+    client: int
+    model: str
+    backend: str = ""
+    status: int = 0
+    outcome: str = "pending"  # ok | http_error | stream_error | cut | refused | hung
+    ttft: float | None = None  # from the first try
+    seconds: float = 0.0  # from the first try to the end of the last
+    sent_at: float = 0.0  # the first try
+    tries: int = 0
+
+
+# (client, model) -> (backend name, URL, extra headers)
+Route = Callable[[int, str], tuple[str, str, dict[str, str]]]
+
+
+def stream_job(job: Job, name: str, url: str, headers: dict[str, str], setup: Setup) -> None:
+    """Stream one generation; fill in the job's outcome, TTFT and backend."""
+    parts = urlsplit(url)
+    body = json.dumps(
+        {
+            "model": job.model,
+            "prompt": f"client {job.client}",
+            "stream": True,
+            "options": {"num_predict": setup.tokens},
+        }
+    ).encode()
     started = time.monotonic()
-    ttft = None
+    if not job.tries:
+        job.sent_at = started
+    job.tries += 1
+    job.backend = name
+    job.status = 0
+    job.outcome = "pending"
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=setup.timeout)
     try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            status = resp.status
-            backend = resp.headers.get("X-Gate-Backend")
-            last = b""
-            for line in resp:
-                if ttft is None:
-                    ttft = time.monotonic() - started
-                last = line
-        ok = status == 200 and b'"done":true' in last.replace(b" ", b"")
-    except urllib.error.HTTPError as exc:
-        status, ok, backend = exc.code, False, None
-        exc.read()
-    except OSError:
-        status, ok, backend = 599, False, None
-    return {"status": status, "ok": ok, "ttft": ttft, "backend": backend}
+        conn.request(
+            "POST",
+            "/api/generate",
+            body,
+            {"Content-Type": "application/json", **headers},
+        )
+        resp = conn.getresponse()
+        job.status = resp.status
+        job.backend = resp.getheader("X-Gate-Backend") or name
+        if resp.status != 200:
+            resp.read()
+            job.outcome = "http_error"
+            return
+        job.outcome = "cut"  # until the final line says otherwise
+        while line := resp.readline():
+            record = json.loads(line)
+            if "error" in record:
+                job.outcome = "stream_error"
+                break
+            if job.ttft is None and record.get("response"):
+                job.ttft = time.monotonic() - job.sent_at
+            if record.get("done"):
+                job.outcome = "ok"
+                break
+    except TimeoutError:
+        job.outcome = "hung"
+    except (ConnectionError, http.client.HTTPException, OSError, ValueError):
+        job.outcome = "refused" if job.status == 0 else "cut"
+    finally:
+        job.seconds = time.monotonic() - job.sent_at
+        conn.close()
 
 
-def workload(jobs: int, clients: int, seed: int = 7) -> list[list[str]]:
-    """Each client's models, in order (a fixed random mix of the five)."""
-    rng = random.Random(seed)
-    per_client = [[] for _ in range(clients)]  # type: list[list[str]]
-    for i in range(jobs):
-        per_client[i % clients].append(rng.choice(MODELS))
-    return per_client
+class Flood:
+    """Clients that each run their jobs one after another, all clients at once."""
+
+    def __init__(self, setup: Setup, route: Route) -> None:
+        self.setup = setup
+        self.route = route
+        self.jobs = [Job(c, model) for c, models in enumerate(setup.plan()) for model in models]
+        self.done = 0
+        self._changed = threading.Condition()
+        self.started = 0.0
+        self.ended = 0.0
+
+    def _client(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            while True:
+                name, url, headers = self.route(job.client, job.model)
+                stream_job(job, name, url, headers, self.setup)
+                if job.status != 500 or job.tries >= MAX_TRIES:
+                    break
+            with self._changed:
+                self.done += 1
+                self._changed.notify_all()
+
+    def wait_done(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.done >= count, timeout)
+
+    def run(self, during: Callable[[Flood], None] | None = None) -> None:
+        by_client: dict[int, list[Job]] = {}
+        for job in self.jobs:
+            by_client.setdefault(job.client, []).append(job)
+        threads = [
+            threading.Thread(target=self._client, args=(jobs,), daemon=True)
+            for jobs in by_client.values()
+        ]
+        self.started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        if during is not None:
+            during(self)
+        # Bounded: every read times out after setup.timeout, and a client has few jobs.
+        deadline = self.started + self.setup.jobs_per_client * (self.setup.timeout + 60)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.ended = max((job.sent_at + job.seconds for job in self.jobs), default=self.started)
 
 
-def run(
-    plan: list[list[str]],
-    pick: Callable[[str, int], str],
-    tokens: int,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[list[dict[str, Any]], float]:
-    counter = itertools.count()
-    done = itertools.count(1)
-    results: list[dict[str, Any]] = []
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+# The fleet and the routers
+
+
+class Fleet:
+    """The three fake Ollamas, by name."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        models = ",".join(f"{name}={setup.model_gb}GB" for name in setup.model_names)
+        self.fakes: dict[str, FakeOllamaProcess] = {}
+        for index, places in enumerate(setup.places):
+            self.fakes[chr(ord("a") + index)] = FakeOllamaProcess(
+                models=models,
+                vram_bytes=places * setup.model_gb * GB,
+                num_parallel=setup.num_parallel,
+                load_time=setup.load_time,
+                token_interval=setup.token_interval,
+                on_overflow=setup.on_overflow,
+                keep_alive=-1,  # no expiry during a run: only evictions unload
+                record_requests=False,
+            )
+
+    def start(self) -> None:
+        """Start the fakes side by side (each takes a moment to import its server)."""
+        threads = [threading.Thread(target=fake.start) for fake in self.fakes.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        missing = [name for name, fake in self.fakes.items() if not fake.running]
+        if missing:
+            raise RuntimeError(f"fake Ollama {', '.join(missing)} did not start")
+
+    def stop(self) -> None:
+        for fake in self.fakes.values():
+            fake.kill()
+
+    def reset(self) -> None:
+        for fake in self.fakes.values():
+            fake.reset()
+
+    def counters(self) -> dict[str, Any]:
+        per: dict[str, Any] = {}
+        for name, fake in self.fakes.items():
+            if not fake.running:
+                per[name] = None
+                continue
+            stats = fake.stats(requests=False)
+            per[name] = {
+                "loads": stats["total_loads"],
+                "evictions": sum(stats["evictions"].values()),
+                "crashes": stats["crashes"],
+                "loaded": stats["loaded"],
+            }
+        live = [row for row in per.values() if row is not None]
+        return {
+            "loads": sum(row["loads"] for row in live),
+            "evictions": sum(row["evictions"] for row in live),
+            "crashes": sum(row["crashes"] for row in live),
+            "backends": per,
+        }
+
+    def backends_file(self) -> Path:
+        text = ""
+        for (name, fake), places in zip(self.fakes.items(), self.setup.places, strict=True):
+            text += (
+                f'[backends.{name}]\nurl = "{fake.url}"\nmax_models = {places}\n'
+                f'vram = "{places * self.setup.model_gb}GB"\n'
+                f"model_concurrency = {self.setup.num_parallel}\n\n"
+            )
+        path = Path(tempfile.gettempdir()) / f"bench-fleet-{time.monotonic_ns()}.toml"
+        path.write_text(text)
+        return path
+
+
+def round_robin(fleet: Fleet) -> Route:
+    """Each job to the next backend in turn."""
+    names = list(fleet.fakes)
+    turn = itertools.count()
     lock = threading.Lock()
 
-    def client(models: list[str]) -> None:
-        for model in models:
-            tries = 0
-            while True:
-                # A crashed request (500) is sent again, as a client would: until it is
-                # answered, it is work not done.
-                url = pick(model, next(counter))
-                result = stream(url, model, tokens)
-                tries += 1
-                if result["status"] != 500 or tries >= MAX_TRIES:
-                    break
-            result["tries"] = tries
-            with lock:
-                results.append(result)
-            if on_progress is not None:
-                on_progress(next(done))
+    def route(client: int, model: str) -> tuple[str, str, dict[str, str]]:
+        with lock:
+            name = names[next(turn) % len(names)]
+        return name, fleet.fakes[name].url, {}
+
+    return route
+
+
+def loaded_first(fleet: Fleet) -> Route:
+    """A backend whose /api/ps lists the model (in turn among them), else the next in turn."""
+    names = list(fleet.fakes)
+    turn = itertools.count()
+    lock = threading.Lock()
+
+    def loaded(name: str, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(fleet.fakes[name].url + "/api/ps", timeout=5) as resp:
+                rows = json.loads(resp.read()).get("models", [])
+        except OSError:
+            return False
+        return any(row.get("model") == model for row in rows)
+
+    def route(client: int, model: str) -> tuple[str, str, dict[str, str]]:
+        holders = [name for name in names if loaded(name, model)]
+        with lock:
+            step = next(turn)
+        name = holders[step % len(holders)] if holders else names[step % len(names)]
+        return name, fleet.fakes[name].url, {}
+
+    return route
+
+
+def client_address(client: int) -> str:
+    return f"10.0.{client // 250}.{client % 250 + 1}"
+
+
+class GateRun:
+    """A fresh gate in front of the fleet, ready once its catalogue has read every backend."""
+
+    def __init__(self, children: Children, fleet: Fleet) -> None:
+        first = next(iter(fleet.fakes.values())).url
+        env = {
+            "GATE_BACKENDS_FILE": str(fleet.backends_file()),
+            "GATE_TRUSTED_PROXIES": "1",  # X-Forwarded-For names each bench client
+        }
+        self.gate = harness.start_gate(children, first, env)
+        self.children = children
+        self.url = self.gate.url
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = self.status().get("backends") or []
+            if rows and all(
+                row.get("health") == "up" and row.get("installed") is not None for row in rows
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the gate's catalogue did not read the backends: see {self.gate.log}")
+
+    def status(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.url + "/gate/status.json", timeout=5) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except OSError:
+            return {}
+
+    def route(self, client: int, model: str) -> tuple[str, str, dict[str, str]]:
+        """Every job to the gate, from its client's own address."""
+        return "gate", self.url, {"X-Forwarded-For": client_address(client)}
+
+    def held(self, timeout: float = 10) -> dict[str, int]:
+        """Slots held and jobs waiting once the flood is over (both 0 unless one leaked)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            queue = self.status().get("queue") or {}
+            held = {"running": queue.get("running", -1), "waiting": queue.get("waiting", -1)}
+            if held == {"running": 0, "waiting": 0} or time.monotonic() >= deadline:
+                return held
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGKILL: the flood is over, and a graceful drain would only add seconds."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.gate.master.pid, signal.SIGKILL)
+        self.children.stop(self.gate.master)
+
+
+# One flood through one router, summarised
+
+
+def summarise(flood: Flood, counters: dict[str, Any], setup: Setup) -> dict[str, Any]:
+    jobs = flood.jobs
+    outcomes = Counter(job.outcome for job in jobs)
+    ttfts = [job.ttft for job in jobs if job.ttft is not None]
+    placement: dict[str, dict[str, int]] = {}
+    for job in jobs:
+        if job.outcome == "ok":
+            row = placement.setdefault(job.model.removesuffix(":latest"), {})
+            row[job.backend] = row.get(job.backend, 0) + 1
+    return {
+        "jobs": len(jobs),
+        "ok": outcomes.get("ok", 0),
+        "failed": len(jobs) - outcomes.get("ok", 0),
+        "outcomes": dict(sorted(outcomes.items())),
+        "hung": outcomes.get("hung", 0),
+        "resent": sum(job.tries - 1 for job in jobs),
+        "loads": counters["loads"],
+        "evictions": counters["evictions"],
+        "crashes": counters["crashes"],
+        "makespan": flood.ended - flood.started,
+        "ttft_p50": statistics.median(ttfts) if ttfts else None,
+        "ttft_p99": percentile(ttfts, 0.99),
+        "placement": dict(sorted(placement.items())),
+        "backends": counters["backends"],
+    }
+
+
+def run_flood(setup: Setup, route: Route, fleet: Fleet, during: Any = None) -> dict[str, Any]:
+    flood = Flood(setup, route)
+    flood.run(during)
+    return summarise(flood, fleet.counters(), setup)
+
+
+def kill_run(setup: Setup, fleet: Fleet, gate: GateRun, victim: str) -> dict[str, Any]:
+    """The flood through the gate, backend ``victim`` SIGKILLed once a third of it is done."""
+    before: dict[str, Any] = {}
+
+    def during(flood: Flood) -> None:
+        bound = setup.jobs_per_client * (setup.timeout + 60)
+        if not flood.wait_done(max(1, setup.jobs // 3), bound):
+            return
+        fake = fleet.fakes[victim]
+        stats = fake.stats(requests=False)
+        before.update(
+            loads=stats["total_loads"],
+            evictions=sum(stats["evictions"].values()),
+            crashes=stats["crashes"],
+            loaded=stats["loaded"],
+        )
+        before["at"] = time.monotonic() - flood.started
+        before["jobs_done"] = flood.done
+        fake.kill()
+
+    flood = Flood(setup, gate.route)
+    flood.run(during)
+    counters = fleet.counters()
+    if before:
+        counters["backends"][victim] = {k: before[k] for k in ("loads", "evictions", "crashes")}
+        for key in ("loads", "evictions", "crashes"):
+            counters[key] += before[key]
+    result = summarise(flood, counters, setup)
+    kill_at = flood.started + before.get("at", float("inf"))
+    cut = [j for j in flood.jobs if j.sent_at < kill_at and j.sent_at + j.seconds >= kill_at]
+    after = [j for j in flood.jobs if j.sent_at >= kill_at]
+    result["killed"] = {
+        "backend": victim,
+        "at": before.get("at"),
+        "jobs_done_before": before.get("jobs_done"),
+        "loaded_on_it": before.get("loaded"),
+    }
+    result["in_flight_at_kill"] = {
+        "jobs": len(cut),
+        "outcomes": dict(sorted(Counter(j.outcome for j in cut).items())),
+        "on_killed_backend": dict(
+            sorted(Counter(j.outcome for j in cut if j.backend == victim).items())
+        ),
+    }
+    result["sent_after_kill"] = {
+        "jobs": len(after),
+        "outcomes": dict(sorted(Counter(j.outcome for j in after).items())),
+        "backends": dict(sorted(Counter(j.backend for j in after if j.outcome == "ok").items())),
+    }
+    result["held_after"] = gate.held()
+    result["setup_mix"] = setup.mix
+    return result
+
+
+def targets(
+    setup: Setup, bound: dict[str, float], runs: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The issue's targets for the gate's run, each with its value, limit and whether met."""
+    gate = runs["gate"]
+    peers = [runs[name]["makespan"] for name in ("round_robin", "loaded_first") if name in runs]
+    best_peer = min(peers) if peers else float("nan")
+    checks = {
+        "crashes": (gate["crashes"], 0),
+        "loads": (gate["loads"], setup.models + 2),
+        "makespan_vs_bound": (gate["makespan"] / bound["seconds"], 1.25),
+        "makespan_vs_best_peer": (gate["makespan"] / best_peer, 0.5),
+        "failed": (gate["failed"], 0),
+    }
+    if not peers:
+        del checks["makespan_vs_best_peer"]
+    return {
+        name: {"value": value, "limit": limit, "met": value <= limit}
+        for name, (value, limit) in checks.items()
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2f}{unit}"
+    return f"{value}{unit}"
+
+
+def report(
+    base: Setup,
+    results: dict[str, dict[str, Any]],
+    killed: dict[str, Any] | None,
+    info: dict[str, str],
+    elapsed: float,
+) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        "",
+        f"Fleet: {base.jobs} streaming jobs from {base.clients} clients over "
+        f"{base.models} models; backends holding {', '.join(map(str, base.places))} models, "
+        f"num_parallel {base.num_parallel}; {base.tokens} tokens at "
+        f"{base.token_interval:g} s ({base.job_seconds:g} s a job), loads "
+        f"{base.load_time:g} s, --on-overflow {base.on_overflow}; {when}, "
+        f"{info.get('nproc')} cores, load {info.get('loadavg')}; {elapsed:.0f} s in all",
+    ]
+    for mix, result in results.items():
+        lines += mix_report(mix, result)
+    if killed is not None:
+        kill = killed["killed"]
+        lines += [
+            "",
+            f"Through the gate, {killed['setup_mix']} mix, backend {kill['backend']} killed at "
+            f"{_fmt(kill['at'], ' s')} ({kill['jobs_done_before']} jobs done; it had "
+            f"{kill['loaded_on_it']} loaded): {killed['ok']} ok, {killed['failed']} failed "
+            f"{killed['outcomes']}, {killed['hung']} hung, makespan {killed['makespan']:.2f} s, "
+            f"loads {killed['loads']}, crashes {killed['crashes']}.",
+            f"In flight at the kill: {killed['in_flight_at_kill']}.",
+            f"Sent after the kill: {killed['sent_after_kill']}.",
+            f"Held after the flood: {killed['held_after']}.",
+        ]
+    return "\n".join(lines)
+
+
+def mix_report(mix: str, result: dict[str, Any]) -> list[str]:
+    bound = result["lower_bound"]
+    setup = result["setup"]
+    runs = result["runs"]
+    lines = [
+        "",
+        f"{mix} mix, jobs per model {result['jobs_per_model']}. Lower bound: "
+        f"({setup['jobs']} x {setup['job_seconds']:g} s + {setup['load_time']:g} s x "
+        f"{bound['loads_term'] * bound['slots'] / max(setup['load_time'], 1e-9):g} staggered "
+        f"slot-loads) / {bound['slots']:g} slots = {bound['seconds']:.2f} s; at least "
+        f"{bound['min_loads']} loads; with one place per model at best "
+        f"{bound['one_place_seconds']:.2f} s",
+        "",
+        "| | gate | round-robin | loaded-first, no slots |",
+        "|---|---|---|---|",
+    ]
+    names = [name for name in STRATEGIES if name in runs]
+    rows = [
+        ("ok", "ok", ""),
+        ("failed", "failed", ""),
+        ("hung", "hung", ""),
+        ("resent after a crash", "resent", ""),
+        ("model loads", "loads", ""),
+        ("evictions", "evictions", ""),
+        ("crashes", "crashes", ""),
+        ("makespan", "makespan", " s"),
+        ("TTFT p50", "ttft_p50", " s"),
+        ("TTFT p99", "ttft_p99", " s"),
+    ]
+    for label, key, unit in rows:
+        cells = [_fmt(runs[name][key], unit) for name in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{runs[name]['makespan'] / bound['seconds']:.2f}x" for name in names]
+    lines.append("| makespan / lower bound | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (gate): " + "; ".join(
+        f"{name} {_fmt(check['value'])} <= {check['limit']}: {'met' if check['met'] else 'MISSED'}"
+        for name, check in result["targets"].items()
+    )]  # fmt: skip
+    gate = runs["gate"]
+    lines.append(
+        "Gate placement (jobs per backend): "
+        + "; ".join(
+            f"{model} " + ", ".join(f"{b} {n}" for b, n in sorted(where.items()))
+            for model, where in gate["placement"].items()
+        )
+        + f"; held after the flood: {gate['held_after']}"
+    )
+    return lines
+
+
+# Command line
+
+
+def setup_from(args: argparse.Namespace) -> Setup:
+    if args.quick:
+        return Setup(
+            places=(2, 1, 2),
+            models=5,
+            clients=5,
+            jobs_per_client=3,
+            tokens=10,
+            token_interval=0.01,
+            load_time=0.2,
+            num_parallel=2,
+            model_gb=4,
+            timeout=20,
+            on_overflow=args.on_overflow,
+        )
+    return Setup(
+        places=tuple(args.places),
+        models=args.models,
+        clients=args.clients,
+        jobs_per_client=args.jobs_per_client,
+        tokens=args.tokens,
+        token_interval=args.token_interval,
+        load_time=args.load_time,
+        num_parallel=args.num_parallel,
+        model_gb=4,
+        timeout=args.timeout,
+        on_overflow=args.on_overflow,
+    )
+
+
+def compare(
+    setup: Setup,
+    fleet: Fleet,
+    children: Children,
+    log: Callable[[str], None],
+    peers: Sequence[str] = STRATEGIES[1:],
+) -> dict[str, Any]:
+    """One mix through the gate and the peers, each against freshly reset backends."""
+    runs: dict[str, dict[str, Any]] = {}
+    fleet.reset()
+    gate = GateRun(children, fleet)
+    log(f"{setup.mix} mix: through the gate {gate.url}")
+    runs["gate"] = run_flood(setup, gate.route, fleet)
+    runs["gate"]["held_after"] = gate.held()
+    gate.stop()
+    routers = {"round_robin": round_robin, "loaded_first": loaded_first}
+    for name in peers:
+        make = routers[name]
+        fleet.reset()
+        log(f"{setup.mix} mix: {name}")
+        runs[name] = run_flood(setup, make(fleet), fleet)
+    bound = lower_bound(setup)
+    return {
+        "setup": asdict(setup) | {"jobs": setup.jobs, "job_seconds": setup.job_seconds},
+        "jobs_per_model": dict(
+            sorted(Counter(m.removesuffix(":latest") for c in setup.plan() for m in c).items())
+        ),
+        "lower_bound": bound,
+        "runs": runs,
+        "targets": targets(setup, bound, runs),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--mix", choices=("even", "skewed", "both"), default=None,
+                        help="models per job (default: both; --quick: even)")  # fmt: skip
+    parser.add_argument("--places", type=int, nargs="+", default=[2, 1, 2])
+    parser.add_argument("--models", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--jobs-per-client", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--token-interval", type=float, default=0.02)
+    parser.add_argument("--load-time", type=float, default=1.0)
+    parser.add_argument("--num-parallel", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--on-overflow", choices=("queue", "crash"), default="queue")
+    parser.add_argument("--skip-kill", action="store_true", help="leave out the killed backend")
+    parser.add_argument("--gate-only", action="store_true", help="leave out the peer routers")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    base = setup_from(args)
+    mix = args.mix or ("even" if args.quick else "both")
+    mixes = ["even", "skewed"] if mix == "both" else [mix]
+
+    def log(msg: str) -> None:
+        print(f"{time.monotonic() - started:6.1f} s  {msg}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    with ThreadPoolExecutor(len(plan)) as pool:
-        list(pool.map(client, plan))
-    return results, time.monotonic() - started
-
-
-def summary(
-    name: str, results: list[dict[str, Any]], makespan: float, fakes: list[str], bound: float
-) -> dict[str, Any]:
-    stats = [control(url, "/_fake/stats?requests=0") for url in fakes]
-    ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
-
-    def pct(p: float) -> float | None:
-        if not ttfts:
-            return None
-        return round(ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))], 3)
-
-    row = {
-        "strategy": name,
-        "jobs": len(results),
-        "ok": sum(r["ok"] for r in results),
-        "resent": sum(r["tries"] - 1 for r in results),
-        "loads": sum(s.get("total_loads", 0) for s in stats),
-        "crashes": sum(s.get("crashes", 0) for s in stats),
-        "makespan_s": round(makespan, 2),
-        "lower_bound_s": round(bound, 2),
-        "vs_bound": round(makespan / bound, 2),
-        "ttft_p50_s": pct(0.5),
-        "ttft_p99_s": pct(0.99),
-        "statuses": dict(sorted(_count(r["status"] for r in results).items())),
-    }
-    print(json.dumps(row))
-    return row
-
-
-def _count(values: Any) -> dict[Any, int]:
-    out: dict[Any, int] = {}
-    for value in values:
-        out[value] = out.get(value, 0) + 1
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=60)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=40)
-    parser.add_argument("--token-interval", type=float, default=0.05)
-    parser.add_argument("--load-time", type=float, default=1.0)
-    parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-
     children = Children()
-    with interruptible():
-        try:
-            fakes = [
-                start_fake(
-                    children,
-                    "--models", ",".join(MODELS),
-                    "--vram", str(size),
-                    "--num-parallel", str(args.parallel),
-                    "--load-time", str(args.load_time),
-                    "--on-overflow", "crash",
-                    "--tokens", str(args.tokens),
-                    "--token-interval", str(args.token_interval),
-                )
-                for size in SIZES
-            ]  # fmt: skip
-            table = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-            for index, (url, size) in enumerate(zip(fakes, SIZES, strict=True)):
-                table.write(
-                    f'[backends.b{index}]\nurl = "{url}"\nmax_models = {size}\n'
-                    f"model_concurrency = {args.parallel}\n"
-                )
-            table.close()
-            gate = start_gate(
-                children,
-                fakes[0],
-                {"GATE_BACKENDS_FILE": table.name, "GATE_QUEUE_TIMEOUT": "600"},
-            )
-            plan = workload(args.jobs, args.clients)
-            job_seconds = args.tokens * args.token_interval
-            slots = sum(SIZES) * args.parallel
-            bound = max(args.jobs * job_seconds / slots, job_seconds) + args.load_time
-            # With one place per model (five places, five models), the busiest model's
-            # jobs over its slots bound the makespan too, unless a copy runs elsewhere.
-            per_model = _count(model for models in plan for model in models)
-            busiest = max(per_model.values())
-            one_place = -(-busiest // args.parallel) * job_seconds + args.load_time
-            print(f"jobs per model {per_model}; one place per model bounds at {one_place:.1f} s")
-            rows = []
-
-            def reset() -> None:
-                for url in fakes:
-                    control(url, "/_fake/reset")
-
-            reset()
-            # Warm the gate's catalogue (its first request waits for the first polls).
-            urllib.request.urlopen(gate.url + "/api/tags", timeout=30).read()
-            results, makespan = run(plan, lambda model, i: gate.url, args.tokens)
-            rows.append(summary("gate", results, makespan, fakes, bound))
-
-            reset()
-            results, makespan = run(plan, lambda model, i: fakes[i % len(fakes)], args.tokens)
-            rows.append(summary("round-robin", results, makespan, fakes, bound))
-
-            reset()
-            lock = threading.Lock()
-
-            def loaded_first(model: str, i: int) -> str:
-                with lock:
-                    for url in fakes:
-                        ps = json.loads(urllib.request.urlopen(url + "/api/ps").read())
-                        if model in [m.get("model") for m in ps.get("models", [])]:
-                            return url
-                    return fakes[i % len(fakes)]
-
-            results, makespan = run(plan, loaded_first, args.tokens)
-            rows.append(summary("loaded-first, no slots", results, makespan, fakes, bound))
-
-            # The flood through the gate again, one backend killed a third of the way in.
-            reset()
-            victim = children.procs[1]  # the second fake (one model at a time)
-            killed: list[float] = []
-
-            def kill_at_a_third(done: int) -> None:
-                if done >= args.jobs // 3 and not killed:
-                    killed.append(time.monotonic())
-                    os.killpg(victim.pid, signal.SIGKILL)
-
-            results, makespan = run(plan, lambda model, i: gate.url, args.tokens, kill_at_a_third)
-            alive = [fakes[0], fakes[2]]
-            rows.append(summary("gate, b1 killed at 1/3", results, makespan, alive, bound))
-
-            best_peer = min(rows[1]["makespan_s"], rows[2]["makespan_s"])
-            print(
-                f"gate makespan {rows[0]['makespan_s']} s = {rows[0]['vs_bound']} x the bound; "
-                f"{rows[0]['makespan_s'] / best_peer:.2f} x the better peer strategy"
-            )
-            if args.out:
-                write_json(
-                    args.out,
-                    machine=machine(),
-                    rows=rows,
-                    one_place_bound_s=one_place,
-                    args=vars(args) | {"out": None},
-                )
-        finally:
-            children.stop_all()
+    fleet = Fleet(base)
+    results: dict[str, dict[str, Any]] = {}
+    killed: dict[str, Any] | None = None
+    try:
+        with harness.interruptible():
+            fleet.start()
+            log("fakes: " + ", ".join(f"{n} {f.url}" for n, f in fleet.fakes.items()))
+            for name in mixes:
+                peers = () if args.gate_only else STRATEGIES[1:]
+                results[name] = compare(replace(base, mix=name), fleet, children, log, peers)
+            if not args.skip_kill:
+                setup = replace(base, mix=mixes[0])
+                fleet.reset()
+                gate = GateRun(children, fleet)
+                log(f"{setup.mix} mix: through the gate {gate.url}, backend a killed")
+                killed = kill_run(setup, fleet, gate, "a")
+                gate.stop()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        children.stop_all()
+        fleet.stop()
+    info = harness.machine()
+    print(report(base, results, killed, info, time.monotonic() - started))
+    if args.json:
+        harness.write_json(args.json, machine=info, mixes=results, killed=killed)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
