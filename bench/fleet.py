@@ -17,8 +17,8 @@ mix: 18, 18, 10, 8 and 6 jobs). Each mix goes, against the same fakes reset in b
 The two peers route in the client itself, so they pay no relay hop at all. A request a
 backend crashed (500, with ``--on-overflow crash``) is sent again, as a client would, up
 to MAX_TRIES times. A last run sends the even mix through a fresh gate and SIGKILLs
-backend ``a`` once a third of the jobs have finished: what finished, what failed,
-whether anything hung or left a slot held.
+backend ``a`` half a job after a third of the jobs have finished: what finished, what
+failed, whether anything hung or left a slot held.
 
 The lower bound of the makespan (``lower_bound``): at any moment a backend b serves at
 most P_b (``num_parallel``) jobs for each of the M_b models it can hold, and it loads one
@@ -487,6 +487,9 @@ def kill_run(setup: Setup, fleet: Fleet, gate: GateRun, victim: str) -> dict[str
         bound = setup.jobs_per_client * (setup.timeout + 60)
         if not flood.wait_done(max(1, setup.jobs // 3), bound):
             return
+        # Jobs end in waves (they start together after a load); half a job later the
+        # next wave is streaming, so the kill cuts streams rather than idle slots.
+        time.sleep(setup.job_seconds / 2)
         fake = fleet.fakes[victim]
         stats = fake.stats(requests=False)
         before.update(
