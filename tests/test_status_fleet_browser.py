@@ -4,6 +4,7 @@ three fake Ollamas (one killed and restarted while the page watches) and a fleet
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def fakes() -> Iterator[Fakes]:
             token_interval=0.01, vram=2, vram_bytes="8GB", models="llama3.2=2GB,qwen2.5:7b=4GB"
         ),
         "small": FakeOllama(token_interval=0.01, vram=1, models="llama3.2=2GB"),
-        "spare": FakeOllama(token_interval=0.01, models="phi3=2GB"),
+        "spare": FakeOllama(token_interval=0.01, models="phi3=2GB", load_time=4),
     }
     for server in servers.values():
         server.start()
@@ -84,6 +85,21 @@ def test_backends_section_lists_each_backend_and_shows_a_killed_one_down(
         # The first backend's /api/ps alone would mislead: the cards replace that table.
         assert not driver.find_element("id", "loaded-section").is_displayed()
         assert down_banner(driver) == ""
+
+        # A job runs on spare while its model loads: /api/ps does not list it yet.
+        body = {"model": "phi3", "prompt": "hi", "stream": False}
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(requests.post, gate.url + "/api/generate", json=body, timeout=30)
+            row = 'div[data-backend="spare"] tr[data-model="phi3:latest"]'
+            shown = wait_for(driver, lambda d: d.execute_script(SELECTED_TEXT, row))
+            assert shown == "phi3:latestloading1 / 1", shown
+            assert job.result().status_code == 200
+        wait_for(
+            driver,
+            lambda d: (
+                "phi3" in cards(d)["spare"]["text"] and "loading" not in cards(d)["spare"]["text"]
+            ),
+        )
 
         fakes["spare"].kill()
         try:

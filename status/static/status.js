@@ -336,7 +336,8 @@
       var l = loaded[m], r = models[m];
       return {
         name: m,
-        vram: l ? bytes(l.size_vram) : "not loaded",
+        // Jobs run but /api/ps did not list it at the last poll: Ollama is loading it.
+        vram: l ? bytes(l.size_vram) : (r && r.running ? "loading" : "not loaded"),
         running: r ? num(r.running) + " / " + num(r.slots) : "idle",
         busy: !!(r && r.running),
       };
