@@ -296,6 +296,7 @@ class Fleet:
                 keep_alive=-1,  # no expiry during a run: only evictions unload
                 record_requests=False,
             )
+        self._files: list[Path] = []
 
     def start(self) -> None:
         """Start the fakes side by side (each takes a moment to import its server)."""
@@ -311,6 +312,8 @@ class Fleet:
     def stop(self) -> None:
         for fake in self.fakes.values():
             fake.kill()
+        for path in self._files:
+            path.unlink(missing_ok=True)
 
     def reset(self) -> None:
         for fake in self.fakes.values():
@@ -347,6 +350,7 @@ class Fleet:
             )
         path = Path(tempfile.gettempdir()) / f"bench-fleet-{time.monotonic_ns()}.toml"
         path.write_text(text)
+        self._files.append(path)
         return path
 
 
