@@ -82,11 +82,36 @@ def normalize_model(name: str) -> str:
     return name if _TAG.search(name) else f"{name}:latest"
 
 
+class AmbiguousModel(ValueError):
+    """A body spells its model field twice with different values (Ollama might read either)."""
+
+
+def _field(body: dict[str, Any], name: str) -> Any:
+    """The value of top-level field ``name`` as Ollama's Go decoder reads it.
+
+    Go matches JSON keys to fields ignoring case, so ``"Model"`` sets the model too.
+    Keys that differ only in case and carry different values are refused: which one
+    Go keeps depends on their order in the text, which a parsed dict no longer shows.
+    """
+    value = body.get(name)
+    for key, other in body.items():
+        if key != name and key.casefold() == name:
+            if value is not None and other != value:
+                raise AmbiguousModel(f"request body gives {name!r} twice, as {key!r} too")
+            value = other
+    return value
+
+
 def model_of(body: Any) -> str | None:
-    """The model a JSON request body names (``model``, or the legacy ``name``), normalised."""
+    """The model a JSON request body names (``model``, or the legacy ``name``), normalised.
+
+    Raises AmbiguousModel for a body whose model field is spelt twice with different
+    values (``{"model": "a", "Model": "b"}``): the queue and placement must see the
+    model Ollama will run.
+    """
     if not isinstance(body, dict):
         return None
-    value = body.get("model") or body.get("name")
+    value = _field(body, "model") or _field(body, "name")
     if not isinstance(value, str) or not value.strip():
         return None
     return normalize_model(value)

@@ -62,10 +62,19 @@ def model_field(body: Any) -> str | None:
     """The raw model a JSON body names (``model``, or the legacy ``name``)."""
     if not isinstance(body, dict):
         return None
-    value = body.get("model") or body.get("name")
+    value = _folded(body, "model") or _folded(body, "name")
     if isinstance(value, str) and value.strip():
         return value
     return None
+
+
+def _folded(body: dict[str, Any], name: str) -> Any:
+    """Field ``name`` as Go's JSON decoder reads it: keys match ignoring case, the last wins."""
+    value = None
+    for key, found in body.items():
+        if key.casefold() == name:
+            value = found
+    return value
 
 
 class Model:

@@ -28,7 +28,7 @@ from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.wrappers import Response
 
-from endpoints import LIGHT, ROUTES, model_of
+from endpoints import LIGHT, ROUTES, AmbiguousModel, model_of
 from errors import GateError
 from pipeline import Call, Identify, Upstream
 
@@ -185,7 +185,10 @@ class LightLane:
             payload = json.loads(body)
         except (ValueError, RecursionError):
             return None
-        model = model_of(payload)
+        try:
+            model = model_of(payload)
+        except AmbiguousModel:
+            return None  # Flask answers the 400
         if model is None:
             return None
         call.model, call.payload = model, payload

@@ -15,7 +15,16 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected as BodyCut
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from endpoints import LIGHT, OTHER_VIEW, PROXY_BLUEPRINT, ROUTES, EndpointClass, model_of, view_name
+from endpoints import (
+    LIGHT,
+    OTHER_VIEW,
+    PROXY_BLUEPRINT,
+    ROUTES,
+    AmbiguousModel,
+    EndpointClass,
+    model_of,
+    view_name,
+)
 from errors import BadRequest, BodyTooLarge
 from pipeline import Call, ClientDisconnected, Release, pipeline_of
 
@@ -124,7 +133,10 @@ def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequest("request body must be a JSON object") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
-    model = model_of(payload)
+    try:
+        model = model_of(payload)
+    except AmbiguousModel as exc:
+        raise BadRequest(str(exc)) from None
     if model is None:
         raise BadRequest("model is required")
     return model, payload

@@ -202,6 +202,31 @@ def test_deeply_nested_json_answers_400(gate: Gate, fake: FakeOllama, path: str)
     assert "RecursionError" not in gate.logs()
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions"])
+def test_a_model_spelt_twice_with_different_values_answers_400(
+    gate: Gate, fake: FakeOllama, path: str
+) -> None:
+    """Ollama's Go decoder reads "Model" as "model": the queue must not see another model."""
+    for body in (
+        b'{"model": "m1", "Model": "m2", "prompt": "x", "messages": []}',
+        b'{"MODEL": "m1", "model": "m2", "prompt": "x", "messages": []}',
+        b'{"model": "m1", "Model": "m2", "model": "m1", "prompt": "x", "messages": []}',
+    ):
+        resp = requests.post(
+            gate.url + path, data=body, headers={"Content-Type": "application/json"}, timeout=10
+        )
+        assert resp.status_code == 400, resp.text
+        assert "twice" in resp.text
+    assert client_requests(fake) == []  # nothing was forwarded
+    # One spelling, in any case, or the same value twice, is the model as Ollama reads it.
+    for body in (
+        b'{"Model": "m1", "prompt": "x", "stream": false}',
+        b'{"model": "m1", "MODEL": "m1", "prompt": "x", "stream": false}',
+    ):
+        resp = requests.post(gate.url + "/api/generate", data=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+
+
 class Canned(ThreadingHTTPServer):
     """An upstream that answers every request with ``self.answer`` (status, type, body)."""
 
