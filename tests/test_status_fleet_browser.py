@@ -100,6 +100,9 @@ def test_backends_section_lists_each_backend_and_shows_a_killed_one_down(
                 "phi3" in cards(d)["spare"]["text"] and "loading" not in cards(d)["spare"]["text"]
             ),
         )
+        # The Models table says loaded for a model in any backend's /api/ps, not the first's.
+        state = '#models tr[data-model="phi3:latest"] td.state'
+        wait_for(driver, lambda d: "loaded" in d.execute_script(SELECTED_TEXT, state))
 
         fakes["spare"].kill()
         try:

@@ -223,14 +223,20 @@
 
   function renderModels(doc) {
     var models = doc.models || {};
+    var fleet = backendsOf(doc);
+    // Several backends: "loaded" means in some backend's /api/ps (status.json's own
+    // models.*.loaded reads the first backend's only).
+    var loadedAnywhere = {};
+    fleet.forEach(function (b) { Object.keys(b.loaded || {}).forEach(function (m) { loadedAnywhere[m] = true; }); });
     var rows = Object.keys(models).map(function (name) {
       var m = models[name];
+      var loaded = fleet.length > 1 ? !!loadedAnywhere[name] : m.loaded;
       var state = el("td", { className: "state" });
       // state: active, draining, waiting (jobs queued, no place yet) or idle (docs/STATUS.md).
       var st = m.state || (m.draining ? "draining" : m.active ? "active" : m.waiting ? "waiting" : "idle");
       if (st === "draining") state.appendChild(el("span", { className: "badge active", text: "active" }));
       state.appendChild(el("span", { className: "badge " + st, text: st }));
-      if (m.loaded) state.appendChild(el("span", { className: "badge loaded", text: "loaded" }));
+      if (loaded) state.appendChild(el("span", { className: "badge loaded", text: "loaded" }));
       var running = m.running === null ? "–" : num(m.running) + " / " + num(m.slots);
       var refused = sumValues(m.rejected);
       return el("tr", { "data-model": name }, [
