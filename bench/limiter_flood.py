@@ -174,7 +174,11 @@ class Flood:
         return 1000 * self.worker_cpu / max(1, self.requests)
 
 
-def flood(g: Gate, seconds: float, connections: int, headers: dict[str, str]) -> Flood:
+def flood(
+    g: Gate, seconds: float, connections: int, headers: dict[str, str], delay_ms: float = 0
+) -> Flood:
+    """wrk POSTs /api/generate on ``connections`` connections for ``seconds``; each
+    connection waits ``delay_ms`` before each request (0: as fast as answers come)."""
     script = "\n".join(
         [
             'wrk.method = "POST"',
@@ -184,6 +188,7 @@ def flood(g: Gate, seconds: float, connections: int, headers: dict[str, str]) ->
             f'wrk.headers["{k}"] = "{v}"'
             for k, v in {"Content-Type": "application/json", **headers}.items()
         ]
+        + ([f"function delay() return {delay_ms:g} end"] if delay_ms else [])
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(script + "\n")
