@@ -1,6 +1,6 @@
 """Take docs/status.png: the status page, 1280 px wide, under `make demo`'s own load.
 
-Runs exactly what `make demo` runs (scripts/demo.py: the simulator, the gate,
+Runs exactly what `make demo` runs (scripts/demo.py: two simulated backends, the gate,
 eight clients with five API keys asking four models, one key limited so some
 429s show) on a free loopback port, lets the load run so the charts fill, and
 saves a full-page screenshot from Debian's headless Chromium. Everything stays
