@@ -39,10 +39,20 @@ import harness  # noqa: E402
 sys.path.insert(0, str(harness.ROOT))
 
 
-def environ_for(gate_host: str, path: str) -> dict[str, Any]:
-    """A WSGI environ like the one gunicorn builds for ``GET path`` from wrk."""
+#: ``--post chat``: the request profiled instead of GET /api/tags (a short non-streamed chat).
+POSTS: dict[str, tuple[str, bytes]] = {
+    "show": ("/api/show", b'{"model": "llama3.2"}'),
+    "chat": (
+        "/api/chat",
+        b'{"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": false}',
+    ),
+}
+
+
+def environ_for(gate_host: str, path: str, method: str = "GET") -> dict[str, Any]:
+    """A WSGI environ like the one gunicorn builds for ``method path`` from wrk."""
     return {
-        "REQUEST_METHOD": "GET",
+        "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
         "PATH_INFO": path,
         "QUERY_STRING": "",
@@ -69,7 +79,15 @@ def in_process(args: argparse.Namespace, upstream: str) -> None:
 
     off = {f"limit_{c}": "off" for c in ("inference", "embed", "admin", "light")}
     app = create_app(Settings(upstream=upstream, **off))
-    template = environ_for("127.0.0.1:8000", "/api/tags")
+    if args.post:
+        path, payload = POSTS[args.post]
+        template = environ_for("127.0.0.1:8000", path, "POST")
+        template["CONTENT_TYPE"] = "application/json"
+        template["CONTENT_LENGTH"] = str(len(payload))
+        what = f"POST {path}"
+    else:
+        payload, what = b"", "GET /api/tags"
+        template = environ_for("127.0.0.1:8000", "/api/tags")
     statuses: collections.Counter[str] = collections.Counter()
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -78,7 +96,7 @@ def in_process(args: argparse.Namespace, upstream: str) -> None:
 
     def one() -> None:
         environ = dict(template)
-        environ["wsgi.input"] = io.BytesIO(b"")
+        environ["wsgi.input"] = io.BytesIO(payload)
         body = app(environ, start_response)
         try:
             for _ in body:
@@ -103,10 +121,12 @@ def in_process(args: argparse.Namespace, upstream: str) -> None:
     wall = time.perf_counter() - t0
     total = per * args.concurrency
     print(
-        f"cProfile, in process: {total} x GET /api/tags from {args.concurrency} greenlets, "
+        f"cProfile, in process: {total} x {what} from {args.concurrency} greenlets, "
         f"{total / wall:,.0f} req/s under the profiler; statuses {dict(statuses)}\n"
     )
     stats = pstats.Stats(profile)
+    if args.pstats:
+        stats.dump_stats(args.pstats)
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append((tt, ct, nc, f"{_short(file)}:{line}({func})"))
@@ -210,6 +230,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--pstats", metavar="FILE", help="in process: also dump the raw profile here")
+    p.add_argument("--post", choices=sorted(POSTS), help="in process: profile this POST instead")
     p.add_argument("--py-spy", metavar="PATH", help="sample the real gunicorn worker with py-spy")
     p.add_argument("--duration", type=float, default=8.0, help="py-spy: seconds to sample")
     p.add_argument("--connections", type=int, default=50, help="py-spy: wrk connections")

@@ -267,36 +267,39 @@ class GateLimiter:
         if self.cache is not None and not self.cache.routes:
             # Built on the first request, once every blueprint's routes are registered.
             self.cache.routes = static_routes(current_app.url_map.iter_rules(), ENDPOINT_CLASSES)
-        cls = ENDPOINT_CLASSES.get(request.endpoint or "")
+        # Flask's proxies, looked up once: every use of request or g costs a lookup.
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        ctx = g._get_current_object()
+        cls = ENDPOINT_CLASSES.get(req.endpoint or "")
         key: ApiKey | None = None
         if self.keyring is not None:
-            header, key = self.keyring.presented(request.environ)
+            header, key = self.keyring.presented(req.environ)
             if header is not None and key is not None:
                 # The secret is the gate's, not Ollama's: proxy.forward_headers drops it.
-                g.gate_consumed_headers = frozenset({header})
-            if cls is not None and request.method != "OPTIONS":
+                ctx.gate_consumed_headers = frozenset({header})
+            if cls is not None and req.method != "OPTIONS":
                 if header is None:
                     raise Unauthorized(
                         "missing API key: send Authorization: Bearer <key>", headers=_CHALLENGE
                     )
                 if key is None:
-                    logger.info("unknown API key from %s on %s", request.remote_addr, request.path)
+                    logger.info("unknown API key from %s on %s", req.remote_addr, req.path)
                     raise Unauthorized("invalid API key", headers=_CHALLENGE)
                 if cls == ADMIN and not key.is_admin:
                     raise Forbidden(
-                        f"API key {key.name!r} has role user; {request.path} needs role admin"
+                        f"API key {key.name!r} has role user; {req.path} needs role admin"
                     )
                 if key.models is not None:
                     _check_models(key)
         if key is not None:
-            g.gate_key = key
-            g.gate_client = key.name
-            g.gate_limit_key = f"key:{key.name}"
+            ctx.gate_key = key
+            ctx.gate_client = key.name
+            ctx.gate_limit_key = f"key:{key.name}"
         else:
-            g.gate_client = client_address(request.remote_addr)
-            g.gate_limit_key = f"ip:{g.gate_client}"
+            client = ctx.gate_client = client_address(req.remote_addr)
+            ctx.gate_limit_key = f"ip:{client}"
         if cls is not None:
-            g.gate_class = cls
+            ctx.gate_class = cls
 
     def identify_light(self, environ: Mapping[str, Any]) -> tuple[str, frozenset[str]] | None:
         """Who sends a light request that no limit applies to, for the proxy's light lane.
@@ -363,12 +366,13 @@ class GateLimiter:
         return bool(self.anon_tokens_per_minute)
 
     def _budget_state(self) -> BudgetState | None:
-        if g.get("gate_class") not in TOKEN_CLASSES or request.method == "OPTIONS":
+        ctx = g._get_current_object()
+        if ctx.get("gate_class") not in TOKEN_CLASSES or request.method == "OPTIONS":
             return None
-        budget = self.budget_for(g.get("gate_key"))
+        budget = self.budget_for(ctx.get("gate_key"))
         if budget is None:
             return None
-        return self.budgets.state(g.gate_limit_key, budget)
+        return self.budgets.state(ctx.gate_limit_key, budget)
 
     def _check_budget(self) -> None:
         state = self._budget_state()
@@ -468,16 +472,22 @@ class GateLimiter:
         }
 
     def _add_headers(self, response: Response) -> Response:
-        if g.get("gate_class") is None:
+        ctx = g._get_current_object()
+        cls = ctx.get("gate_class")
+        if cls is None:
             return response
-        try:
-            quotas = g.get("gate_quotas")
-            if quotas is None:
+        quotas = ctx.get("gate_quotas")
+        if quotas is None:
+            if not self.enabled and (
+                cls not in TOKEN_CLASSES or self.budget_for(ctx.get("gate_key")) is None
+            ):
+                return response  # no limit and no token budget: no headers to add
+            try:
                 quotas = self.quotas()
-        except Exception as exc:  # the storage died since the check: answer without headers
-            logger.warning("limit headers left out: rate-limit storage failed: %s", exc)
-            return response
-        headers = limit_headers(quotas, time.time(), rejected=g.get("gate_rate_limited", False))
+            except Exception as exc:  # the storage died since the check: answer without them
+                logger.warning("limit headers left out: rate-limit storage failed: %s", exc)
+                return response
+        headers = limit_headers(quotas, time.time(), rejected=ctx.get("gate_rate_limited", False))
         for name, value in headers.items():
             response.headers[name] = value
         return response

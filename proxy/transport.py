@@ -12,6 +12,9 @@ public way to give:
   lent out and, through ``lending()``, takes back the ones a failed request
   left behind. It also shuts a discarded connection down before closing it, so
   the upstream sees at once a request the gate gave up on.
+- its check of an idle pooled connection before reuse (``_is_socket_alive``): the
+  library asks gevent's ``select``, which yields to the hub on every call; the
+  pool asks the operating system's ``select`` instead, same answer, no switch.
 - the body bytes the response parser has read ahead (``_body_buffer``), so
   that NDJSON/SSE records that arrived together leave in one write.
 
@@ -27,9 +30,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+from gevent.monkey import get_original
 from geventhttpclient import HTTPClient
 from geventhttpclient.connectionpool import ConnectionPool
 from geventhttpclient.response import HTTPSocketPoolResponse
+
+# select.select as the operating system has it, even in a monkey-patched process.
+_select = get_original("select", "select")
 
 # The methods HTTPClient and its responses call on a pool: WatchedPool has each.
 POOL_METHODS = frozenset({"get_socket", "return_socket", "release_socket", "close"})
@@ -44,6 +51,7 @@ class WatchedPool:
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
+        pool._is_socket_alive = _is_socket_alive  # type: ignore[method-assign]
         self.size: int = pool.size
         self._out: set[gevent.socket.socket] = set()  # the sockets lent out
         # Sockets lent to each greenlet inside lending(): the ones a failed request holds.
@@ -104,6 +112,24 @@ class WatchedPool:
                 del self._lent[me]
             else:
                 self._lent[me] = outer
+
+
+def _is_socket_alive(sock: gevent.socket.socket | None) -> bool:
+    """Whether an idle pooled connection may be reused: open, and nothing to read on it.
+
+    What ``ConnectionPool._is_socket_alive`` answers, with a non-blocking select(2) and
+    no switch to the hub (gevent's select sleeps once even with a zero timeout). An idle
+    keep-alive connection that is readable has a FIN or stray bytes: not reusable.
+    """
+    if sock is None:
+        return False
+    try:
+        if sock.fileno() < 0:
+            return False
+        readable, _, _ = _select([sock], [], [], 0.0)
+        return not readable
+    except (OSError, ValueError):
+        return False
 
 
 def watch_pool(client: HTTPClient) -> WatchedPool:

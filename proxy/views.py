@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Request, Response, current_app, g, request
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected as BodyCut
@@ -85,6 +85,9 @@ class RelayResponse(Response):
     automatically_set_content_length = False
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 def _named_in_connection(value: str | None) -> set[str]:
     """Header names a Connection header lists: they too describe this hop only."""
     value = value or ""
@@ -101,9 +104,10 @@ def upstream_headers(headers: Headers, consumed: frozenset[str]) -> dict[str, st
     return {k: v for k, v in headers.items() if k.lower() not in skip}
 
 
-def forward_headers() -> dict[str, str]:
+def forward_headers(req: Request | None = None) -> dict[str, str]:
     """The current request's headers as the upstream gets them (see ``upstream_headers``)."""
-    return upstream_headers(request.headers, g.get("gate_consumed_headers", frozenset()))
+    req = req or request._get_current_object()  # type: ignore[attr-defined]
+    return upstream_headers(req.headers, g.get("gate_consumed_headers", _NONE))
 
 
 def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
@@ -115,13 +119,14 @@ def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
     return out
 
 
-def target() -> str:
+def target(req: Request | None = None) -> str:
     """Path and query exactly as the client sent them."""
-    raw = request.environ.get("RAW_URI")
+    req = req or request._get_current_object()  # type: ignore[attr-defined]
+    raw = req.environ.get("RAW_URI")
     if isinstance(raw, str) and raw.startswith("/"):
         return raw
-    path = quote(request.path)
-    qs = request.query_string.decode("latin-1")
+    path = quote(req.path)
+    qs = req.query_string.decode("latin-1")
     return f"{path}?{qs}" if qs else path
 
 
@@ -156,22 +161,24 @@ def body_error(exc: BaseException) -> BadRequest:
     return BadRequest(f"malformed request body: {str(exc)[:200]}")
 
 
-def read_body() -> bytes:
+def read_body(req: Request | None = None) -> bytes:
     """The whole request body; 413 past GATE_MAX_BODY, with or without Content-Length,
     400 when its framing is broken (gunicorn then closes the connection)."""
-    if request.content_length is None and "HTTP_TRANSFER_ENCODING" not in request.environ:
+    req = req or request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
+    if "CONTENT_LENGTH" not in environ and "HTTP_TRANSFER_ENCODING" not in environ:
         return b""  # no body announced: nothing to read (most GETs)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     # werkzeug stops a body without Content-Length (chunked) at max_content_length and
     # returns it cut short, no error: read one byte past the limit to tell the two apart.
     if limit is not None:
-        request.max_content_length = limit + 1
+        req.max_content_length = limit + 1
     try:
-        body = request.get_data(cache=True)
+        body = req.get_data(cache=True)
     except RequestEntityTooLarge:  # Content-Length over the limit: one 413 for both cases
         raise BodyTooLarge("request body too large") from None
     except BODY_ERRORS as exc:
-        logger.info("unreadable request body on %s: %s", request.path, exc)
+        logger.info("unreadable request body on %s: %s", req.path, exc)
         raise body_error(exc) from None
     if limit is None:
         return body
@@ -209,35 +216,41 @@ def _blob_body(length: int | None) -> Iterator[bytes]:
         raise BadRequest(f"request body incomplete: {received} of {length} bytes arrived")
 
 
-def client_id() -> str:
+def client_id(req: Request | None = None) -> str:
     """Who the client is: the limiter's identity (API key name) when set, else its address."""
-    return g.get("gate_client") or request.remote_addr or "unknown"
+    req = req or request._get_current_object()  # type: ignore[attr-defined]
+    return g.get("gate_client") or req.remote_addr or "unknown"
 
 
 def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False) -> Response:
     """Forward the current request to the upstream and relay its answer."""
+    # The request and the app, looked up once: each use of Flask's proxies costs a lookup.
     app = current_app._get_current_object()  # type: ignore[attr-defined]
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
+    method = req.method
     gate = pipeline_of(app)
-    headers = forward_headers()
+    headers = forward_headers(req)
     body: bytes | Iterator[bytes] | None
     if stream_body:
         # Blob uploads may be gigabytes: stream them through in constant memory.
-        length = request.content_length
+        length = req.content_length
         if length:
             headers["Content-Length"] = str(length)
             body = _blob_body(length)
-        elif request.environ.get("wsgi.input_terminated") and request.method == "POST":
+        elif environ.get("wsgi.input_terminated") and method == "POST":
             body = _blob_body(None)  # no length: sent on with chunked transfer-encoding
         else:
             body = None
     else:
-        body = read_body() or None
-    call = Call(cls, request.method, request.path, client_id(), address=request.remote_addr)
+        body = read_body(req) or None
+    address = req.remote_addr
+    call = Call(cls, method, req.path, client_id(req), address=address)
     if needs_model and (body is None or isinstance(body, bytes)):
         call.model, call.payload = read_json_model(body or b"")
     g.gate_call = call
 
-    watch = ClientWatch(request.environ)
+    watch = ClientWatch(environ)
     if cls != LIGHT and (body is None or isinstance(body, bytes)):
         # The body is read: from here on, EOF on the socket means the client left. Light
         # requests answer at once and skip the watch (a loop watcher per request costs).
@@ -248,15 +261,15 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             if gate.admit is not None:
                 release = gate.admit(call, watch.gone)
             opened = time.monotonic()
-            failed = request.environ.pop(LANE_FAILURE, None)
+            failed = environ.pop(LANE_FAILURE, None)
             if failed is not None:
                 raise failed  # the light lane's upstream failure, answered here (proxy/lane.py)
-            resp: UpstreamResponse = gate.upstream.open(request.method, target(), headers, body)
+            resp: UpstreamResponse = gate.upstream.open(method, target(req), headers, body)
             call.ttfb = time.monotonic() - opened
             call.status = resp.status
     except ClientDisconnected:
         _abandon(watch, release)
-        logger.info("client left before %s answered", request.path)
+        logger.info("client left before %s answered", req.path)
         return Response(status=499)
     except BaseException:
         _abandon(watch, release)

@@ -53,7 +53,8 @@ class Metrics:
         self.models = Labels(MAX_MODELS, MODEL_IDLE)
         self.reasons = Labels(MAX_REASONS)
         # The labelled children of each model label, removed when the label expires.
-        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        # Each model label's series, with their children: labels() looked up once each.
+        self._series: dict[str, dict[tuple[Any, tuple[str, ...]], Any]] = {}
         self.queue = QueueCollector(self)
         self.registry.register(self.queue)
         labels = ("class", "model")
@@ -107,8 +108,13 @@ class Metrics:
 
     def _child(self, metric: Any, model: str, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered under ``model`` for removal on expiry."""
-        self._series.setdefault(model, set()).add((metric, labels))
-        return metric.labels(*labels)
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = {}
+        child = series.get((metric, labels))
+        if child is None:
+            child = series[(metric, labels)] = metric.labels(*labels)
+        return child
 
     def call_finished(self, call: Any, now: float | None = None) -> None:
         """Count one forwarded call whose answer ended."""

@@ -15,8 +15,11 @@ import socket
 from collections.abc import Iterator
 
 import gevent
+import gevent.event
+import gevent.select
 import gevent.socket
 import geventhttpclient.client
+import geventhttpclient.connectionpool
 import geventhttpclient.response
 import pytest
 from geventhttpclient import HTTPClient
@@ -209,3 +212,74 @@ def test_health_fails_while_no_pooled_connection_is_free(fake: FakeOllama) -> No
         assert probe.healthy is True and probe.error is None
     finally:
         upstream.close()
+
+
+# --------------------------------------------------------------------------- pooled connections
+
+
+def test_the_pool_checks_an_idle_connection_through_is_socket_alive() -> None:
+    """WatchedPool replaces this check (proxy/transport.py): the pool must still call it."""
+    source = inspect.getsource(ConnectionPool.get_socket)
+    assert "self._is_socket_alive(sock)" in source
+
+
+def test_checking_an_idle_pooled_connection_does_not_yield(
+    fake: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gevent's select sleeps once even with a zero timeout: a switch per request."""
+    # As in the gunicorn worker, where monkey-patching makes the library's select gevent's.
+    monkeypatch.setattr(geventhttpclient.connectionpool, "select", gevent.select)
+    upstream = Upstream(fake.url, timeout=5)
+    try:
+        resp = upstream.open("GET", "/api/version", {}, None)
+        b"".join(resp.records(None))
+        resp.release()  # read in full: its connection waits in the pool
+        others_ran: list[bool] = []
+        other = gevent.spawn(others_ran.append, True)
+        sock = upstream.pool.get_socket()  # the idle one, checked: no switch to the hub
+        assert not others_ran
+        upstream.pool.return_socket(sock)
+        other.join()
+        assert others_ran
+    finally:
+        upstream.close()
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_reused() -> None:
+    """An idle connection with a FIN waiting is closed and replaced, not sent a request."""
+    server = gevent.socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    accepted: list[gevent.socket.socket] = []
+    answered = gevent.event.Event()
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            accepted.append(conn)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            if len(accepted) == 1:
+                conn.close()  # the first connection ends while idle in the gate's pool
+            answered.set()
+
+    server_greenlet = gevent.spawn(serve)
+    upstream = Upstream(f"http://127.0.0.1:{port}", timeout=5)
+    try:
+        resp = upstream.open("GET", "/api/version", {}, None)
+        assert b"".join(resp.records(None)) == b"ok"
+        resp.release()
+        answered.wait(5)
+        answered.clear()
+        resp = upstream.open("GET", "/api/version", {}, None)
+        assert resp.status == 200 and b"".join(resp.records(None)) == b"ok"
+        resp.release()
+        assert len(accepted) == 2  # a new connection, the closed one left out
+        assert upstream.pool.in_use == 0
+    finally:
+        upstream.close()
+        server_greenlet.kill()
+        server.close()
