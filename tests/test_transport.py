@@ -282,4 +282,6 @@ def test_a_pooled_connection_the_upstream_closed_is_not_reused() -> None:
     finally:
         upstream.close()
         server_greenlet.kill()
+        for conn in accepted:
+            conn.close()
         server.close()
