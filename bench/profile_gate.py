@@ -1,12 +1,15 @@
 """Where the gate's CPU goes per proxied request: two profilers, one question.
 
     python bench/profile_gate.py [--requests N] [--concurrency 50] [--top 25]
+    python bench/profile_gate.py --post chat --concurrency 1 [--pstats out.prof]
     python bench/profile_gate.py --py-spy /tmp/pyspy/bin/py-spy [--duration 8]
     python bench/profile_gate.py --py-spy PATH --streams 200 [--interval 0.01]
 
 Default: cProfile in this process. The WSGI app (``create_app``) is called directly
 by ``--concurrency`` greenlets under gevent, GET /api/tags against a fast fake Ollama,
-and the top functions by own time are printed in µs per request. gunicorn is not
+(or, with ``--post show|chat``, that POST with its JSON body; ``chat`` is a
+non-streamed chat through the work queue), and the top functions by own time are
+printed in µs per request; ``--pstats`` also saves the raw profile. gunicorn is not
 in the picture (no HTTP parsing or writing to a client socket), and cProfile slows
 what it measures, so read the shares, not the totals.
 
