@@ -16,10 +16,12 @@ def init_app(app: Flask, settings: Settings) -> Upstream:
     app.register_blueprint(bp)
     # One upstream connection at most per client connection: the pool is as large as
     # the connections a worker holds.
+    only = settings.backends()[0]
     return Upstream(
-        settings.backends()[0].url,
+        only.url,
         timeout=settings.upstream_timeout,
         concurrency=settings.worker_connections,
+        name=only.name,
     )
 
 

@@ -124,9 +124,13 @@ class UpstreamResponse:
 class Upstream:
     """One Ollama server: a keep-alive connection pool sending the upstream's own Host header."""
 
-    def __init__(self, url: str, *, timeout: float, concurrency: int = 10000) -> None:
+    def __init__(
+        self, url: str, *, timeout: float, concurrency: int = 10000, name: str | None = None
+    ) -> None:
         parts = urlsplit(url)
         self.url = url
+        # The backend's name, sent to clients as X-Gate-Backend (None: not sent).
+        self.name = name
         self.shown = display_url(url)
         self.prefix = parts.path.rstrip("/")
         # Ollama answers 403 to a foreign Host header: the client's Host is never
@@ -152,7 +156,10 @@ class Upstream:
         what = f"{method} {target.partition('?')[0]}"
         with map_transport_errors(self.shown, what), self.pool.lending():
             raw = self.client.request(method, self.prefix + target, body=body, headers=headers)
-        return UpstreamResponse(raw)
+        resp = UpstreamResponse(raw)
+        if self.name is not None:
+            resp.headers.append(("X-Gate-Backend", self.name))
+        return resp
 
     def close(self) -> None:
         self.client.close()

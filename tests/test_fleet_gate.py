@@ -288,3 +288,11 @@ def test_a_model_pulled_or_copied_through_the_gate_is_usable_through_it(
             requests.post(gate.url + "/api/generate", json=_gen("mistral-copy")).status_code == 404
         )
     )
+
+
+def test_one_upstream_is_named_in_x_gate_backend(gate: Gate, fake: FakeOllama) -> None:
+    name = fake.url.removeprefix("http://")  # host:port
+    resp = requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30)
+    assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == name
+    for _ in range(2):  # through Flask, then the light lane
+        assert requests.get(gate.url + "/api/tags").headers["X-Gate-Backend"] == name
