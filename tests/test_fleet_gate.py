@@ -20,7 +20,11 @@ Fakes = dict[str, FakeOllama]
 
 @pytest.fixture
 def fakes() -> Iterator[Fakes]:
-    """Three fake Ollamas with their own installed models."""
+    """Three fake Ollamas with their own installed models.
+
+    Tests name this fixture before gate_factory, so that their gates stop (and their
+    pollers let go of the fakes' connections) before the fakes do.
+    """
     servers = {
         "big": FakeOllama(
             token_interval=0.01, models="llama3.2=2GB,qwen2.5:7b=4GB,nomic-embed-text"
@@ -64,7 +68,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 def test_start_up_logs_the_backends_and_answers_name_their_backend(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     assert "fleet: 3 backends: big " in gate.logs()
@@ -86,7 +90,7 @@ def test_start_up_logs_the_backends_and_answers_name_their_backend(
 
 
 def test_placement_prefers_the_backend_with_the_model_loaded(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     # qwen2.5:7b runs only on big; after it, llama3.2 is loaded on whichever took it
@@ -111,7 +115,7 @@ def _status(gate: Gate) -> dict[str, object]:
 
 
 def test_a_model_installed_nowhere_is_ollamas_404_at_once_and_leaves_no_trace(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     before = {name: len(client_requests(server)) for name, server in fakes.items()}
@@ -154,7 +158,7 @@ def _series(metrics: str) -> set[str]:
 
 
 def test_a_pinned_model_only_runs_where_it_is_allowed(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(
         gate_factory,
@@ -179,7 +183,7 @@ def test_a_pinned_model_only_runs_where_it_is_allowed(
 
 
 def test_a_model_only_on_a_down_backend_is_503_and_the_backend_rejoins(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     fakes["solo"].kill()
@@ -203,7 +207,7 @@ def test_a_model_only_on_a_down_backend_is_503_and_the_backend_rejoins(
 
 
 def test_queued_jobs_finish_elsewhere_when_their_backend_dies(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     for server in fakes.values():
@@ -234,7 +238,7 @@ def test_queued_jobs_finish_elsewhere_when_their_backend_dies(
 
 
 def test_tags_ps_and_models_are_unions_and_show_asks_a_backend_with_the_model(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     tags = requests.get(gate.url + "/api/tags", timeout=10)
@@ -260,7 +264,7 @@ def test_tags_ps_and_models_are_unions_and_show_asks_a_backend_with_the_model(
 
 
 def test_a_model_pulled_or_copied_through_the_gate_is_usable_through_it(
-    gate_factory: Callable[..., Gate], tmp_path: Path, fakes: Fakes
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:
     gate = start(gate_factory, tmp_path, fakes)
     assert requests.post(gate.url + "/api/generate", json=_gen("mistral")).status_code == 404
