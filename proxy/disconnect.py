@@ -9,10 +9,9 @@ returns end-of-file means the client is gone, and the blocked greenlet gets
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import gevent
@@ -49,17 +48,21 @@ class ClientWatch:
             self._watcher.close()
             self._watcher = None
 
-    @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        """Within this block a disconnect interrupts the current greenlet."""
+    def armed(self) -> ClientWatch:
+        """``with watch.armed():`` within this block a disconnect interrupts the current
+        greenlet. The watch is its own context manager: the relay arms it around every
+        read of a streamed answer, and a generator-based one costs a generator and a
+        wrapper object each time."""
+        return self
+
+    def __enter__(self) -> None:
         if self.gone.is_set():
             raise ClientDisconnected("client closed the connection")
         self._target = gevent.getcurrent()
         self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
+
+    def __exit__(self, *exc: object) -> None:
+        self._armed = False
 
     def _readable(self) -> None:
         # Runs in the hub when the socket turns readable: peek without blocking.
