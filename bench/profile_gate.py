@@ -4,6 +4,7 @@
     python bench/profile_gate.py --post chat --concurrency 1 [--pstats out.prof]
     python bench/profile_gate.py --py-spy /tmp/pyspy/bin/py-spy [--duration 8]
     python bench/profile_gate.py --py-spy PATH --streams 200 [--interval 0.01]
+    python bench/profile_gate.py --py-spy PATH --post chat --connections 1
 
 Default: cProfile in this process. The WSGI app (``create_app``) is called directly
 by ``--concurrency`` greenlets under gevent, GET /api/tags against a fast fake Ollama,
@@ -175,6 +176,17 @@ def with_py_spy(args: argparse.Namespace, children: harness.Children, upstream: 
         cmd = [harness.PYTHON, str(Path(__file__).parent / "stream_load.py"), gate.url]
         cmd += ["--streams", str(args.streams), "--interval", str(args.interval)]
         cmd += ["--duration", f"{args.duration + 2:g}", "--warmup", "0.5"]
+    elif args.post:
+        path, payload = POSTS[args.post]
+        script = Path(tempfile.mkdtemp(prefix="bench-wrk-")) / "post.lua"
+        script.write_text(
+            f'wrk.method = "POST"\nwrk.path = "{path}"\n'
+            f"wrk.body = '{payload.decode()}'\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+        what = f"wrk -c{args.connections} POST {path}"
+        cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 3:g}s"]
+        cmd += ["-s", str(script), gate.url + path]
     else:
         what = f"wrk -c{args.connections} GET /api/tags"
         cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 3:g}s"]
@@ -234,7 +246,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--pstats", metavar="FILE", help="in process: also dump the raw profile here")
-    p.add_argument("--post", choices=sorted(POSTS), help="in process: profile this POST instead")
+    p.add_argument("--post", choices=sorted(POSTS), help="profile this POST instead")
     p.add_argument("--py-spy", metavar="PATH", help="sample the real gunicorn worker with py-spy")
     p.add_argument("--duration", type=float, default=8.0, help="py-spy: seconds to sample")
     p.add_argument("--connections", type=int, default=50, help="py-spy: wrk connections")
