@@ -530,10 +530,10 @@ class Settings:
             f"{upstream}; {keys}; limits per client: {limits}; "
             f"queue: {self.queue_max} waiting at most, {self.queue_max_per_client} per client, "
             f"{self.queue_timeout:g} s timeout, "
-            f"{self.model_concurrency} jobs per model{per_model}, "
-            f"{self.max_active_models} active models, {self.admin_concurrency} admin jobs; "
+            f"jobs per model {self.model_concurrency}{per_model}, "
+            f"active models {self.max_active_models}, admin jobs {self.admin_concurrency}; "
             f"storage {mask_password(self.storage_uri)}; status access {self.status_access}; "
-            f"{self.workers} workers"
+            f"workers {self.workers}"
         )
 
 

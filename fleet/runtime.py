@@ -60,7 +60,7 @@ class ModelNotFound(GateError):
     """No backend has the model: Ollama's own 404, without queueing."""
 
     status = 404
-    openai_type = "invalid_request_error"
+    openai_type = "not_found_error"  # Ollama's /v1 type for a 404 (openai/openai.go)
     code = "model_not_found"
 
 

@@ -81,8 +81,14 @@ def status_json() -> Response:
 @bp.get("/gate/healthz")
 def healthz() -> Response:
     """200 when a request forwarded the proxy's way got an answer within the last second
-    (or now), else 503: upstream down, or no free connection to it."""
-    probe = _ext().probe
+    (or now), else 503: upstream down, or no free connection to it. With several
+    backends: 200 while any backend's pollers find it up (fleet/runtime.py)."""
+    ext = _ext()
+    snapshot = ext.snapshot()
+    backends = snapshot.get("backends") if snapshot is not None else None
+    if backends:
+        return _fleet_health(backends)
+    probe = ext.probe
     healthy = probe.check()
     doc: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
     if not healthy:
@@ -92,6 +98,21 @@ def healthz() -> Response:
     if connections is not None:
         doc["upstream"]["connections"] = connections
     return _json(doc, 200 if healthy else 503)
+
+
+def _fleet_health(backends: list[dict[str, Any]]) -> Response:
+    """healthz over several backends: the gate can forward while one of them is up."""
+    up = [row["name"] for row in backends if row.get("health") == "up"]
+    doc: dict[str, Any] = {
+        "status": "ok" if up else "unavailable",
+        "backends": {
+            row["name"]: {"health": row.get("health"), "checked_ago": row.get("probe_age")}
+            for row in backends
+        },
+    }
+    if not up:
+        doc["error"] = "cannot forward: no backend is up"
+    return _json(doc, 200 if up else 503)
 
 
 @bp.get("/metrics")

@@ -128,6 +128,7 @@ def test_a_model_installed_nowhere_is_ollamas_404_at_once_and_leaves_no_trace(
     assert resp.status_code == 404
     assert resp.json()["error"]["message"] == "model 'junk-2' not found"
     assert resp.json()["error"]["code"] == "model_not_found"
+    assert resp.json()["error"]["type"] == "not_found_error"  # Ollama's /v1 type for a 404
     # The refusals' own series exist now (one per status and reason, whatever the name).
     metrics = requests.get(gate.url + "/metrics", timeout=10).text
     with ThreadPoolExecutor(8) as pool:
@@ -300,3 +301,27 @@ def test_one_upstream_is_named_in_x_gate_backend(gate: Gate, fake: FakeOllama) -
     assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == name
     for _ in range(2):  # through Flask, then the light lane
         assert requests.get(gate.url + "/api/tags").headers["X-Gate-Backend"] == name
+
+
+def test_healthz_is_ok_while_any_backend_is_up(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    gate = start(gate_factory, tmp_path, fakes)
+
+    def health() -> tuple[int, dict[str, object]]:
+        resp = requests.get(gate.url + "/gate/healthz", timeout=10)
+        return resp.status_code, resp.json()
+
+    status, doc = health()
+    assert status == 200 and set(doc["backends"]) == set(fakes)  # type: ignore[arg-type]
+    fakes["big"].kill()  # the first backend: healthz once looked at it alone
+    fakes["small"].kill()
+    wait_for(lambda: health()[1]["backends"]["small"]["health"] == "down")  # type: ignore[index]
+    wait_for(lambda: health()[1]["backends"]["big"]["health"] == "down")  # type: ignore[index]
+    assert health()[0] == 200  # solo still serves
+    fakes["solo"].kill()
+    wait_for(lambda: health()[0] == 503)
+    assert health()[1]["error"] == "cannot forward: no backend is up"
+    for server in fakes.values():
+        server.start()
+    wait_for(lambda: health()[0] == 200)
