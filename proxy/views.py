@@ -304,9 +304,14 @@ for _rule, _methods, _cls, _needs_model in ROUTES:
     if _name not in _views:
         _views[_name] = _view(_cls, _needs_model, _rule.startswith("/api/blobs/"))
         _views[_name].__name__ = _name
-    bp.add_url_rule(_rule, view_func=_views[_name], methods=list(_methods))
+    # No OPTIONS of Flask's own: a CORS preflight is Ollama's to answer (OLLAMA_ORIGINS),
+    # so it falls through to the catch-all below and is forwarded as light.
+    bp.add_url_rule(
+        _rule, view_func=_views[_name], methods=list(_methods), provide_automatic_options=False
+    )
 
 # Anything else Ollama serves is forwarded as light (DESIGN.md, endpoint classes).
 _other = _view(LIGHT, False)
 _other.__name__ = OTHER_VIEW
 bp.add_url_rule("/<path:path>", view_func=_other, methods=ALL_METHODS)
+bp.add_url_rule("/", view_func=_other, methods=["OPTIONS"])  # the catch-all needs a path

@@ -609,3 +609,17 @@ def test_gate_keeps_serving_after_failures(gate: Gate, fake: FakeOllama, tmp_pat
         assert client.chat(model="llama3.2", messages=CHAT["messages"]).message.content
         assert len(client.list().models) >= 1
     assert len(gate.worker_pids()) == 1
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/tags", "/v1/chat/completions", "/"])
+def test_options_is_forwarded_for_ollama_to_answer(gate: Gate, fake: FakeOllama, path: str) -> None:
+    """A browser's CORS preflight is Ollama's to answer (its OLLAMA_ORIGINS), not Flask's."""
+    headers = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    direct = requests.options(fake.url + path, headers=headers, timeout=10)
+    fake.reset()
+    resp = requests.options(gate.url + path, headers=headers, timeout=10)
+    assert resp.status_code == direct.status_code
+    assert resp.content == direct.content
+    assert "Allow" not in resp.headers or resp.headers.get("Allow") == direct.headers.get("Allow")
+    seen = client_requests(fake)
+    assert [(r["method"], r["path"]) for r in seen] == [("OPTIONS", path)]
