@@ -14,7 +14,8 @@ Tests build ``Settings(...)`` directly instead of editing ``os.environ``.
 
 gunicorn's master imports this module before gevent patches the workers: it
 imports only the standard library, ``endpoints`` and the Flask-free parts of
-``limiter`` (``policy``, ``keys``) and ``fleet.config``; tests/test_settings.py holds it to that.
+``limiter`` (``policy``, ``keys``), ``fleet.config`` and the work queue's pure
+``workqueue.core``; tests/test_settings.py holds it to that.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fleet.config import (
 )
 from limiter.keys import load_keys
 from limiter.policy import normalize_limit
+from workqueue.core import PRIORITIES
 
 
 class SettingsError(ValueError):
@@ -122,6 +124,7 @@ def validate_choice(*choices: str) -> Callable[[str], str]:
 
 
 validate_access = validate_choice("public", "admin", "local")
+validate_priority = validate_choice(*PRIORITIES)
 validate_log_level = validate_choice("debug", "info", "warning", "error", "critical")
 
 
@@ -398,6 +401,20 @@ class Settings:
     )
     admin_concurrency: int = setting(
         "GATE_ADMIN_CONCURRENCY", 1, validate_pos_int, "pull/push/create jobs at once"
+    )
+    priority_aging: float = setting(
+        "GATE_PRIORITY_AGING",
+        60.0,
+        validate_pos_float,
+        "seconds a job may be its client's next job of its class before it is served ahead "
+        "of every class ([docs/DESIGN.md](docs/DESIGN.md#priority-classes))",
+    )
+    anon_priority: str = setting(
+        "GATE_ANON_PRIORITY",
+        "normal",
+        validate_priority,
+        "priority class of clients without an API key (no GATE_API_KEYS_FILE): "
+        "`interactive`, `normal` or `batch`",
     )
     queue_lease: float = setting(
         "GATE_QUEUE_LEASE",

@@ -47,15 +47,21 @@ from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
 from workqueue.core import (
     ADMIN_LANE,
+    DEFAULT_AGING,
+    DEFAULT_PRIORITY,
     IDLE_MODEL_SECONDS,
     MAX_IDLE_MODELS,
+    PRIORITIES,
     REASONS,
     Admission,
     ClientSnapshot,
+    LaneQueue,
     LaneSnapshot,
     QueueSnapshot,
     estimate_wait,
     ewma,
+    priority_rank,
+    switch_due,
 )
 
 from .config import Backend
@@ -90,8 +96,7 @@ class _Lane:
         "name",
         "admin",
         "running",
-        "waiting",
-        "turns",
+        "queue",
         "admitted",
         "rejected",
         "avg_seconds",
@@ -102,18 +107,18 @@ class _Lane:
         self.name = name
         self.admin = admin
         self.running: dict[Hashable, _Job] = {}
-        self.waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # oldest first
-        self.turns: OrderedDict[str, OrderedDict[Hashable, _Job]] = OrderedDict()
+        self.queue = LaneQueue()  # by arrival, class and client (workqueue.core)
         self.admitted = 0
         self.rejected = dict.fromkeys(REASONS, 0)
         self.avg_seconds: float | None = None
         self.touched = float("-inf")  # when a job of this lane last came or went
 
     def oldest(self) -> _Job | None:
-        return next(iter(self.waiting.values()), None)
+        job: _Job | None = self.queue.oldest()
+        return job
 
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.queue)
 
 
 @dataclass(eq=False, slots=True)
@@ -124,6 +129,8 @@ class _Job:
     lane: _Lane
     submitted: float
     seq: int
+    priority: int = 1  # rank in PRIORITIES
+    front: float = 0.0  # when it became its client's next job of its class
     started: float | None = None
     host: _Host | None = None
     avoid: frozenset[str] = frozenset()  # backends that failed this job
@@ -216,6 +223,7 @@ class FleetScheduler:
         switch_after: float = 10.0,
         admin_concurrency: int = 1,
         copy_depth: int = COPY_DEPTH,
+        priority_aging: float = DEFAULT_AGING,
     ) -> None:
         if not backends:
             raise ValueError("a fleet needs at least one backend")
@@ -236,6 +244,9 @@ class FleetScheduler:
             raise ValueError(f"queue_timeout must be above 0, not {queue_timeout!r}")
         if not switch_after >= 0:
             raise ValueError(f"switch_after must be 0 or more, not {switch_after!r}")
+        if not priority_aging > 0:
+            raise ValueError(f"priority_aging must be above 0, not {priority_aging!r}")
+        self.priority_aging = float(priority_aging)
         self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
         self.queue_max = queue_max
         self.queue_max_per_client = queue_max_per_client
@@ -258,6 +269,7 @@ class FleetScheduler:
         self._admitted = 0
         self._rejected = dict.fromkeys(REASONS, 0)
         self._avg_seconds: float | None = None
+        self._classes = [_ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
     @classmethod
     def from_settings(cls, settings: Any, backends: Sequence[Backend]) -> FleetScheduler:
@@ -270,6 +282,7 @@ class FleetScheduler:
             queue_timeout=settings.queue_timeout,
             switch_after=settings.switch_after,
             admin_concurrency=settings.admin_concurrency,
+            priority_aging=settings.priority_aging,
         )
 
     @property
@@ -287,11 +300,14 @@ class FleetScheduler:
         *,
         admin: bool = False,
         max_waiting: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Admission:
-        """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised.
+        """Add a job of class ``priority``: it runs at once or waits, or ClientShareFull /
+        QueueFull is raised.
 
         ``max_waiting`` is the client's own share, as in ``Scheduler.submit``.
         """
+        rank = priority_rank(priority)
         now = self._advance(now)
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} is already queued or running")
@@ -300,13 +316,16 @@ class FleetScheduler:
             raise ValueError("a model job needs a model name")
         lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
-        job = _Job(job_id, model, client, lane, now, self._seq)
+        job = _Job(job_id, model, client, lane, now, self._seq, rank)
         if admin:
-            if not lane.waiting and len(lane.running) < self.admin_concurrency:
+            if not lane.queue and len(lane.running) < self.admin_concurrency:
                 self._start(job, None, now)
                 return Admission.RUNNING
-        elif not lane.waiting:
-            choice = self._choose(lane, now, self._reserved(lane), new_job=True)
+        elif not lane.queue:
+            ranks: list[float | None] = [None] * len(PRIORITIES)
+            ranks[rank] = now
+            reserved = self._reserved(lane, (self._due(ranks), job.seq))
+            choice = self._choose(lane, now, reserved, new_job=True)
             if choice is not None:
                 host, forced = choice
                 if lane.name not in host.active:
@@ -325,7 +344,7 @@ class FleetScheduler:
             self._reject(lane, "queue_full")
             estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
             raise QueueFull(retry_after=estimate)
-        self._enqueue(job)
+        self._enqueue(job, now)
         return Admission.WAITING
 
     def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
@@ -339,7 +358,7 @@ class FleetScheduler:
         if job is None:
             return []
         if job.started is None:
-            self._dequeue(job)
+            self._dequeue(job, now)
             self._reject(job.lane, "cancelled")
         else:
             self._stop(job, now)
@@ -367,8 +386,8 @@ class FleetScheduler:
         job.lane.admitted -= 1
         failed.admitted -= 1
         self._admitted -= 1
-        self._enqueue(job)
-        self._restore_order(job)
+        self._enqueue(job, now)
+        self._restore_order(job, now)
         return self._pump(now)
 
     def observe(self, name: str, view: View, now: float) -> list[Hashable]:
@@ -398,17 +417,17 @@ class FleetScheduler:
             job = next(iter(self._waiting.values()))
             if job.submitted + self.queue_timeout > now:
                 break
-            self._dequeue(job)
+            self._dequeue(job, now)
             self._reject(job.lane, "queue_timeout")
             expired.append(job.key)
         return expired, self._pump(now)
 
     def cancel_waiting(self, now: float) -> list[Hashable]:
         """Drop every waiting job and start none (shutting down); return the jobs dropped."""
-        self._advance(now)
+        now = self._advance(now)
         dropped = list(self._waiting)
         for job in list(self._waiting.values()):
-            self._dequeue(job)
+            self._dequeue(job, now)
             self._reject(job.lane, "cancelled")
         return dropped
 
@@ -447,7 +466,7 @@ class FleetScheduler:
         draining = [(host, lane) for host in self._hosts if (lane := self._target(host, now))]
         if not draining:
             return None
-        target = min((lane for _, lane in draining), key=_oldest_seq)
+        target = min((lane for _, lane in draining), key=self._order)
         models = {name for host, lane in draining if lane is target for name in host.active}
         return target.name, sorted(models)
 
@@ -470,7 +489,7 @@ class FleetScheduler:
             lane = self._lanes.get(normalize_model(model))
             if lane is not None:
                 return self._lane_estimate(lane)
-        waiting = len(self._waiting) - len(self._admin.waiting)
+        waiting = len(self._waiting) - len(self._admin.queue)
         slots = (
             sum(self._slots(host, name) for host in self._hosts for name in host.active)
             or self.concurrency
@@ -518,6 +537,10 @@ class FleetScheduler:
                 "waited": self._wait_of(target, now) if target is not None else 0.0,
                 "draining": sorted(draining),
             },
+            "priorities": {
+                name: {"waiting": count.waiting, "running": count.running}
+                for name, count in zip(PRIORITIES, self._classes, strict=True)
+            },
             "retry_after": self.retry_after(now),
             "closed": False,
             "shared": False,
@@ -552,14 +575,24 @@ class FleetScheduler:
             return None
         if self._room(host, lane):
             return None  # it takes the room at the next pump, no switch needed
-        oldest = lane.oldest()
-        assert oldest is not None
-        return lane, max(oldest.submitted, host.slice_start) + self.switch_after
+        return lane, self._due(_arrivals(lane), host.slice_start)
+
+    def _due(self, arrivals: list[float | None], slice_start: float | None = None) -> float:
+        """When a model whose oldest jobs per class arrived at ``arrivals`` may force a
+        switch on a backend whose last new place was at ``slice_start`` (by default the
+        fleet's earliest): workqueue.core.switch_due."""
+        if slice_start is None:
+            slice_start = min(host.slice_start for host in self._hosts)
+        return switch_due(arrivals, slice_start, self.switch_after, self.priority_aging)
+
+    def _order(self, lane: _Lane) -> tuple[float, int]:
+        """Waiting models go in this order: whose switch falls due first, then oldest job."""
+        return (self._due(_arrivals(lane)), _oldest_seq(lane))
 
     def _oldest_unplaced(self, host: _Host) -> _Lane | None:
         best: _Lane | None = None
         for lane in self._queued.values():
-            if best is not None and _oldest_seq(lane) > _oldest_seq(best):
+            if best is not None and self._order(lane) > self._order(best):
                 continue
             if self._placed_on(lane):
                 continue
@@ -580,12 +613,12 @@ class FleetScheduler:
             return TIER_ROOM
         return TIER_EVICT
 
-    def _reserved(self, lane: _Lane) -> set[str]:
-        """Backends reserved by waiting models older than ``lane``'s next job, with no place."""
-        seq = _oldest_seq(lane) if lane.waiting else self._seq + 1
+    def _reserved(self, lane: _Lane, key: tuple[float, int]) -> set[str]:
+        """Backends reserved by waiting models ahead of ``lane``'s next job (whose order is
+        ``key``), with no place."""
         reserved: set[str] = set()
         for other in self._queued.values():
-            if other is lane or _oldest_seq(other) > seq:
+            if other is lane or self._order(other) > key:
                 continue
             if self._placed_on(other):
                 continue
@@ -614,7 +647,7 @@ class FleetScheduler:
         job = lane.oldest()
         avoid = job.avoid if job is not None else frozenset()
         placed = self._placed_on(lane)
-        depth = len(lane.waiting) + (1 if new_job else 0)
+        depth = len(lane.queue) + (1 if new_job else 0)
         running_slots = sum(self._slots(host, lane.name) for host in placed)
         best: tuple[tuple[float, ...], _Host, bool] | None = None
         for host in self._hosts:
@@ -671,7 +704,7 @@ class FleetScheduler:
     ) -> bool:
         """Give one waiting model a new place, oldest first; False if none can have one."""
         reserved: set[str] = set()
-        for lane in sorted(self._queued.values(), key=_oldest_seq):
+        for lane in sorted(self._queued.values(), key=self._order):
             choice = self._choose(lane, now, reserved, targets)
             if choice is not None:
                 host, forced = choice
@@ -701,30 +734,21 @@ class FleetScheduler:
         if not host.view.healthy:
             return
         slots = self._slots(host, lane.name)
-        while lane.turns and host.running_of(lane.name) < slots:
-            pick = None
-            for client, jobs in lane.turns.items():
-                job = next((job for job in jobs.values() if host.name not in job.avoid), None)
-                if job is not None:
-                    pick = client, job
-                    break
-            if pick is None:
+        while lane.queue and host.running_of(lane.name) < slots:
+            job: _Job | None = lane.queue.pick(
+                now, self.priority_aging, eligible=lambda job: host.name not in job.avoid
+            )
+            if job is None:
                 return
-            client, job = pick
-            self._dequeue(job)
-            if client in lane.turns:
-                lane.turns.move_to_end(client)  # _dequeue dropped the client if it had no more
+            self._dequeue(job, now, take=True)
             self._start(job, host, now)
             started.append(job.key)
 
     def _fill_admin(self, now: float, started: list[Hashable]) -> None:
         lane = self._admin
-        while lane.turns and len(lane.running) < self.admin_concurrency:
-            client, jobs = next(iter(lane.turns.items()))
-            job = next(iter(jobs.values()))
-            self._dequeue(job)
-            if jobs:
-                lane.turns.move_to_end(client)
+        while lane.queue and len(lane.running) < self.admin_concurrency:
+            job: _Job = lane.queue.pick(now, self.priority_aging)
+            self._dequeue(job, now, take=True)
             self._start(job, None, now)
             started.append(job.key)
 
@@ -773,37 +797,36 @@ class FleetScheduler:
         if not count.waiting and not count.running:
             del self._clients[client]
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job, now: float) -> None:
         lane = job.lane
         self._jobs[job.key] = job
         self._waiting[job.key] = job
-        lane.waiting[job.key] = job
-        lane.turns.setdefault(job.client, OrderedDict())[job.key] = job
+        lane.queue.add(job, now)
         if not lane.admin:
             self._queued[lane.name] = lane
         self._client(job.client).waiting += 1
+        self._classes[job.priority].waiting += 1
 
-    def _restore_order(self, job: _Job) -> None:
+    def _restore_order(self, job: _Job, now: float) -> None:
         """Put a job that waits again back at its arrival place, its client's turn next."""
-        lane = job.lane
-        for queue in (self._waiting, lane.waiting, lane.turns[job.client]):
-            items = sorted(queue.values(), key=lambda other: other.seq)
-            queue.clear()
-            queue.update((other.key, other) for other in items)
-        lane.turns.move_to_end(job.client, last=False)
+        items = sorted(self._waiting.values(), key=lambda other: other.seq)
+        self._waiting.clear()
+        self._waiting.update((other.key, other) for other in items)
+        job.lane.queue.reorder(job, now)
 
-    def _dequeue(self, job: _Job) -> None:
+    def _dequeue(self, job: _Job, now: float, *, take: bool = False) -> None:
+        """Take a waiting job out (``take``: to start it, its client's turn passes)."""
         lane = job.lane
         del self._jobs[job.key]
         del self._waiting[job.key]
-        del lane.waiting[job.key]
-        jobs = lane.turns[job.client]
-        del jobs[job.key]
-        if not jobs:
-            del lane.turns[job.client]
-        if not lane.waiting:
+        if take:
+            lane.queue.take(job, now)
+        else:
+            lane.queue.remove(job, now)
+        if not lane.queue:
             self._queued.pop(lane.name, None)
         self._clients[job.client].waiting -= 1
+        self._classes[job.priority].waiting -= 1
         self._drop_client_if_idle(job.client)
 
     def _start(self, job: _Job, host: _Host | None, now: float) -> None:
@@ -817,6 +840,7 @@ class FleetScheduler:
         job.lane.admitted += 1
         self._admitted += 1
         self._client(job.client).running += 1
+        self._classes[job.priority].running += 1
 
     def _stop(self, job: _Job, now: float, *, count: bool = True) -> None:
         assert job.started is not None
@@ -831,6 +855,7 @@ class FleetScheduler:
                 del host.running[lane.name]
         job.host = None
         self._clients[job.client].running -= 1
+        self._classes[job.priority].running -= 1
         self._drop_client_if_idle(job.client)
         if count:
             held = now - job.started
@@ -854,7 +879,7 @@ class FleetScheduler:
 
     def _lane_estimate(self, lane: _Lane) -> float:
         return self._estimate(
-            lane.avg_seconds or self._avg_seconds, len(lane.waiting), self._lane_slots(lane)
+            lane.avg_seconds or self._avg_seconds, len(lane.queue), self._lane_slots(lane)
         )
 
     def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
@@ -868,9 +893,9 @@ class FleetScheduler:
         return {
             "running": len(lane.running),
             "slots": self._lane_slots(lane),
-            "waiting": len(lane.waiting),
+            "waiting": len(lane.queue),
             "oldest_wait": self._wait_of(lane, now),
-            "clients_waiting": len(lane.turns),
+            "clients_waiting": lane.queue.clients(),
             "admitted": lane.admitted,
             "rejected": dict(lane.rejected),
             "avg_seconds": lane.avg_seconds,
@@ -898,6 +923,12 @@ class FleetScheduler:
             "forced_switches": host.forced_switches,
             "admitted": host.admitted,
         }
+
+
+def _arrivals(lane: _Lane) -> list[float | None]:
+    """When ``lane``'s oldest waiting job of each class arrived (None: none waits)."""
+    firsts = [lane.queue.oldest_of(rank) for rank in range(len(PRIORITIES))]
+    return [job.submitted if job is not None else None for job in firsts]
 
 
 def _oldest_seq(lane: _Lane) -> int:

@@ -356,6 +356,7 @@ class FleetAdmitter:
                 # A key's max_waiting; its max_running is refused with several backends
                 # (limiter.extension), which the fleet's placement does not enforce.
                 max_waiting=self.caps_of(call.client)[0] if self.caps_of is not None else None,
+                priority=call.priority,
             )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None

@@ -51,6 +51,7 @@ from pipeline import Call
 from proxy.views import read_body
 from settings import Settings, SettingsError
 from signals import call_finished, call_rejected
+from workqueue.core import PRIORITY_HEADER, served_priority
 
 from .allow import LISTINGS, NotAllowed, Unreadable, filter_listing, named_models
 from .budget import WINDOW, BudgetState, TokenBudgets
@@ -68,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 # Answers of these classes cost tokens, so they count against (and wait for) budgets.
 TOKEN_CLASSES = frozenset({INFERENCE, EMBED})
+# Requests of these classes may wait in the work queue, so they have a priority class.
+QUEUED = frozenset({INFERENCE, EMBED, ADMIN})
 # Seconds a Redis may take to connect or answer before it counts as down and limits
 # fall back to this process's memory: a paused Redis never holds a request longer.
 STORAGE_TIMEOUT = 0.5
@@ -119,6 +122,7 @@ class GateLimiter:
         self.auth_fail_limit = settings.auth_fail_limit
         self.guard: AuthGuard | None = None  # with a keys file: set by init_app
         self.anon_tokens_per_minute = settings.anon_tokens_per_minute
+        self.anon_priority = settings.anon_priority
         self.storage_uri = settings.storage_uri
         self.trusted_proxies = settings.trusted_proxies
         self._check_limit_strings()
@@ -300,6 +304,18 @@ class GateLimiter:
             ctx.gate_limit_key = f"ip:{client}"
         if cls is not None:
             ctx.gate_class = cls
+            if cls in QUEUED and req.method != "OPTIONS":
+                ctx.gate_priority = self._priority(key, req.headers.get(PRIORITY_HEADER))
+
+    def _priority(self, key: ApiKey | None, asked: str | None) -> str:
+        """The class a queued request is served at: its key's ceiling (anonymous clients:
+        GATE_ANON_PRIORITY), or the lower one its X-Gate-Priority ``asked`` for (400 for a
+        name that is no class)."""
+        ceiling = key.priority if key is not None else self.anon_priority
+        try:
+            return served_priority(ceiling, asked)
+        except ValueError as exc:
+            raise BadRequest(f"{PRIORITY_HEADER}: {exc}") from None
 
     def identify_light(self, environ: Mapping[str, Any]) -> tuple[str, frozenset[str]] | None:
         """Who sends a light request that no limit applies to, for the proxy's light lane.

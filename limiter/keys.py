@@ -11,10 +11,12 @@ secret itself (DESIGN.md, "API keys file")::
     models = ["llama3.2:*"]          # optional allow-list of model globs (limiter.allow)
     max_waiting = 100                # optional: its share of the work queue
     max_running = 2                  # optional: its jobs running at once, all models
+    priority = "batch"               # optional class ceiling: interactive, normal (default), batch
 
 A file the gate cannot use raises ``KeysFileError`` naming the file and line.
-Only the standard library, ``limiter.policy`` and ``limiter.allow`` are imported here: gunicorn's
-master checks the file at start-up, before gevent patches the workers.
+Only the standard library, ``limiter.policy``, ``limiter.allow`` and the work queue's pure
+core (its class names) are imported here: gunicorn's master checks the file at start-up,
+before gevent patches the workers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from endpoints import CLASSES, EndpointClass
+from workqueue.core import DEFAULT_PRIORITY, PRIORITIES
 
 from .allow import AllowList, check_pattern
 from .identity import presented_secret
@@ -44,6 +47,7 @@ FIELDS = frozenset(
         "models",
         "max_waiting",
         "max_running",
+        "priority",
         *LIMIT_FIELDS,
     }
 )
@@ -76,6 +80,9 @@ class ApiKey:
     models: AllowList | None = None  # None: every model
     max_waiting: int | None = None  # its jobs waiting in the work queue; None: the default
     max_running: int | None = None  # its jobs running at once, all models; None: no cap
+    # The highest class its jobs are served at (workqueue.core.PRIORITIES); a request may
+    # ask for a lower one with X-Gate-Priority.
+    priority: str = DEFAULT_PRIORITY
 
     @property
     def is_admin(self) -> bool:
@@ -226,8 +233,22 @@ def _parse_key(name: str, table: Any, lines: list[str], path: str) -> ApiKey:
             models = AllowList(tuple(check_pattern(p) for p in patterns))
         except ValueError as exc:
             raise fail(f"models: {exc}", "models") from None
+    priority = table.get("priority", DEFAULT_PRIORITY)
+    if priority not in PRIORITIES:
+        raise fail(
+            f"priority must be {', '.join(repr(p) for p in PRIORITIES)}, not {priority!r}",
+            "priority",
+        )
     return ApiKey(
-        name, digest.strip().lower(), role, limits, budget, models, max_waiting, max_running
+        name,
+        digest.strip().lower(),
+        role,
+        limits,
+        budget,
+        models,
+        max_waiting,
+        max_running,
+        priority,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from endpoints import EndpointClass
+from workqueue.core import DEFAULT_PRIORITY
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Call:
     outcome: str = "ok"
     ended: float | None = None
     address: str | None = None  # the client's address (behind trusted proxies, the real one)
+    # The class its job is served at in the work queue (workqueue.core.PRIORITIES): the
+    # API key's ceiling, or lower if the request asked (X-Gate-Priority).
+    priority: str = DEFAULT_PRIORITY
 
     @property
     def tokens(self) -> int:

@@ -27,6 +27,7 @@ from endpoints import (
 )
 from errors import BadRequest, BodyTooLarge
 from pipeline import Call, ClientDisconnected, Release, pipeline_of
+from workqueue.core import DEFAULT_PRIORITY, PRIORITY_HEADER
 
 from .disconnect import ClientWatch
 from .relay import Relay, stream_kind
@@ -55,6 +56,9 @@ REQUEST_SKIP = frozenset(
         "expect",
     }
 )
+
+# Request headers meant for the gate itself, whoever sends them: never forwarded.
+GATE_HEADERS = frozenset({PRIORITY_HEADER.lower()})
 
 # Response headers that describe the upstream hop, or that gunicorn writes itself.
 RESPONSE_SKIP = frozenset(
@@ -98,9 +102,9 @@ def upstream_headers(headers: Headers, consumed: frozenset[str]) -> dict[str, st
     """The client's request ``headers`` minus hop-by-hop ones and the ``consumed`` ones.
 
     ``consumed`` names (lowercase) headers meant for the gate itself, such as the API
-    key the limiter checked: they never reach the upstream.
+    key the limiter checked: they never reach the upstream, nor do GATE_HEADERS.
     """
-    skip = REQUEST_SKIP | _named_in_connection(headers.get("Connection")) | consumed
+    skip = REQUEST_SKIP | GATE_HEADERS | _named_in_connection(headers.get("Connection")) | consumed
     return {k: v for k, v in headers.items() if k.lower() not in skip}
 
 
@@ -245,7 +249,14 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     else:
         body = read_body(req) or None
     address = req.remote_addr
-    call = Call(cls, method, req.path, client_id(req), address=address)
+    call = Call(
+        cls,
+        method,
+        req.path,
+        client_id(req),
+        address=address,
+        priority=g.get("gate_priority", DEFAULT_PRIORITY),
+    )
     if needs_model and (body is None or isinstance(body, bytes)):
         call.model, call.payload = read_json_model(body or b"")
     g.gate_call = call

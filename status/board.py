@@ -370,6 +370,9 @@ class Board:
                 "shared": snapshot["shared"],
                 "fallback": snapshot["fallback"],
                 "admin": _lane(snapshot["admin"]),
+                "priorities": {
+                    name: dict(row) for name, row in snapshot.get("priorities", {}).items()
+                },
             }
 
         all_jobs = sum(v for k, v in rates.items() if k[0] == "jobs")

@@ -89,6 +89,7 @@ class FleetOfOneMachine(SchedulerMachine):
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
         admin_slots=st.integers(1, 2),
         job_max=st.sampled_from([1.0, 2.5, 6.0]),
+        aging=st.sampled_from([1.5, 4.0, 60.0]),
     )
     def setup(self, **kwargs: Any) -> None:
         super().setup(**kwargs)
@@ -101,6 +102,7 @@ class FleetOfOneMachine(SchedulerMachine):
             queue_timeout=kwargs["timeout"],
             switch_after=kwargs["switch_after"],
             admin_concurrency=kwargs["admin_slots"],
+            priority_aging=kwargs["aging"],
         )
 
 
@@ -120,6 +122,7 @@ class SideBySide(RuleBasedStateMachine):
         per_client=st.integers(1, 6),
         timeout=st.sampled_from([3.0, 30.0]),
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
+        aging=st.sampled_from([1.5, 60.0]),
     )
     def setup(self, **kwargs: Any) -> None:
         args = {
@@ -130,6 +133,7 @@ class SideBySide(RuleBasedStateMachine):
             "queue_max_per_client": kwargs["per_client"],
             "queue_timeout": kwargs["timeout"],
             "switch_after": kwargs["switch_after"],
+            "priority_aging": kwargs["aging"],
         }
         self.old = Scheduler(**args)
         self.new = fleet_of_one(**args)
@@ -151,10 +155,13 @@ class SideBySide(RuleBasedStateMachine):
         model=st.sampled_from(["a", "b", "c", "d"] + [f"m{i}" for i in range(20)]),
         client=st.sampled_from(["x", "y", "z"]),
         admin=st.sampled_from([False, False, False, True]),
+        priority=st.sampled_from(["interactive", "normal", "normal", "batch"]),
     )
-    def submit(self, model: str, client: str, admin: bool) -> None:
+    def submit(self, model: str, client: str, admin: bool, priority: str) -> None:
         job_id = next(self.ids)
-        kind, _ = self.both(lambda s: s.submit(job_id, model, client, self.now, admin=admin))
+        kind, _ = self.both(
+            lambda s: s.submit(job_id, model, client, self.now, admin=admin, priority=priority)
+        )
         if kind == "ok":
             self.live.add(job_id)
 

@@ -104,6 +104,7 @@ role = "user"
 limit_inference = "30/minute"
 limit_light = "off"
 tokens_per_minute = 20000
+priority = "interactive"
 
 [keys."ops@example.com"]
 key_sha256 = "{hash_secret(ROOT).upper()}"
@@ -116,6 +117,7 @@ def test_keys_file_is_parsed() -> None:
     alice, ops = ring.keys
     assert (alice.name, alice.role, alice.tokens_per_minute) == ("alice", "user", 20000)
     assert alice.limits == {"inference": "30/minute", "light": "off"}
+    assert (alice.priority, ops.priority) == ("interactive", "normal")  # normal by default
     assert not alice.is_admin
     assert (ops.name, ops.role, ops.limits, ops.tokens_per_minute) == (
         "ops@example.com",
@@ -161,6 +163,12 @@ DIGEST = hash_secret("x")
         ("\n[keys.a]\nrole = 'user'\n", 2, "64 hex digits"),
         (f"[keys.a]\nkey_sha256 = '{DIGEST}'\ntokens_per_minute = true\n", 3, "whole number"),
         (f"[keys.a]\nkey_sha256 = '{DIGEST}'\ntokens_per_minute = 0\n", 3, "whole number"),
+        (
+            f"[keys.a]\nkey_sha256 = '{DIGEST}'\n\npriority = 'urgent'\n",
+            4,
+            "[keys.a]: priority must be 'interactive', 'normal', 'batch', not 'urgent'",
+        ),
+        (f"[keys.a]\nkey_sha256 = '{DIGEST}'\npriority = 0\n", 3, "priority must be"),
         (
             f"[keys.a]\nkey_sha256 = '{DIGEST}'\n[keys.b]\nkey_sha256 = '{DIGEST}'\n",
             4,

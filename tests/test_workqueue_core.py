@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -19,7 +19,13 @@ from errors import BUSY_TEXT, ClientShareFull, QueueFull
 from settings import Settings
 from tests.support import ROOT, example_count
 from workqueue import Admission, Scheduler
-from workqueue.core import DEFAULT_JOB_SECONDS, MAX_IDLE_MODELS, estimate_wait
+from workqueue.core import (
+    DEFAULT_JOB_SECONDS,
+    MAX_IDLE_MODELS,
+    PRIORITIES,
+    estimate_wait,
+    served_priority,
+)
 
 RUNNING = Admission.RUNNING
 WAITING = Admission.WAITING
@@ -64,11 +70,13 @@ def test_from_settings_reads_every_queue_setting() -> None:
         queue_timeout=12.0,
         switch_after=3.0,
         admin_concurrency=2,
+        priority_aging=30.0,
     )
     s = Scheduler.from_settings(config)
     assert (s.concurrency, s.overrides, s.max_active_models) == (2, {"bge-m3:latest": 4}, 3)
     assert (s.queue_max, s.queue_max_per_client) == (7, 5)
     assert (s.queue_timeout, s.switch_after, s.admin_concurrency) == (12.0, 3.0, 2)
+    assert s.priority_aging == 30.0
 
 
 @pytest.mark.parametrize(
@@ -77,6 +85,7 @@ def test_from_settings_reads_every_queue_setting() -> None:
         {"concurrency": 0},
         {"max_active_models": 0},
         {"queue_max": 0},
+        {"priority_aging": 0.0},
         {"queue_timeout": 0},
         {"switch_after": -1},
         {"admin_concurrency": 0},
@@ -233,6 +242,127 @@ def test_a_client_joining_takes_its_turn_at_the_end_of_the_round() -> None:
     assert s.finish("y0", 2.0) == ["z0"]
     assert s.finish("z0", 3.0) == ["y1"]
     assert s.finish("y1", 4.0) == ["x1"]
+
+
+# Priority classes
+
+
+def test_a_higher_class_goes_first_within_a_model() -> None:
+    s = make(queue_max_per_client=10)
+    s.submit("run", "a", "w", 0.0)
+    s.submit("b1", "a", "x", 0.0, priority="batch")
+    s.submit("n1", "a", "y", 1.0)
+    s.submit("i1", "a", "z", 2.0, priority="interactive")
+    assert s.finish("run", 3.0) == ["i1"]
+    assert s.finish("i1", 4.0) == ["n1"]
+    assert s.finish("n1", 5.0) == ["b1"]
+
+
+def test_clients_take_turns_within_a_class_and_classes_stay_apart() -> None:
+    s = make(queue_max_per_client=10)
+    s.submit("run", "a", "w", 0.0)
+    for i in range(2):
+        s.submit(f"x{i}", "a", "x", 0.0, priority="batch")
+        s.submit(f"y{i}", "a", "y", 0.0, priority="batch")
+    # The same client's interactive job goes ahead of its own batch jobs.
+    s.submit("x-chat", "a", "x", 1.0, priority="interactive")
+    order = []
+    running: Hashable = "run"
+    for t in range(2, 7):
+        (running,) = s.finish(running, float(t))
+        order.append(running)
+    assert order == ["x-chat", "x0", "y0", "x1", "y1"]
+
+
+def test_an_interactive_job_is_next_behind_a_batch_flood() -> None:
+    s = make(queue_max_per_client=200)
+    s.submit("b0", "a", "nightly", 0.0, priority="batch")
+    for i in range(1, 101):
+        assert s.submit(f"b{i}", "a", "nightly", 0.0, priority="batch") is WAITING
+    s.submit("chat", "a", "alice", 0.5, priority="interactive")
+    assert s.finish("b0", 1.0) == ["chat"]
+    assert s.snapshot(1.0)["priorities"] == {
+        "interactive": {"waiting": 0, "running": 1},
+        "normal": {"waiting": 0, "running": 0},
+        "batch": {"waiting": 100, "running": 0},
+    }
+
+
+def test_a_job_aged_at_the_front_of_its_line_is_served_first() -> None:
+    s = make(priority_aging=10.0, queue_max_per_client=50)
+    s.submit("b1", "a", "nightly", 0.0, priority="batch")
+    s.submit("b2", "a", "nightly", 0.0, priority="batch")  # b2 waits at nightly's front
+    running: Hashable = "b1"
+    t = 0.0
+    for i in range(40):  # a steady interactive stream: one chat always waits
+        s.submit(f"chat{i}", "a", "alice", t, priority="interactive")
+        t += 1.0
+        (running,) = s.finish(running, t)
+        if running == "b2":
+            break
+    # b2 became nightly's next job at 0.0, so it aged at 10.0 and takes the slot freed then.
+    assert running == "b2" and t == 10.0
+
+
+def test_aging_counts_from_the_front_of_the_clients_line() -> None:
+    """A batch backlog does not age as a whole: only each client's next job ages, so a
+    flood does not outrank the interactive jobs that arrive while it is worked off."""
+    s = make(priority_aging=10.0, queue_max_per_client=50)
+    s.submit("b0", "a", "nightly", 0.0, priority="batch")
+    for i in range(1, 31):
+        s.submit(f"b{i}", "a", "nightly", 0.0, priority="batch")
+    running: Hashable = "b0"
+    for t in range(1, 25):  # batch jobs run back to back, each for a second
+        (running,) = s.finish(running, float(t))
+    assert running == "b24"
+    s.submit("chat", "a", "alice", 24.5, priority="interactive")
+    # b25 has waited 25 s since it arrived, but has been nightly's next job for 1 s.
+    assert s.finish("b24", 25.0) == ["chat"]
+
+
+def test_an_interactive_model_switches_in_at_half_the_switch_time_a_batch_one_at_twice() -> None:
+    s = make(switch_after=10.0)
+    s.submit("a1", "a", "x", 0.0)
+    s.submit("a2", "a", "x", 0.0)
+    s.submit("b1", "b", "y", 0.0, priority="batch")
+    assert s.next_deadline() == 20.0  # a batch model forces a switch after 2 × 10 s
+    s.submit("c1", "c", "z", 1.0, priority="interactive")
+    assert s.next_deadline() == 6.0  # an interactive one after ½ × 10 s
+    assert s.pending_switch(6.0) == ("c:latest", ["a:latest"])
+    assert s.finish("a1", 7.0) == ["c1"]  # a drains; the interactive model goes first
+    s.submit("n1", "b", "y", 7.5)  # b now also has a normal job: due 10 s after c's place
+    assert s.next_deadline() == 17.0
+
+
+def test_a_model_whose_oldest_job_waited_the_aging_time_switches_as_interactive() -> None:
+    s = make(switch_after=10.0, priority_aging=12.0)
+    s.submit("a1", "a", "x", 0.0)
+    s.submit("b1", "b", "y", 0.0, priority="batch")
+    # Batch: due at 20 s; but aged at 12 s it counts as interactive (½ × 10 s is past).
+    assert s.next_deadline() == 12.0
+
+
+def test_the_next_free_place_goes_to_the_model_whose_switch_falls_due_first() -> None:
+    s = make(switch_after=10.0)
+    s.submit("a1", "a", "x", 0.0)
+    s.submit("b1", "b", "x", 1.0, priority="batch")
+    s.submit("c1", "c", "y", 2.0)
+    s.submit("d1", "d", "z", 3.0, priority="interactive")
+    assert s.finish("a1", 4.0) == ["d1"]
+    assert s.finish("d1", 5.0) == ["c1"]
+    assert s.finish("c1", 6.0) == ["b1"]
+
+
+def test_served_priority_lowers_never_raises() -> None:
+    assert served_priority("interactive", None) == "interactive"
+    assert served_priority("interactive", "batch") == "batch"
+    assert served_priority("normal", " Batch ") == "batch"
+    assert served_priority("batch", "interactive") == "batch"  # above the ceiling: ignored
+    assert served_priority("normal", "interactive") == "normal"
+    with pytest.raises(ValueError, match="interactive, normal, batch"):
+        served_priority("normal", "urgent")
+    with pytest.raises(ValueError, match="priority must be one of"):
+        make().submit("j", "a", "x", 0.0, priority="high")
 
 
 # Bounds and rejections
@@ -489,12 +619,17 @@ MODELS = ("a:latest", "b:latest", "c:latest")
 CLIENTS = ("x", "y", "z")
 
 
+FACTORS = {0: 0.5, 1: 1.0, 2: 2.0}  # the switch clock of each class (DESIGN.md)
+
+
 @dataclass
 class Job:
     lane: str
     client: str
     submitted: float
     seq: int
+    rank: int = 1  # 0 interactive, 1 normal, 2 batch
+    front: float = math.nan  # when it became its client's next job of its class
     started: float = math.nan
 
 
@@ -511,6 +646,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
         admin_slots=st.integers(1, 2),
         job_max=st.sampled_from([1.0, 2.5, 6.0]),
+        aging=st.sampled_from([1.5, 4.0, 60.0]),
     )
     def setup(
         self,
@@ -523,6 +659,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         switch_after: float,
         admin_slots: int,
         job_max: float,
+        aging: float,
     ) -> None:
         self.s = Scheduler(
             concurrency=concurrency,
@@ -533,7 +670,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             queue_timeout=timeout,
             switch_after=switch_after,
             admin_concurrency=admin_slots,
+            priority_aging=aging,
         )
+        self.aging = aging
         self.slots = {
             "a:latest": concurrency,
             "b:latest": concurrency,
@@ -547,10 +686,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.waiting: dict[int, Job] = {}
         self.running: dict[int, Job] = {}
         self.slice_start = -math.inf  # when a model last took a place
-        self.admissions: Counter[tuple[str, str]] = Counter()
-        # (lane, client) -> admission counts and the other clients' jobs waiting at that
-        # client's last admission, to check that none of them is skipped before its next.
-        self.turn_marks: dict[tuple[str, str], tuple[Counter[tuple[str, str]], dict[int, str]]] = {}
+        self.admissions: Counter[tuple[str, int, str]] = Counter()
+        # (lane, class, client) -> admission counts and the other clients' jobs of that
+        # class waiting at that client's last admission, to check that none of them is
+        # skipped before its next turn (unless that one is taken through aging).
+        self.turn_marks: dict[
+            tuple[str, int, str], tuple[Counter[tuple[str, int, str]], dict[int, str]]
+        ] = {}
         self.finished: list[int] = []
         # While the events of one instant are applied one by one, the checks that need all
         # of them (timeouts, the starvation bound) wait until the instant is settled.
@@ -564,15 +706,67 @@ class SchedulerMachine(RuleBasedStateMachine):
     def running_in(self, lane: str) -> int:
         return sum(job.lane == lane for job in self.running.values())
 
-    def oldest_queued(self, active: set[str]) -> Job | None:
-        queued = [job for job in self.waiting.values() if job.lane not in active | {ADMIN}]
-        return min(queued, key=lambda job: job.seq, default=None)
+    def due(self, lane: str) -> float:
+        """When ``lane`` may force a switch: each class's oldest job's switch clock, and
+        the lane counting as interactive once its oldest job has waited the aging time."""
+        jobs = [job for job in self.waiting.values() if job.lane == lane]
+        due = math.inf
+        for rank, factor in FACTORS.items():
+            first = min((job.submitted for job in jobs if job.rank == rank), default=None)
+            if first is not None:
+                due = min(due, max(first, self.slice_start) + self.switch_after * factor)
+        first = min(job.submitted for job in jobs)
+        aged = max(first + self.aging, max(first, self.slice_start) + self.switch_after / 2)
+        return min(due, aged)
+
+    def next_model(self, active: set[str]) -> tuple[str, float] | None:
+        """The waiting model without a place whose switch falls due first (ties: oldest)."""
+        lanes = {job.lane for job in self.waiting.values()} - active - {ADMIN}
+        if not lanes:
+            return None
+
+        def order(lane: str) -> tuple[float, int]:
+            return self.due(lane), min(j.seq for j in self.waiting.values() if j.lane == lane)
+
+        lane = min(lanes, key=order)
+        return lane, self.due(lane)
 
     def switch_due(self, active: set[str]) -> tuple[str, float] | None:
-        job = self.oldest_queued(active)
-        if job is None:
-            return None
-        return job.lane, max(job.submitted, self.slice_start) + self.switch_after
+        return self.next_model(active)
+
+    def line(self, job: Job) -> list[int]:
+        """The waiting jobs of ``job``'s client and class in its lane, oldest first."""
+        return sorted(
+            i
+            for i, w in self.waiting.items()
+            if (w.lane, w.rank, w.client) == (job.lane, job.rank, job.client)
+        )
+
+    def aged(self, job_id: int, job: Job, now: float) -> bool:
+        """Whether a waiting job is its line's first and has been for the aging time."""
+        return self.line(job)[0] == job_id and job.front + self.aging <= now
+
+    def leave(self, job_id: int, now: float) -> Job:
+        """A waiting job leaves (starts, is cancelled, expires): its line's next is first now."""
+        job = self.waiting[job_id]
+        line = self.line(job)
+        del self.waiting[job_id]
+        if line[0] == job_id and len(line) > 1:
+            self.waiting[line[1]].front = now
+        return job
+
+    def check_order(self, job_id: int, job: Job, now: float) -> None:
+        """A job starting goes ahead of no aged job that aged before it, and, unless aged
+        itself, of no job of a higher class: a higher class never waits behind a lower one
+        for a free slot of its model, except through aging."""
+        others = {i: w for i, w in self.waiting.items() if w.lane == job.lane and i != job_id}
+        aged = [w for i, w in others.items() if self.aged(i, w, now)]
+        if self.aged(job_id, job, now):
+            event("aged job served")
+            assert all(job.front <= w.front for w in aged), "an aged job was passed over"
+        else:
+            assert not aged, "a job went ahead of one that had aged"
+            assert all(w.rank >= job.rank for w in others.values()), "a lower class went first"
 
     def target(self, now: float, active: set[str]) -> str | None:
         due = self.switch_due(active)
@@ -581,13 +775,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     # Applying what the scheduler decided
 
     def admit(self, job_id: int, job: Job, now: float, pre_active: set[str]) -> None:
-        key = (job.lane, job.client)
-        if key in self.turn_marks:
+        key = (job.lane, job.rank, job.client)
+        self.check_order(job_id, job, now)
+        if key in self.turn_marks and not self.aged(job_id, job, now):
             counts, others = self.turn_marks[key]
             for other_id, other in others.items():
                 if other_id in self.waiting:
                     event("turn checked")
-                    assert self.admissions[(job.lane, other)] > counts[(job.lane, other)], (
+                    theirs = (job.lane, job.rank, other)
+                    assert self.admissions[theirs] > counts[theirs], (
                         f"{job.client} had two turns on {job.lane} while {other} waited"
                     )
         self.turn_marks[key] = (
@@ -595,10 +791,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             {
                 i: w.client
                 for i, w in self.waiting.items()
-                if w.lane == job.lane and w.client != job.client
+                if (w.lane, w.rank) == (job.lane, job.rank) and w.client != job.client
             },
         )
         self.admissions[key] += 1
+        self.leave(job_id, now)
         job.started = now
         self.running[job_id] = job
         if job.lane != ADMIN and job.lane not in pre_active:
@@ -620,11 +817,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         for job_id in started:
             job = self.waiting[job_id]
             if job.lane not in placed:
-                # A model taking a place is the one whose oldest job has waited longest.
-                oldest = self.oldest_queued(placed)
-                assert oldest is not None and job.lane == oldest.lane, (job.lane, oldest)
+                # A model taking a place is the one whose switch falls due first.
+                first = self.next_model(placed)
+                assert first is not None and job.lane == first[0], (job.lane, first)
                 placed.add(job.lane)
-            self.admit(job_id, self.waiting.pop(job_id), now, pre_active)
+            self.admit(job_id, job, now, pre_active)
         if target is None:
             # Affinity: without a switch due, a running model with jobs waiting keeps its place.
             active = self.active()
@@ -678,7 +875,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def cancel_waiting_job(self, job_id: int) -> None:
         pre_active = self.active()
-        self.waiting.pop(job_id)
+        self.leave(job_id, self.now)
         self.apply(self.now, self.s.cancel(job_id, self.now), pre_active)  # type: ignore[arg-type]
 
     def timer(self, now: float) -> None:
@@ -686,7 +883,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         pre_active = self.active()
         expired, started = self.s.expire(now)
         for job_id in expired:
-            job = self.waiting.pop(job_id)  # type: ignore[call-overload]
+            job = self.leave(job_id, now)  # type: ignore[arg-type]
             assert job.submitted + self.timeout <= now
         self.apply(now, started, pre_active)  # type: ignore[arg-type]
         assert self.s.tick(now) == [], "time alone started a job"
@@ -696,21 +893,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         client=st.sampled_from(CLIENTS),
         admin=st.sampled_from([False, False, False, True]),
         count=st.integers(1, 4),
+        rank=st.sampled_from([0, 1, 1, 2]),
     )
-    def submit(self, model: str, client: str, admin: bool, count: int) -> None:
-        """One client sends ``count`` jobs for one model at once."""
+    def submit(self, model: str, client: str, admin: bool, count: int, rank: int) -> None:
+        """One client sends ``count`` jobs of one class for one model at once."""
         for _ in range(count):
-            self.submit_one(model, client, admin)
+            self.submit_one(model, client, admin, rank)
 
-    def submit_one(self, model: str, client: str, admin: bool) -> None:
+    def submit_one(self, model: str, client: str, admin: bool, rank: int = 1) -> None:
         job_id = next(self.ids)
         lane = ADMIN if admin else model
         waiting_total = len(self.waiting)
         client_waiting = sum(job.client == client for job in self.waiting.values())
         pre_active = self.active()
-        job = Job(lane, client, self.now, job_id)
+        job = Job(lane, client, self.now, job_id, rank)
+        if not self.line(job):
+            job.front = self.now
         try:
-            admission = self.s.submit(job_id, model.split(":")[0], client, self.now, admin=admin)
+            admission = self.s.submit(
+                job_id,
+                model.split(":")[0],
+                client,
+                self.now,
+                admin=admin,
+                priority=PRIORITIES[rank],
+            )
         except ClientShareFull as exc:
             event("client share full")
             assert client_waiting >= self.per_client
@@ -813,6 +1020,85 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=example_count(500), stateful_step_count=50, deadline=None
 )
 test_scheduler_rules_hold_in_random_runs = SchedulerMachine.TestCase
+
+
+@settings(max_examples=example_count(300), deadline=None)
+@given(
+    slots=st.integers(1, 3),
+    aging=st.sampled_from([1.0, 2.5, 6.0]),
+    job_max=st.sampled_from([0.5, 1.0, 2.0]),
+    arrivals=st.lists(
+        st.tuples(
+            st.sampled_from(CLIENTS),
+            st.sampled_from([0, 0, 1, 2]),  # interactive most
+            st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.5]),  # seconds after the previous job
+            st.floats(0.5, 1.0),  # its run time, a fraction of job_max
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+)
+@example(  # a steady interactive stream while one batch job waits
+    slots=1,
+    aging=1.0,
+    job_max=1.0,
+    arrivals=[("x", 0, 0.0, 1.0), ("y", 2, 0.0, 1.0)] + [("x", 0, 0.5, 1.0)] * 30,
+)
+def test_no_job_waits_longer_than_the_aging_bound_plus_the_running_jobs(
+    slots: int, aging: float, job_max: float, arrivals: list[tuple[str, int, float, float]]
+) -> None:
+    """Once a job has been its client's next job of its class for the aging time, the
+    slots its model frees go to the aged jobs, oldest first: it runs within the aging
+    bound plus one run of the jobs running then per round of the aged jobs ahead of it
+    (at most one per other client and class), whatever the higher classes send."""
+    s = Scheduler(
+        concurrency=slots,
+        queue_max=1000,
+        queue_max_per_client=1000,
+        queue_timeout=1e9,
+        priority_aging=aging,
+    )
+    lines = len({(client, rank) for client, rank, _, _ in arrivals})
+    bound = aging + job_max * math.ceil(lines / slots)
+    jobs: dict[int, tuple[str, int, float]] = {}  # id -> client, class, run time
+    line_of: dict[tuple[str, int], list[int]] = {}  # each client and class's waiting jobs
+    front: dict[int, float] = {}
+    ends: dict[int, float] = {}  # running jobs' end times
+    pending = []
+    t = 0.0
+    for n, (client, rank, gap, fraction) in enumerate(arrivals):
+        t += gap
+        pending.append((t, n))
+        jobs[n] = (client, rank, fraction * job_max)
+
+    def started(ids: list[Hashable], now: float) -> None:
+        for job_id in ids:
+            assert isinstance(job_id, int)
+            client, rank, run = jobs[job_id]
+            line = line_of[(client, rank)]
+            assert line[0] == job_id  # a client's jobs of a class run in their order
+            line.pop(0)
+            if line:
+                front[line[0]] = now
+            assert now - front[job_id] <= bound + 1e-9, (job_id, front[job_id], now, bound)
+            ends[job_id] = now + run
+
+    while pending or ends:
+        next_end = min(ends.values(), default=math.inf)
+        if pending and pending[0][0] < next_end:
+            now, job_id = pending.pop(0)
+            client, rank, _ = jobs[job_id]
+            line = line_of.setdefault((client, rank), [])
+            if not line:
+                front[job_id] = now
+            line.append(job_id)
+            if s.submit(job_id, "a", client, now, priority=PRIORITIES[rank]) is RUNNING:
+                started([job_id], now)
+        else:
+            job_id = min(ends, key=lambda i: ends[i])
+            now = ends.pop(job_id)
+            started(s.finish(job_id, now), now)
+    assert s.idle()
 
 
 # What importing the core costs

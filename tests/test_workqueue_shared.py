@@ -166,7 +166,7 @@ def test_lapsed_leases_free_slots_and_queue_places(rdb: redis.Redis) -> None:
     assert s.submit("live", M1, "c2", "live", now_ms=5_002).outcome == "running"
     assert s.snapshot(now_ms=5_003)["totals"]["reaped"] == 2
     # Renewal keeps a lease alive; a waiting job Redis forgot is reported missing.
-    ticked = s.tick("live", running=[("live", M1, "c2")], waiting=["ghost"], now_ms=9_000)
+    ticked = s.tick("live", running=[("live", M1, "c2", "normal")], waiting=["ghost"], now_ms=9_000)
     assert (ticked.missing, ticked.counted) == (["ghost"], [])
     assert s.submit("x", M1, "c3", "o", now_ms=12_000).outcome == "waiting"
     s.finish("live", now_ms=12_001)
@@ -179,7 +179,7 @@ def test_a_running_job_redis_forgot_is_counted_again(rdb: redis.Redis) -> None:
     assert s.submit("shared", M1, "c", "other", now_ms=0).outcome == "running"
     # "own" ran on its process's own slots (m2) while Redis was out of reach: counted
     # now, past the slots and the model cap, since it runs whatever Redis says.
-    ticked = s.tick("o", running=[("own", M2, "c2")], now_ms=100)
+    ticked = s.tick("o", running=[("own", M2, "c2", "batch")], now_ms=100)
     assert ticked.counted == ["own"]
     snap = s.snapshot(now_ms=101)
     assert snap["models"]["m2:latest"]["running"] == 1
@@ -190,7 +190,7 @@ def test_a_running_job_redis_forgot_is_counted_again(rdb: redis.Redis) -> None:
     s.finish("shared", now_ms=300)
     assert woken(rdb, "o") == []
     # Its lease is renewed by the next tick, and finishing it lets the queue move on.
-    ticked = s.tick("o", running=[("own", M2, "c2")], waiting=["next"], now_ms=4_000)
+    ticked = s.tick("o", running=[("own", M2, "c2", "batch")], waiting=["next"], now_ms=4_000)
     assert (ticked.counted, ticked.missing) == ([], [])
     s.finish("own", now_ms=6_000)
     assert woken(rdb, "o") == ["next"]
@@ -227,11 +227,12 @@ def test_finish_is_idempotent_and_cancels_waiters(rdb: redis.Redis) -> None:
 def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
     s = sched(rdb)
     assert s.submit("a", M1, "c", "o").outcome == "running"
-    assert s.tick("o", running=[("a", M1, "c")]).counted == []
+    assert s.tick("o", running=[("a", M1, "c", "normal")]).counted == []
     assert s.finish("a") == "running"
 
 
-Event = tuple[str, int, int, int]  # (submit | finish, model or job index, client, ms later)
+# (submit | finish, model or job index, client, ms later, class)
+Event = tuple[str, int, int, int, str]
 
 
 @examples(max_examples=example_count(150), deadline=None)
@@ -242,17 +243,24 @@ Event = tuple[str, int, int, int]  # (submit | finish, model or job index, clien
             st.sampled_from([0, 0, 0, 1, 1, 2, 3]),  # m1 most, the admin lane least
             st.integers(0, 2),
             st.sampled_from([0, 0, 10, 400, 1100]),  # switch_after is 1000 ms
+            st.sampled_from(["interactive", "normal", "normal", "batch"]),
         ),
         min_size=4,
         max_size=40,
     ),
     st.integers(1, 2),
     st.integers(1, 2),
+    st.sampled_from([0.5, 1.5, 60.0]),  # GATE_PRIORITY_AGING
 )
 def test_the_lua_rules_decide_as_core_does(
-    redis_server: RedisServer, events: list[Event], concurrency: int, max_active: int
+    redis_server: RedisServer,
+    events: list[Event],
+    concurrency: int,
+    max_active: int,
+    aging: float,
 ) -> None:
-    """Random submits and finishes: the same outcomes and the same jobs started as core.py."""
+    """Random submits and finishes of every class: the same outcomes, the same jobs
+    started and the same counts per class as core.py."""
     options = dict(
         concurrency=concurrency,
         max_active_models=max_active,
@@ -260,25 +268,35 @@ def test_the_lua_rules_decide_as_core_does(
         queue_max_per_client=3,
         switch_after=1000.0,  # core in ms, like the scripts
         admin_concurrency=1,
+        priority_aging=aging * 1000,
     )
     core = Scheduler(**options, queue_timeout=10**9)  # type: ignore[arg-type]
     with redis_server.client() as client:
         prefix = f"h{time.monotonic_ns()}:"
-        lua = RedisScheduler(client, **{**options, "switch_after": 1.0}, lease=10**6, prefix=prefix)  # type: ignore[arg-type]
+        lua = RedisScheduler(
+            client,
+            **{**options, "switch_after": 1.0, "priority_aging": aging},  # type: ignore[arg-type]
+            lease=10**6,
+            prefix=prefix,
+        )
         now = 1000
         live: list[str] = []
-        for n, (kind, index, who, later) in enumerate(events):
+        for n, (kind, index, who, later, priority) in enumerate(events):
             now += later
             if kind == "submit":
                 job, model = f"j{n}", ["m1", "m2", "m3", "admin"][index]
                 admin = model == "admin"
                 try:
-                    expected = core.submit(job, model, f"c{who}", now, admin=admin).value
+                    expected = core.submit(
+                        job, model, f"c{who}", now, admin=admin, priority=priority
+                    ).value
                 except ClientShareFull:
                     expected = "client_queue_full"
                 except QueueFull:
                     expected = "queue_full"
-                decision = lua.submit(job, lane_of(model, admin), f"c{who}", "o", now_ms=now)
+                decision = lua.submit(
+                    job, lane_of(model, admin), f"c{who}", "o", now_ms=now, priority=priority
+                )
                 assert decision.outcome == expected, (n, events)
                 if expected in ("running", "waiting"):
                     live.append(job)
@@ -289,9 +307,12 @@ def test_the_lua_rules_decide_as_core_does(
                 raw = client.lrange(f"{prefix}wake:o", 0, -1)
                 client.delete(f"{prefix}wake:o")
                 assert {i.decode() for i in raw} == started, (n, events)  # type: ignore[union-attr]
-            assert lua.snapshot(now_ms=now)["totals"]["active_models"] == sorted(
-                core.snapshot(now)["totals"]["active_models"]
-            )
+            theirs, ours = lua.snapshot(now_ms=now), core.snapshot(now)
+            assert theirs["totals"]["active_models"] == sorted(ours["totals"]["active_models"])
+            assert theirs["priorities"] == ours["priorities"], (n, events)
+            for name, row in ours["models"].items():
+                if row["waiting"]:
+                    assert theirs["models"][name]["clients_waiting"] == row["clients_waiting"]
 
 
 # The gevent layer in this process (unpatched sockets block, but briefly)

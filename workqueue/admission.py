@@ -53,6 +53,7 @@ class Admitter:
                 client_gone=client_gone,
                 max_waiting=max_waiting,
                 max_running=max_running,
+                priority=call.priority,
             )
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None

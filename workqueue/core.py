@@ -14,10 +14,21 @@ Rules (DESIGN.md, "Scheduling rules"), as implemented here:
   counted from its oldest job's arrival or from the last time a model took a place,
   whichever is later, so a model switched in runs at least ``switch_after`` before it can
   be made to drain: without that, two busy models would swap after every batch.
-* Within a model (and in the admin lane) clients take turns round-robin.
 * A client with a running cap (its API key's ``max_running``) at its cap takes no turn:
   its waiting jobs stay where they are while other clients' jobs run, and they neither
-  hold a slot nor win a model a place or a switch until one of its jobs ends.
+  hold a slot, age ahead of others, nor win a model a place or a switch until one of its
+  jobs ends.
+* Within a model (and in the admin lane) a higher priority class goes first
+  (PRIORITIES: interactive, normal, batch), and within a class clients take turns
+  round-robin. A job that has been its client's next job of its class for ``aging``
+  seconds is served first from then on (front jobs aged longest first), so no class
+  starves.
+* Classes and switches: a waiting model's switch falls due after ``switch_after`` times
+  its most urgent class's factor (SWITCH_FACTORS: ½ interactive, 1 normal, 2 batch),
+  counted from that class's oldest job's arrival or the last new place, whichever is
+  later; a model whose oldest job has waited ``aging`` counts as interactive from then
+  on. The model whose switch falls due first gets the next free place (ties: its oldest
+  job). With every job ``normal`` these are the rules above, unchanged.
 * The admin lane has its own ``admin_concurrency`` slots and takes no model place.
 """
 
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
@@ -46,6 +57,18 @@ ADMIN_LANE = "admin"
 # before any job has finished.
 EWMA_WEIGHT = 0.2
 DEFAULT_JOB_SECONDS = 10.0
+
+# Priority classes, highest first; a key's ``priority`` is its ceiling and a request may
+# ask for a lower one (X-Gate-Priority). DEFAULT_PRIORITY: anonymous clients, keys that
+# name none, and every caller that says nothing.
+PRIORITIES = ("interactive", "normal", "batch")
+DEFAULT_PRIORITY = "normal"
+# The request header that asks for a lower class; the gate consumes it (never forwarded).
+PRIORITY_HEADER = "X-Gate-Priority"
+# A waiting model may force a switch after switch_after times its most urgent class's
+# factor: an interactive job's switch clock runs twice as fast, a batch job's half as fast.
+SWITCH_FACTORS = (0.5, 1.0, 2.0)
+DEFAULT_AGING = 60.0
 
 # Idle models are kept for their counters and Retry-After estimates, but model names come
 # from request bodies: an idle model is forgotten IDLE_MODEL_SECONDS after its last job,
@@ -77,6 +100,13 @@ class LaneSnapshot(TypedDict):
     active: bool
     #: Takes no new job because a switch to another model is due.
     draining: bool
+
+
+class ClassSnapshot(TypedDict):
+    """Jobs of one priority class, all lanes."""
+
+    waiting: int
+    running: int
 
 
 class ClientSnapshot(TypedDict):
@@ -118,6 +148,8 @@ class QueueSnapshot(TypedDict):
     clients: dict[str, ClientSnapshot]
     totals: TotalsSnapshot
     switch: SwitchSnapshot
+    #: Waiting and running jobs per priority class (every name of PRIORITIES).
+    priorities: dict[str, ClassSnapshot]
     #: Seconds a client turned away now would be told to wait.
     retry_after: float
     #: Shutting down: new and waiting jobs are turned away.
@@ -159,8 +191,9 @@ class JobQueue(Protocol):
         client_gone: ClientGone | None = None,
         max_waiting: int | None = None,
         max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> JobSlot:
-        """Block until the job may run and return its slot.
+        """Block until the job may run (served as ``priority``) and return its slot.
 
         ``max_waiting`` is the client's own queue share (its API key's ``max_waiting``),
         in place of GATE_QUEUE_MAX_PER_CLIENT; ``max_running`` caps its jobs running at
@@ -186,6 +219,27 @@ class JobQueue(Protocol):
         ...
 
 
+def priority_rank(name: str) -> int:
+    """0 for the highest class; ValueError naming the classes for an unknown one."""
+    try:
+        return PRIORITIES.index(name)
+    except ValueError:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {name!r}") from None
+
+
+def served_priority(ceiling: str, asked: str | None) -> str:
+    """The class a request is served at: ``asked`` if it is not above ``ceiling``.
+
+    A request may lower its class, never raise it: a class above the ceiling is ignored
+    (served at the ceiling). ``asked`` is matched without case or surrounding blanks; an
+    unknown name raises ValueError.
+    """
+    if asked is None:
+        return ceiling
+    wanted = asked.strip().lower()
+    return wanted if priority_rank(wanted) > priority_rank(ceiling) else ceiling
+
+
 def estimate_wait(avg_seconds: float | None, waiting: int, slots: int, limit: float) -> float:
     """Retry-After: seconds until a job behind ``waiting`` others gets one of ``slots``.
 
@@ -201,11 +255,183 @@ def ewma(avg: float | None, value: float) -> float:
     return value if avg is None else avg + EWMA_WEIGHT * (value - avg)
 
 
+def switch_due(
+    oldest: list[float | None], slice_start: float, switch_after: float, aging: float
+) -> float:
+    """When a waiting model may force a switch (the scheduling rules, "Classes and switches").
+
+    ``oldest`` holds the arrival of the model's oldest waiting job of each class (None for
+    a class with none), highest class first. Each class may force it ``switch_after`` ×
+    its SWITCH_FACTORS after that arrival or ``slice_start`` (the last new place),
+    whichever is later; and once the model's oldest job has waited ``aging`` it counts as
+    the top class.
+    """
+    due = float("inf")
+    for arrival, factor in zip(oldest, SWITCH_FACTORS, strict=True):
+        if arrival is not None:
+            due = min(due, max(arrival, slice_start) + switch_after * factor)
+    first = min((arrival for arrival in oldest if arrival is not None), default=None)
+    if first is not None:
+        top = max(first, slice_start) + switch_after * SWITCH_FACTORS[0]
+        due = min(due, max(first + aging, top))
+    return due
+
+
 class Admission(enum.Enum):
     """What ``Scheduler.submit`` decided for a new job."""
 
     RUNNING = "running"
     WAITING = "waiting"
+
+
+class QueuedJob(Protocol):
+    """What a LaneQueue needs of a waiting job (both schedulers' jobs are one)."""
+
+    key: Hashable
+    client: str
+    priority: int  # rank in PRIORITIES
+    submitted: float
+    seq: int
+    #: When it became its client's next job of its class in its lane.
+    front: float
+
+
+class LaneQueue:
+    """One lane's waiting jobs: by arrival, per class, per client in turn, and the jobs at
+    the front of their client's line (of their class) in the order they got there.
+
+    ``pick`` says who goes next: the front job that has been at the front ``aging``
+    seconds longest ago, else the highest class's next client in turn. Its clock is the
+    caller's ``now``; ``FleetScheduler`` keeps its lanes' queues with it too.
+    """
+
+    __slots__ = ("jobs", "classes", "turns", "fronts")
+
+    def __init__(self) -> None:
+        # Waiting jobs in arrival order (the first is the oldest) ...
+        self.jobs: OrderedDict[Hashable, Any] = OrderedDict()
+        # ... per class, in arrival order ...
+        self.classes: tuple[OrderedDict[Hashable, Any], ...] = tuple(
+            OrderedDict() for _ in PRIORITIES
+        )
+        # ... per class, by client, clients in turn order (round-robin) ...
+        self.turns: tuple[OrderedDict[str, OrderedDict[Hashable, Any]], ...] = tuple(
+            OrderedDict() for _ in PRIORITIES
+        )
+        # ... and each client's next job of a class, in the order they became it.
+        self.fronts: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    def oldest(self) -> Any:
+        """The job that arrived first (None when none waits)."""
+        return next(iter(self.jobs.values()), None)
+
+    def oldest_of(self, rank: int) -> Any:
+        return next(iter(self.classes[rank].values()), None)
+
+    def oldest_ready(self, rank: int | None, ready: Callable[[str], bool] | None) -> Any:
+        """The oldest waiting job (of class ``rank``, or of any) whose client is ``ready``
+        (None: none is)."""
+        first = self.oldest() if rank is None else self.oldest_of(rank)
+        if first is None or ready is None or ready(first.client):
+            return first  # no caps in the way: the common case, at once
+        best = None
+        for lines in self.turns if rank is None else (self.turns[rank],):
+            for client, line in lines.items():
+                if ready(client):
+                    job = next(iter(line.values()))
+                    if best is None or job.seq < best.seq:
+                        best = job
+        return best
+
+    def clients(self) -> int:
+        """Clients with a job waiting here."""
+        return len({client for turns in self.turns for client in turns})
+
+    def add(self, job: QueuedJob, now: float) -> None:
+        """Queue ``job`` behind its client's jobs of its class (in arrival order)."""
+        self.jobs[job.key] = job
+        self.classes[job.priority][job.key] = job
+        line = self.turns[job.priority].get(job.client)
+        if line is None:
+            self.turns[job.priority][job.client] = OrderedDict({job.key: job})
+            job.front = now
+            self.fronts[job.key] = job
+        else:
+            line[job.key] = job
+
+    def reorder(self, job: QueuedJob, now: float) -> None:
+        """Put ``job`` (just added again) back at its arrival place, its client's turn next."""
+        lines = self.turns[job.priority]
+        line = lines[job.client]
+        for queue in (self.jobs, self.classes[job.priority], line):
+            items = sorted(queue.values(), key=lambda other: other.seq)
+            queue.clear()
+            queue.update((other.key, other) for other in items)
+        lines.move_to_end(job.client, last=False)
+        first = next(iter(line.values()))
+        if first.key not in self.fronts:
+            for other in line.values():
+                self.fronts.pop(other.key, None)
+            first.front = now
+            self.fronts[first.key] = first
+
+    def remove(self, job: QueuedJob, now: float) -> None:
+        """Take ``job`` out; the next job of its client's line becomes a front job now."""
+        del self.jobs[job.key]
+        del self.classes[job.priority][job.key]
+        lines = self.turns[job.priority]
+        line = lines[job.client]
+        del line[job.key]
+        if job.key in self.fronts:
+            del self.fronts[job.key]
+            if line:
+                nxt = next(iter(line.values()))
+                nxt.front = now
+                self.fronts[nxt.key] = nxt
+        if not line:
+            del lines[job.client]
+
+    def take(self, job: QueuedJob, now: float) -> None:
+        """Take ``job`` out to start it: its client's turn in its class goes to the end."""
+        self.remove(job, now)
+        lines = self.turns[job.priority]
+        if job.client in lines:
+            lines.move_to_end(job.client)
+
+    def aged(self, job: QueuedJob, now: float, aging: float) -> bool:
+        """Whether ``job`` is a front job that has been one ``aging`` seconds."""
+        return job.key in self.fronts and job.front + aging <= now
+
+    def pick(
+        self,
+        now: float,
+        aging: float,
+        ready: Callable[[str], bool] | None = None,
+        eligible: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """The job to start next (None when none may): an aged front job, oldest first,
+        else the highest class's next client in turn. Clients not ``ready`` (at their
+        running cap) are passed over and keep their place; so are jobs not ``eligible``
+        (another job of the client's line may be)."""
+        for job in self.fronts.values():
+            if job.front + aging > now:
+                break  # fronts are in the order they got there: the rest are younger
+            if (ready is None or ready(job.client)) and (eligible is None or eligible(job)):
+                return job
+        for lines in self.turns:
+            for client, line in lines.items():
+                if ready is not None and not ready(client):
+                    continue
+                for job in line.values():
+                    if eligible is None or eligible(job):
+                        return job
+        return None
 
 
 class _Lane:
@@ -216,8 +442,7 @@ class _Lane:
         "slots",
         "admin",
         "running",
-        "waiting",
-        "turns",
+        "queue",
         "admitted",
         "rejected",
         "avg_seconds",
@@ -229,20 +454,18 @@ class _Lane:
         self.slots = slots
         self.admin = admin
         self.running: dict[Hashable, _Job] = {}
-        # Waiting jobs in arrival order (the first is the oldest) ...
-        self.waiting: OrderedDict[Hashable, _Job] = OrderedDict()
-        # ... and the same jobs by client, clients in turn order (round-robin).
-        self.turns: OrderedDict[str, OrderedDict[Hashable, _Job]] = OrderedDict()
+        self.queue = LaneQueue()
         self.admitted = 0
         self.rejected = dict.fromkeys(REASONS, 0)
         self.avg_seconds: float | None = None
         self.touched = float("-inf")  # when a job of this lane last came or went
 
     def oldest(self) -> _Job | None:
-        return next(iter(self.waiting.values()), None)
+        job: _Job | None = self.queue.oldest()
+        return job
 
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.queue)
 
 
 @dataclass(eq=False, slots=True)
@@ -253,6 +476,8 @@ class _Job:
     lane: _Lane
     submitted: float
     seq: int
+    priority: int = 1
+    front: float = 0.0
     started: float | None = None
 
 
@@ -285,6 +510,7 @@ class Scheduler:
         queue_timeout: float = 300.0,
         switch_after: float = 10.0,
         admin_concurrency: int = 1,
+        priority_aging: float = DEFAULT_AGING,
     ) -> None:
         for name, value in (
             ("concurrency", concurrency),
@@ -299,6 +525,8 @@ class Scheduler:
             raise ValueError(f"queue_timeout must be above 0, not {queue_timeout!r}")
         if not switch_after >= 0:
             raise ValueError(f"switch_after must be 0 or more, not {switch_after!r}")
+        if not priority_aging > 0:
+            raise ValueError(f"priority_aging must be above 0, not {priority_aging!r}")
         self.concurrency = concurrency
         self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
         self.max_active_models = max_active_models
@@ -307,6 +535,7 @@ class Scheduler:
         self.queue_timeout = float(queue_timeout)
         self.switch_after = float(switch_after)
         self.admin_concurrency = admin_concurrency
+        self.priority_aging = float(priority_aging)
 
         self._jobs: dict[Hashable, _Job] = {}
         self._waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # all lanes, oldest first
@@ -323,6 +552,7 @@ class Scheduler:
         self._avg_seconds: float | None = None
         self._activations = 0
         self._forced_switches = 0
+        self._classes = [_ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
     @classmethod
     def from_settings(cls, settings: Any) -> Scheduler:
@@ -336,6 +566,7 @@ class Scheduler:
             queue_timeout=settings.queue_timeout,
             switch_after=settings.switch_after,
             admin_concurrency=settings.admin_concurrency,
+            priority_aging=settings.priority_aging,
         )
 
     # Events
@@ -350,14 +581,17 @@ class Scheduler:
         admin: bool = False,
         max_waiting: int | None = None,
         max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Admission:
-        """Add a job: it runs at once or waits, or ClientShareFull / QueueFull is raised.
+        """Add a job of class ``priority``: it runs at once or waits, or ClientShareFull /
+        QueueFull is raised.
 
         The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
         is checked before the total, so a client flooding the queue is told so (429)
         rather than shown a busy server (503). ``max_running`` caps the client's jobs
         running at once, all lanes together; each job brings its client's current cap.
         """
+        rank = priority_rank(priority)
         now = self._advance(now)
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} is already queued or running")
@@ -366,7 +600,7 @@ class Scheduler:
             raise ValueError("a model job needs a model name")
         lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
-        job = _Job(job_id, model, client, lane, now, self._seq)
+        job = _Job(job_id, model, client, lane, now, self._seq, rank)
         count = self._clients.get(client)
         if count is not None:
             count.max_running = max_running
@@ -404,7 +638,7 @@ class Scheduler:
         if job is None:
             return []
         if job.started is None:
-            self._dequeue(job)
+            self._dequeue(job, now)
             self._reject(job.lane, "cancelled")
         else:
             self._stop(job, now)
@@ -422,7 +656,7 @@ class Scheduler:
             job = next(iter(self._waiting.values()))
             if job.submitted + self.queue_timeout > now:
                 break
-            self._dequeue(job)
+            self._dequeue(job, now)
             self._reject(job.lane, "queue_timeout")
             expired.append(job.key)
         return expired, self._pump(now)
@@ -433,10 +667,10 @@ class Scheduler:
         Each counts as a rejection for ``reason`` (shutting down: "cancelled"); with None
         it is not counted (the jobs wait on elsewhere).
         """
-        self._advance(now)
+        now = self._advance(now)
         dropped = list(self._waiting)
         for job in list(self._waiting.values()):
-            self._dequeue(job)
+            self._dequeue(job, now)
             if reason is not None:
                 self._reject(job.lane, reason)
         return dropped
@@ -494,7 +728,7 @@ class Scheduler:
             lane = self._lanes.get(normalize_model(model))
             if lane is not None:
                 return self._lane_estimate(lane)
-        waiting = len(self._waiting) - len(self._admin.waiting)
+        waiting = len(self._waiting) - len(self._admin.queue)
         slots = sum(lane.slots for lane in self._active.values()) or self.concurrency
         return self._estimate(self._avg_seconds, waiting, slots)
 
@@ -538,6 +772,10 @@ class Scheduler:
                 "waited": self._wait_of(target, now) if target is not None else 0.0,
                 "draining": draining,
             },
+            "priorities": {
+                name: {"waiting": count.waiting, "running": count.running}
+                for name, count in zip(PRIORITIES, self._classes, strict=True)
+            },
             "retry_after": self.retry_after(now),
             "closed": False,
             "shared": False,
@@ -548,7 +786,7 @@ class Scheduler:
 
     def _can_start(self, lane: _Lane, now: float) -> bool:
         """Whether a new job for ``lane`` may run at once, ahead of nobody."""
-        if self._oldest_ready(lane) is not None:
+        if lane.queue.oldest_ready(None, self._may_run) is not None:
             return False  # others of this lane wait already: take a turn behind them
         if lane.admin:
             return len(lane.running) < lane.slots
@@ -572,7 +810,7 @@ class Scheduler:
                 del self._active[name]
             if len(self._active) >= self.max_active_models:
                 break
-            chosen = target or self._oldest_queued()
+            chosen = target or self._next_model()
             if chosen is None:
                 break
             self._activate(chosen, now, forced=target is not None)
@@ -580,17 +818,14 @@ class Scheduler:
         return started
 
     def _fill(self, lane: _Lane, now: float, started: list[Hashable]) -> None:
-        """Start ``lane``'s waiting jobs up to its slots, clients in turn.
-
-        A client at its running cap is passed over and keeps its place in the round.
-        """
-        while len(lane.running) < lane.slots:
-            job = self._next_in_turn(lane)
+        """Start ``lane``'s waiting jobs up to its slots: aged front jobs first, then by
+        class, clients in turn within a class. A client at its running cap is passed over
+        and keeps its place in the round."""
+        while lane.queue and len(lane.running) < lane.slots:
+            job: _Job | None = lane.queue.pick(now, self.priority_aging, self._may_run)
             if job is None:
                 return
-            self._dequeue(job)
-            if job.client in lane.turns:
-                lane.turns.move_to_end(job.client)  # _dequeue dropped it if it had no more
+            self._dequeue(job, now, take=True)
             self._start(job, now)
             started.append(job.key)
 
@@ -598,53 +833,44 @@ class Scheduler:
         count = self._clients.get(client)
         return count is None or count.may_run()
 
-    def _next_in_turn(self, lane: _Lane) -> _Job | None:
-        """The first job of the first client in ``lane``'s round that may run one more."""
-        for client, jobs in lane.turns.items():
-            if self._may_run(client):
-                return next(iter(jobs.values()))
-        return None
-
-    def _oldest_ready(self, lane: _Lane) -> _Job | None:
-        """``lane``'s oldest waiting job whose client may run one more (None: none may)."""
-        oldest = lane.oldest()
-        if oldest is None or self._may_run(oldest.client):
-            return oldest  # no caps in the way: the common case, at once
-        best: _Job | None = None
-        for client, jobs in lane.turns.items():
-            if self._may_run(client):
-                job = next(iter(jobs.values()))
-                if best is None or job.seq < best.seq:
-                    best = job
-        return best
-
-    def _oldest_queued(self) -> _Lane | None:
-        """The model without a place whose oldest job has waited longest."""
+    def _next_model(self) -> _Lane | None:
+        """The model without a place whose switch falls due first (ties: oldest job);
+        jobs of clients at their running cap count for none of it."""
         best: _Lane | None = None
-        best_seq = 0
+        best_key = (0.0, 0)
         for name, lane in self._queued.items():
             if name in self._active:
                 continue
-            job = self._oldest_ready(lane)
-            if job is not None and (best is None or job.seq < best_seq):
-                best, best_seq = lane, job.seq
+            oldest = lane.queue.oldest_ready(None, self._may_run)
+            if oldest is None:
+                continue
+            key = (self._due(lane), oldest.seq)
+            if best is None or key < best_key:
+                best, best_key = lane, key
         return best
 
+    def _due(self, lane: _Lane) -> float:
+        """When ``lane`` may force a switch: see switch_due."""
+        ready = self._may_run
+        firsts = [lane.queue.oldest_ready(rank, ready) for rank in range(len(PRIORITIES))]
+        return switch_due(
+            [job.submitted if job is not None else None for job in firsts],
+            self._slice_start,
+            self.switch_after,
+            self.priority_aging,
+        )
+
     def _switch_due(self) -> float | None:
-        """When the oldest waiting model without a place may force a switch."""
-        lane = self._oldest_queued()
-        if lane is None:
-            return None
-        oldest = self._oldest_ready(lane)
-        assert oldest is not None
-        return max(oldest.submitted, self._slice_start) + self.switch_after
+        """When the next waiting model without a place may force a switch."""
+        lane = self._next_model()
+        return None if lane is None else self._due(lane)
 
     def _switch_target(self, now: float) -> _Lane | None:
         """The model a switch is due for at ``now``, if any."""
-        due = self._switch_due()
-        if due is None or due > now:
+        lane = self._next_model()
+        if lane is None or self._due(lane) > now:
             return None
-        return self._oldest_queued()
+        return lane
 
     def _activate(self, lane: _Lane, now: float, *, forced: bool) -> None:
         self._active[lane.name] = lane
@@ -693,24 +919,25 @@ class Scheduler:
         lane = job.lane
         self._jobs[job.key] = job
         self._waiting[job.key] = job
-        lane.waiting[job.key] = job
-        lane.turns.setdefault(job.client, OrderedDict())[job.key] = job
+        lane.queue.add(job, job.submitted)
         if not lane.admin:
             self._queued[lane.name] = lane
         self._client(job.client).waiting += 1
+        self._classes[job.priority].waiting += 1
 
-    def _dequeue(self, job: _Job) -> None:
+    def _dequeue(self, job: _Job, now: float, *, take: bool = False) -> None:
+        """Take a waiting job out (``take``: to start it, its client's turn passes)."""
         lane = job.lane
         del self._jobs[job.key]
         del self._waiting[job.key]
-        del lane.waiting[job.key]
-        jobs = lane.turns[job.client]
-        del jobs[job.key]
-        if not jobs:
-            del lane.turns[job.client]
-        if not lane.waiting:
+        if take:
+            lane.queue.take(job, now)
+        else:
+            lane.queue.remove(job, now)
+        if not lane.queue:
             self._queued.pop(lane.name, None)
         self._clients[job.client].waiting -= 1
+        self._classes[job.priority].waiting -= 1
         self._drop_client_if_idle(job.client)
 
     def _start(self, job: _Job, now: float) -> None:
@@ -720,6 +947,7 @@ class Scheduler:
         job.lane.admitted += 1
         self._admitted += 1
         self._client(job.client).running += 1
+        self._classes[job.priority].running += 1
 
     def _stop(self, job: _Job, now: float) -> None:
         assert job.started is not None
@@ -727,6 +955,7 @@ class Scheduler:
         del self._jobs[job.key]
         del lane.running[job.key]
         self._clients[job.client].running -= 1
+        self._classes[job.priority].running -= 1
         self._drop_client_if_idle(job.client)
         held = now - job.started
         lane.touched = now
@@ -740,7 +969,7 @@ class Scheduler:
     # Estimates and reports
 
     def _lane_estimate(self, lane: _Lane) -> float:
-        return self._estimate(lane.avg_seconds or self._avg_seconds, len(lane.waiting), lane.slots)
+        return self._estimate(lane.avg_seconds or self._avg_seconds, len(lane.queue), lane.slots)
 
     def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
         return estimate_wait(avg, waiting, slots, self.queue_timeout)
@@ -754,9 +983,9 @@ class Scheduler:
         return {
             "running": len(lane.running),
             "slots": lane.slots,
-            "waiting": len(lane.waiting),
+            "waiting": len(lane.queue),
             "oldest_wait": self._wait_of(lane, now),
-            "clients_waiting": len(lane.turns),
+            "clients_waiting": lane.queue.clients(),
             "admitted": lane.admitted,
             "rejected": dict(lane.rejected),
             "avg_seconds": lane.avg_seconds,

@@ -22,7 +22,7 @@ from gevent.greenlet import Greenlet
 from errors import GateError, QueueTimeout, ShuttingDown
 from pipeline import ClientGone as GoneFlag
 
-from .core import Admission, QueueSnapshot, Scheduler
+from .core import DEFAULT_PRIORITY, Admission, QueueSnapshot, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,10 @@ class WorkQueue:
         client_gone: GoneFlag | None = None,
         max_waiting: int | None = None,
         max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Slot:
-        """Block this greenlet until the job may run and return its Slot.
+        """Block this greenlet until the job may run (served as class ``priority``) and
+        return its Slot.
 
         Raises QueueFull, ClientShareFull, QueueTimeout or ShuttingDown (GateErrors with
         ``retry_after``), or ClientGone once ``client_gone`` is set while waiting. If this
@@ -204,7 +206,7 @@ class WorkQueue:
             if max_running is not None:  # a fleet's scheduler takes no running cap
                 caps["max_running"] = max_running
             admission = self._scheduler.submit(
-                job_id, model, client, submitted, admin=admin, **caps
+                job_id, model, client, submitted, admin=admin, priority=priority, **caps
             )
         except GateError as exc:
             logger.info(

@@ -20,15 +20,27 @@ from typing import Any
 
 from endpoints import normalize_model
 
-from .core import REASONS, ClientSnapshot, LaneSnapshot, QueueSnapshot, estimate_wait
+from .core import (
+    DEFAULT_AGING,
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    REASONS,
+    ClassSnapshot,
+    ClientSnapshot,
+    LaneSnapshot,
+    QueueSnapshot,
+    estimate_wait,
+    priority_rank,
+)
 
 # Every key of the work queue starts with this; tests use their own prefix.
 KEY_PREFIX = "gate:wq:"
 # A lease renewed every LEASE / 3 seconds survives two missed renewals.
 DEFAULT_LEASE = 15.0
 
-# Shared helpers. ARGV[1..7] are the same for every script (see RedisScheduler._argv);
-# KEYS[1] is the key prefix. Lanes are "m:<model>" or "a" (the admin lane).
+# Shared helpers. ARGV[1..8] are the same for every script (see RedisScheduler._argv);
+# KEYS[1] is the key prefix. Lanes are "m:<model>" or "a" (the admin lane); a job's class
+# ('pri') is its rank in core.PRIORITIES: '0' interactive, '1' normal, '2' batch.
 _PRELUDE = r"""
 local P = KEYS[1]
 local now
@@ -47,6 +59,13 @@ local OVERRIDES = {}
 for model, n in string.gmatch(ARGV[7], '([^\t\n]+)\t(%d+)') do
   OVERRIDES['m:' .. model] = tonumber(n)
 end
+local AGING = tonumber(ARGV[8])
+local FACTORS = {0.5, 1.0, 2.0}  -- core.SWITCH_FACTORS, by class
+
+local function line(lane, pri, client)
+  -- One client's waiting jobs of one class in one lane, in arrival order.
+  return P .. 'cq:' .. lane .. '\0' .. pri .. '\0' .. client
+end
 
 local function slots(lane)
   if lane == 'a' then return ADMIN_SLOTS end
@@ -60,43 +79,72 @@ local function may_run(client)
   return tonumber(redis.call('HGET', P .. 'cr', client) or '0') < tonumber(cap)
 end
 
-local function oldest_ready(lane)
-  -- The lane's oldest waiting job whose client may run one more, and its seq (or nil).
-  local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0, 'WITHSCORES')
+local function oldest_ready(lane, pri)
+  -- The lane's oldest waiting job (of class pri; of any when pri is nil) whose client may
+  -- run one more, and its seq; nil when there is none.
+  local key = P .. 'q:' .. lane
+  if pri then key = P .. 'qc:' .. lane .. ':' .. pri end
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #first == 0 then return nil end
   if may_run(redis.call('HGET', P .. 'job:' .. first[1], 'client')) then
     return first[1], tonumber(first[2])
   end
   local best, best_seq = nil, nil
-  for _, client in ipairs(redis.call('LRANGE', P .. 'turns:' .. lane, 0, -1)) do
-    if may_run(client) then
-      local id = redis.call('LINDEX', P .. 'cq:' .. lane .. '\0' .. client, 0)
-      local seq = tonumber(redis.call('ZSCORE', P .. 'q:' .. lane, id))
-      if not best_seq or seq < best_seq then best, best_seq = id, seq end
+  for p = pri or 0, pri or 2 do
+    for _, client in ipairs(redis.call('LRANGE', P .. 'turns:' .. lane .. ':' .. p, 0, -1)) do
+      if may_run(client) then
+        local id = redis.call('LINDEX', line(lane, p, client), 0)
+        local seq = tonumber(redis.call('ZSCORE', P .. 'q:' .. lane, id))
+        if not best_seq or seq < best_seq then best, best_seq = id, seq end
+      end
     end
   end
   return best, best_seq
 end
 
-local function oldest_queued()
-  -- The model lane without a place whose oldest job that may run has waited longest.
-  local queued = redis.call('ZRANGE', P .. 'queued', 0, -1)
-  local best, best_id, best_seq = nil, nil, nil
-  for _, lane in ipairs(queued) do
-    if redis.call('SISMEMBER', P .. 'active', lane) == 0 then
-      local id, seq = oldest_ready(lane)
-      if id and (not best_seq or seq < best_seq) then best, best_id, best_seq = lane, id, seq end
+local function due(lane)
+  -- When the lane may force a switch (core.switch_due): each class's oldest job's switch
+  -- clock, and the lane counts as interactive once its oldest job has waited AGING. Jobs
+  -- of clients at their running cap count for none of it.
+  local slice = tonumber(redis.call('GET', P .. 'slice') or '0')
+  local best, first = math.huge, nil
+  for pri = 0, 2 do
+    local id = oldest_ready(lane, pri)
+    if id then
+      local sub = tonumber(redis.call('HGET', P .. 'job:' .. id, 'sub'))
+      best = math.min(best, math.max(sub, slice) + SWITCH_AFTER * FACTORS[pri + 1])
+      if not first or sub < first then first = sub end
     end
   end
-  return best, best_id
+  if first then
+    local top = math.max(first, slice) + SWITCH_AFTER * FACTORS[1]
+    best = math.min(best, math.max(first + AGING, top))
+  end
+  return best
+end
+
+local function next_model()
+  -- The model lane without a place whose switch falls due first (ties: its oldest job
+  -- whose client may run one more).
+  local queued = redis.call('ZRANGE', P .. 'queued', 0, -1)
+  local best, best_due, best_seq = nil, nil, nil
+  for _, lane in ipairs(queued) do
+    if redis.call('SISMEMBER', P .. 'active', lane) == 0 then
+      local id, seq = oldest_ready(lane, nil)
+      if id then
+        local d = due(lane)
+        if not best or d < best_due or (d == best_due and seq < best_seq) then
+          best, best_due, best_seq = lane, d, seq
+        end
+      end
+    end
+  end
+  return best, best_due
 end
 
 local function switch_target()
-  local lane, id = oldest_queued()
-  if not lane then return nil end
-  local sub = tonumber(redis.call('HGET', P .. 'job:' .. id, 'sub'))
-  local slice = tonumber(redis.call('GET', P .. 'slice') or '0')
-  if math.max(sub, slice) + SWITCH_AFTER <= now then return lane end
+  local lane, d = next_model()
+  if lane and d <= now then return lane end
   return nil
 end
 
@@ -110,24 +158,71 @@ local function refresh_queued(lane)
   end
 end
 
-local function dequeue(id, lane, client)
+local function enqueue(id, lane, client, pri, seq)
+  redis.call('ZADD', P .. 'wait', seq, id)
+  redis.call('ZADD', P .. 'q:' .. lane, seq, id)
+  redis.call('ZADD', P .. 'qc:' .. lane .. ':' .. pri, seq, id)
+  if redis.call('RPUSH', line(lane, pri, client), id) == 1 then
+    -- The client's next job of its class: its aging clock starts now.
+    redis.call('RPUSH', P .. 'turns:' .. lane .. ':' .. pri, client)
+    redis.call('HSET', P .. 'job:' .. id, 'front', now)
+    redis.call('ZADD', P .. 'fronts:' .. lane, redis.call('INCR', P .. 'fseq'), id)
+  end
+  refresh_queued(lane)
+  redis.call('HINCRBY', P .. 'cw', client, 1)
+  redis.call('HINCRBY', P .. 'pc', 'w' .. pri, 1)
+end
+
+local function dequeue(id, lane, client, pri, take)
+  -- take: the job starts, so its client's turn in its class goes to the end.
   redis.call('ZREM', P .. 'wait', id)
   redis.call('ZREM', P .. 'q:' .. lane, id)
-  local cq = P .. 'cq:' .. lane .. '\0' .. client
+  redis.call('ZREM', P .. 'qc:' .. lane .. ':' .. pri, id)
+  local cq = line(lane, pri, client)
   redis.call('LREM', cq, 1, id)
+  local turns = P .. 'turns:' .. lane .. ':' .. pri
   if redis.call('LLEN', cq) == 0 then
-    redis.call('LREM', P .. 'turns:' .. lane, 0, client)
+    redis.call('LREM', turns, 0, client)
+  elseif take then
+    redis.call('LREM', turns, 1, client)
+    redis.call('RPUSH', turns, client)
+  end
+  if redis.call('ZREM', P .. 'fronts:' .. lane, id) == 1 then
+    local nxt = redis.call('LINDEX', cq, 0)
+    if nxt then
+      redis.call('HSET', P .. 'job:' .. nxt, 'front', now)
+      redis.call('ZADD', P .. 'fronts:' .. lane, redis.call('INCR', P .. 'fseq'), nxt)
+    end
   end
   refresh_queued(lane)
   if redis.call('HINCRBY', P .. 'cw', client, -1) <= 0 then
     redis.call('HDEL', P .. 'cw', client)
   end
+  redis.call('HINCRBY', P .. 'pc', 'w' .. pri, -1)
+end
+
+local function pick(lane)
+  -- The job to start next: the front job that aged first, else the highest class's
+  -- next client in turn (core.LaneQueue.pick). A client at its running cap is passed
+  -- over and keeps its place.
+  for _, id in ipairs(redis.call('ZRANGE', P .. 'fronts:' .. lane, 0, -1)) do
+    local fields = redis.call('HMGET', P .. 'job:' .. id, 'front', 'client')
+    if tonumber(fields[1]) + AGING > now then break end
+    if may_run(fields[2]) then return id end
+  end
+  for pri = 0, 2 do
+    for _, client in ipairs(redis.call('LRANGE', P .. 'turns:' .. lane .. ':' .. pri, 0, -1)) do
+      if may_run(client) then return redis.call('LINDEX', line(lane, pri, client), 0) end
+    end
+  end
+  return nil
 end
 
 local function start(id, lane, notify)
   local job = P .. 'job:' .. id
   redis.call('HSET', job, 'state', 'r')
   redis.call('HINCRBY', P .. 'cr', redis.call('HGET', job, 'client'), 1)
+  redis.call('HINCRBY', P .. 'pc', 'r' .. (redis.call('HGET', job, 'pri') or '1'), 1)
   redis.call('SADD', P .. 'run:' .. lane, id)
   if lane ~= 'a' then redis.call('SADD', P .. 'active', lane) end
   redis.call('ZADD', P .. 'leases', now + LEASE, id)
@@ -140,22 +235,13 @@ local function start(id, lane, notify)
 end
 
 local function fill(lane)
-  -- Start lane's waiting jobs up to its slots, clients in turn (round-robin).
-  local turns = P .. 'turns:' .. lane
+  -- Start lane's waiting jobs up to its slots: aged front jobs, then by class, clients
+  -- in turn within a class.
   while redis.call('SCARD', P .. 'run:' .. lane) < slots(lane) do
-    -- The first client in turn that may run one more; one at its cap keeps its place.
-    local client = nil
-    for _, c in ipairs(redis.call('LRANGE', turns, 0, -1)) do
-      if may_run(c) then client = c; break end
-    end
-    if not client then return end
-    local cq = P .. 'cq:' .. lane .. '\0' .. client
-    local id = redis.call('LINDEX', cq, 0)
-    dequeue(id, lane, client)
-    if redis.call('LLEN', cq) > 0 then
-      redis.call('LREM', turns, 1, client)
-      redis.call('RPUSH', turns, client)
-    end
+    local id = pick(lane)
+    if not id then return end
+    local fields = redis.call('HMGET', P .. 'job:' .. id, 'client', 'pri')
+    dequeue(id, lane, fields[1], fields[2], true)
     start(id, lane, true)
   end
 end
@@ -176,7 +262,7 @@ local function pump()
       end
     end
     if redis.call('SCARD', P .. 'active') >= MAX_ACTIVE then return end
-    local chosen = target or oldest_queued()
+    local chosen = target or next_model()
     if not chosen then return end
     redis.call('SET', P .. 'slice', now)
     redis.call('HINCRBY', P .. 'stats', 'activations', 1)
@@ -188,16 +274,17 @@ end
 local function remove(id)
   -- Forget a job however it ended; return what it was: 'running', 'waiting' or 'none'.
   local job = P .. 'job:' .. id
-  local fields = redis.call('HMGET', job, 'lane', 'client', 'state')
-  local lane, client, state = fields[1], fields[2], fields[3]
+  local fields = redis.call('HMGET', job, 'lane', 'client', 'state', 'pri')
+  local lane, client, state, pri = fields[1], fields[2], fields[3], fields[4] or '1'
   redis.call('ZREM', P .. 'leases', id)
   if not lane then return 'none' end
   redis.call('DEL', job)
   if state == 'w' then
-    dequeue(id, lane, client)
+    dequeue(id, lane, client, pri, false)
     return 'waiting'
   end
   -- The lane keeps its place until the next pump (see there).
+  redis.call('HINCRBY', P .. 'pc', 'r' .. pri, -1)
   redis.call('SREM', P .. 'run:' .. lane, id)
   if redis.call('HINCRBY', P .. 'cr', client, -1) <= 0 then
     redis.call('HDEL', P .. 'cr', client)
@@ -215,7 +302,7 @@ local function reap()
 end
 
 local function can_start(lane)
-  if oldest_ready(lane) then return false end
+  if oldest_ready(lane, nil) then return false end
   local running = redis.call('SCARD', P .. 'run:' .. lane)
   if lane == 'a' then return running < ADMIN_SLOTS end
   if switch_target() then return false end
@@ -224,27 +311,30 @@ local function can_start(lane)
 end
 """
 
-# ARGV[8..]: job id, lane, client, owner, queue_max, queue_max_per_client, then
+# ARGV[9..]: job id, lane, client, owner, queue_max, queue_max_per_client, then
 # "requeue" ('1': a job that already waited elsewhere, so the bounds do not turn it away),
-# the ms it already waited (its arrival is set that far back), and the client's running
-# cap (its API key's max_running; '' for none), which the client keeps until its next job.
+# the ms it already waited (its arrival is set that far back), its class, and the client's
+# running cap (its API key's max_running; '' for none), which the client keeps until its
+# next job.
 # Returns {'running'} | {'waiting'} | {'client_queue_full', lane_waiting} | {'queue_full', waiting}.
 _SUBMIT = (
     _PRELUDE
     + r"""
-local id, lane, client, owner = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
-local queue_max, per_client = tonumber(ARGV[12]), tonumber(ARGV[13])
-local requeue, sub = ARGV[14] == '1', now - tonumber(ARGV[15])
+local id, lane, client, owner = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local queue_max, per_client = tonumber(ARGV[13]), tonumber(ARGV[14])
+local requeue, sub = ARGV[15] == '1', now - tonumber(ARGV[16])
+local pri = ARGV[17]
 if reap() > 0 then pump() end
 if redis.call('EXISTS', P .. 'job:' .. id) == 1 then return redis.error_reply('job exists') end
-if ARGV[16] ~= '' then
-  redis.call('HSET', P .. 'cap', client, ARGV[16])
+if ARGV[18] ~= '' then
+  redis.call('HSET', P .. 'cap', client, ARGV[18])
 else
   redis.call('HDEL', P .. 'cap', client)
 end
 local job = P .. 'job:' .. id
 if may_run(client) and can_start(lane) then
-  redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w')
+  redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w',
+    'pri', pri)
   if lane ~= 'a' and redis.call('SISMEMBER', P .. 'active', lane) == 0 then
     redis.call('SET', P .. 'slice', now)
     redis.call('HINCRBY', P .. 'stats', 'activations', 1)
@@ -261,34 +351,30 @@ if not requeue and redis.call('ZCARD', P .. 'wait') >= queue_max then
   return {'queue_full', redis.call('ZCARD', P .. 'wait')}
 end
 local seq = redis.call('INCR', P .. 'seq')
-redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w')
-redis.call('ZADD', P .. 'wait', seq, id)
-redis.call('ZADD', P .. 'q:' .. lane, seq, id)
-local cq = P .. 'cq:' .. lane .. '\0' .. client
-if redis.call('RPUSH', cq, id) == 1 then redis.call('RPUSH', P .. 'turns:' .. lane, client) end
-refresh_queued(lane)
-redis.call('HINCRBY', P .. 'cw', client, 1)
+redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', sub, 'state', 'w',
+  'pri', pri)
+enqueue(id, lane, client, pri, seq)
 redis.call('ZADD', P .. 'leases', now + LEASE, id)
 return {'waiting'}
 """
 )
 
-# ARGV[8]: job id; ARGV[9]: the reason a waiting job leaves ('queue_timeout', 'cancelled'),
+# ARGV[9]: job id; ARGV[10]: the reason a waiting job leaves ('queue_timeout', 'cancelled'),
 # counted in stats if it was still waiting. Returns what the job was: 'running',
 # 'waiting' or 'none'.
 _FINISH = (
     _PRELUDE
     + r"""
-local was = remove(ARGV[8])
-if was == 'waiting' and ARGV[9] ~= '' then redis.call('HINCRBY', P .. 'stats', ARGV[9], 1) end
+local was = remove(ARGV[9])
+if was == 'waiting' and ARGV[10] ~= '' then redis.call('HINCRBY', P .. 'stats', ARGV[10], 1) end
 reap()
 pump()
 return was
 """
 )
 
-# ARGV[8]: the owner; ARGV[9]: n, the number of running jobs; ARGV[10 .. 9 + 3n]: each
-# running job's id, lane and client; the rest: ids of waiting jobs. Renews every lease;
+# ARGV[9]: the owner; ARGV[10]: n, the number of running jobs; ARGV[11 .. 10 + 4n]: each
+# running job's id, lane, client and class; the rest: ids of waiting jobs. Renews every lease;
 # a running job that Redis no longer knows (its lease lapsed while Redis was out of
 # reach, or Redis restarted empty, or it ran on the process's own slots meanwhile) is
 # counted again as running, whatever the slots: it runs, so it holds one. Then reaps,
@@ -296,13 +382,14 @@ return was
 _TICK = (
     _PRELUDE
     + r"""
-local owner, n = ARGV[8], tonumber(ARGV[9])
+local owner, n = ARGV[9], tonumber(ARGV[10])
 local missing, counted = {}, {}
-for i = 10, 9 + 3 * n, 3 do
-  local id, lane, client = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 11, 10 + 4 * n, 4 do
+  local id, lane, client, pri = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if not redis.call('ZSCORE', P .. 'leases', id) then
     local job = P .. 'job:' .. id
-    redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now)
+    redis.call('HSET', job, 'lane', lane, 'client', client, 'owner', owner, 'sub', now,
+      'pri', pri)
     start(id, lane, false)
     redis.call('HINCRBY', P .. 'stats', 'admitted', -1)  -- admitted once already
     redis.call('HINCRBY', P .. 'stats', 'counted_again', 1)
@@ -310,7 +397,7 @@ for i = 10, 9 + 3 * n, 3 do
   end
   redis.call('ZADD', P .. 'leases', now + LEASE, id)
 end
-for i = 10 + 3 * n, #ARGV do
+for i = 11 + 4 * n, #ARGV do
   if redis.call('ZSCORE', P .. 'leases', ARGV[i]) then
     redis.call('ZADD', P .. 'leases', now + LEASE, ARGV[i])
   else
@@ -335,10 +422,17 @@ local function lane_of(lane)
       running = redis.call('SCARD', P .. 'run:' .. lane),
       waiting = redis.call('ZCARD', P .. 'q:' .. lane),
       slots = slots(lane),
-      clients_waiting = redis.call('LLEN', P .. 'turns:' .. lane),
+      clients_waiting = 0,
       active = redis.call('SISMEMBER', P .. 'active', lane) == 1,
       oldest_wait = 0,
     }
+    local seen, clients = {}, 0
+    for pri = 0, 2 do
+      for _, client in ipairs(redis.call('LRANGE', P .. 'turns:' .. lane .. ':' .. pri, 0, -1)) do
+        if not seen[client] then seen[client], clients = true, clients + 1 end
+      end
+    end
+    lanes[lane].clients_waiting = clients
     local first = redis.call('ZRANGE', P .. 'q:' .. lane, 0, 0)
     if #first > 0 then
       local sub = tonumber(redis.call('HGET', P .. 'job:' .. first[1], 'sub') or now)
@@ -359,6 +453,7 @@ return cjson.encode({
   running = redis.call('HGETALL', P .. 'cr'),
   target = target or false,
   stats = stats,
+  classes = redis.call('HGETALL', P .. 'pc'),
 })
 """
 )
@@ -402,6 +497,7 @@ class RedisScheduler:
         queue_timeout: float = 300.0,
         lease: float = DEFAULT_LEASE,
         prefix: str = KEY_PREFIX,
+        priority_aging: float = DEFAULT_AGING,
     ) -> None:
         if not lease > 0:
             raise ValueError(f"lease must be above 0, not {lease!r}")
@@ -422,6 +518,7 @@ class RedisScheduler:
             str(admin_concurrency),
             str(int(switch_after * 1000)),
             "\n".join(f"{m}\t{n}" for m, n in sorted(self.overrides.items())),
+            str(int(priority_aging * 1000)),
         ]
         self._submit = client.register_script(_SUBMIT)
         self._finish = client.register_script(_FINISH)
@@ -452,8 +549,10 @@ class RedisScheduler:
         max_waiting: int | None = None,
         max_running: int | None = None,
         now_ms: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Decision:
-        """Add a job: it runs at once, waits, or is turned away (client share, queue full).
+        """Add a job of class ``priority``: it runs at once, waits, or is turned away
+        (client share, queue full).
 
         ``requeue``: the job already waited ``waited`` seconds in another queue (this
         process's own, while Redis was out of reach); it is not turned away, and its
@@ -471,6 +570,7 @@ class RedisScheduler:
             str(self.queue_max_per_client if max_waiting is None else max_waiting),
             "1" if requeue else "",
             str(max(0, int(waited * 1000))),
+            str(priority_rank(priority)),
             "" if max_running is None else str(max_running),
         )
         reply = self._submit(keys=[self.prefix], args=args)
@@ -489,18 +589,22 @@ class RedisScheduler:
         self,
         owner: str,
         *,
-        running: Iterable[tuple[str, str, str]] = (),
+        running: Iterable[tuple[str, str, str, str]] = (),
         waiting: Iterable[str] = (),
         now_ms: int | None = None,
     ) -> Ticked:
         """Renew the leases of ``owner``'s jobs, drop lapsed jobs, start what the rules allow.
 
-        ``running`` holds (id, lane, client) of each job running: one that Redis does not
-        know is counted again (``Ticked.counted``). Waiting ids that Redis does not know
-        come back in ``Ticked.missing``.
+        ``running`` holds (id, lane, client, class) of each job running: one that Redis
+        does not know is counted again (``Ticked.counted``). Waiting ids that Redis does not
+        know come back in ``Ticked.missing``.
         """
-        jobs = [field for job in running for field in job]
-        args = self._argv(now_ms, owner, str(len(jobs) // 3), *jobs, *waiting)
+        jobs = [
+            field
+            for job_id, lane, client, priority in running
+            for field in (job_id, lane, client, str(priority_rank(priority)))
+        ]
+        args = self._argv(now_ms, owner, str(len(jobs) // 4), *jobs, *waiting)
         missing, counted = self._tick(keys=[self.prefix], args=args)
         return Ticked([_text(m) for m in missing], [_text(c) for c in counted])
 
@@ -539,6 +643,14 @@ class RedisScheduler:
             clients.setdefault(name, {"waiting": 0, "running": 0})["waiting"] = int(n)
         for name, n in _pairs(raw["running"]).items():
             clients.setdefault(name, {"waiting": 0, "running": 0})["running"] = int(n)
+        counts = _pairs(raw["classes"])
+        priorities: dict[str, ClassSnapshot] = {
+            name: {
+                "waiting": int(counts.get(f"w{rank}", 0)),
+                "running": int(counts.get(f"r{rank}", 0)),
+            }
+            for rank, name in enumerate(PRIORITIES)
+        }
         waiting = int(raw["waiting"])
         slots = sum(models[m]["slots"] for m in active if m in models) or self.concurrency
         return {
@@ -566,6 +678,7 @@ class RedisScheduler:
                 "waited": models[target]["oldest_wait"] if target in models else 0.0,
                 "draining": active if target is not None else [],
             },
+            "priorities": priorities,
             "retry_after": estimate_wait(
                 avg_seconds, waiting - admin["waiting"], slots, self.queue_timeout
             ),

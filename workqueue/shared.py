@@ -36,7 +36,7 @@ from redis.retry import Retry
 from errors import ClientShareFull, GateError, QueueFull, QueueTimeout, ShuttingDown
 from pipeline import ClientGone as GoneFlag
 
-from .core import QueueSnapshot, estimate_wait, ewma
+from .core import DEFAULT_PRIORITY, QueueSnapshot, estimate_wait, ewma
 from .gate import ClientGone, Requeued, Slot, WorkQueue, wait_or_gone
 from .scripts import DEFAULT_LEASE, KEY_PREFIX, RedisScheduler, lane_of
 
@@ -117,22 +117,25 @@ class FallbackSlot(SharedSlot):
 
 
 class _Held:
-    """A job of this process that runs: its lane and client, and whether Redis counts it."""
+    """A job of this process that runs: its lane, client and class, and whether Redis
+    counts it."""
 
-    __slots__ = ("lane", "client", "counted")
+    __slots__ = ("lane", "client", "priority", "counted")
 
-    def __init__(self, lane: str, client: str, counted: bool) -> None:
+    def __init__(self, lane: str, client: str, priority: str, counted: bool) -> None:
         self.lane = lane
         self.client = client
+        self.priority = priority
         self.counted = counted
 
 
 class _Waiter:
-    __slots__ = ("lane", "client", "event", "queued", "started", "error")
+    __slots__ = ("lane", "client", "priority", "event", "queued", "started", "error")
 
-    def __init__(self, lane: str, client: str) -> None:
+    def __init__(self, lane: str, client: str, priority: str) -> None:
         self.lane = lane
         self.client = client
+        self.priority = priority
         self.event = gevent.event.Event()
         self.queued = False  # the submit script has answered "waiting"
         self.started = False
@@ -184,6 +187,7 @@ class SharedWorkQueue:
             queue_timeout=settings.queue_timeout,
             lease=lease,
             prefix=prefix,
+            priority_aging=settings.priority_aging,
         )
         self.lease = float(lease)
         self.probe_every = min(PROBE_EVERY, self.lease / 3)
@@ -240,8 +244,10 @@ class SharedWorkQueue:
         client_gone: GoneFlag | None = None,
         max_waiting: int | None = None,
         max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> Slot:
-        """Block this greenlet until the job may run and return its slot (see WorkQueue).
+        """Block this greenlet until the job may run (served as class ``priority``) and
+        return its slot (see WorkQueue).
 
         While Redis is out of reach the job waits in this process's own queue; when Redis
         answers again, it leaves that queue and waits in Redis (requeued).
@@ -265,6 +271,7 @@ class SharedWorkQueue:
                         requeue,
                         max_waiting,
                         max_running,
+                        priority,
                     )
                 except RedisDown:
                     pass  # admitted below, with this process's own slots
@@ -279,12 +286,13 @@ class SharedWorkQueue:
                     client_gone=client_gone,
                     max_waiting=max_waiting,
                     max_running=max_running,
+                    priority=priority,
                 )
             except Requeued:
                 requeue = True  # Redis answers again: wait there
                 continue
             job_id = f"{self.owner}:{next(self._ids)}"
-            self._running[job_id] = _Held(lane_of(model, admin), client, counted=False)
+            self._running[job_id] = _Held(lane_of(model, admin), client, priority, counted=False)
             if not self.fallback:
                 # It started on this process's own slots just as Redis came back, after the
                 # running jobs were counted there: count it before it runs.
@@ -348,6 +356,7 @@ class SharedWorkQueue:
         requeue: bool,
         max_waiting: int | None = None,
         max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
     ) -> SharedSlot:
         job_id = f"{self.owner}:{next(self._ids)}"
         lane = lane_of(model, admin)
@@ -355,7 +364,7 @@ class SharedWorkQueue:
         if self.fallback:
             raise RedisDown()  # it went down again while this process's jobs were counted
         # Registered before the script runs: the pump may see the wake-up first.
-        waiter = self._waiters[job_id] = _Waiter(lane, client)
+        waiter = self._waiters[job_id] = _Waiter(lane, client, priority)
         try:
             decision = self._sched.submit(
                 job_id,
@@ -366,6 +375,7 @@ class SharedWorkQueue:
                 waited=self._clock() - submitted if requeue else 0.0,
                 max_waiting=max_waiting,
                 max_running=max_running,
+                priority=priority,
             )
         except redis.RedisError as exc:
             self._waiters.pop(job_id, None)
@@ -376,7 +386,7 @@ class SharedWorkQueue:
             raise
         if decision.outcome == "running":
             self._waiters.pop(job_id, None)
-            self._running[job_id] = _Held(lane, client, counted=True)
+            self._running[job_id] = _Held(lane, client, priority, counted=True)
             return SharedSlot(self, job_id, model, client, admin, self._clock() - submitted)
         if decision.outcome != "waiting":
             self._waiters.pop(job_id, None)
@@ -487,15 +497,15 @@ class SharedWorkQueue:
                 self._spawn_finish(job_id)
                 continue
             waiter.started = True
-            self._running[job_id] = _Held(waiter.lane, waiter.client, counted=True)
+            self._running[job_id] = _Held(waiter.lane, waiter.client, waiter.priority, counted=True)
             waiter.event.set()
 
     def _tick(self, *, renew: bool = False) -> None:
         now = self._clock()
-        running: list[tuple[str, str, str]] = []
+        running: list[tuple[str, str, str, str]] = []
         waiting: list[str] = []
         if renew or now >= self._next_renew:
-            running = [(i, h.lane, h.client) for i, h in self._running.items()]
+            running = [(i, h.lane, h.client, h.priority) for i, h in self._running.items()]
             # Not the jobs whose submit has not answered yet: Redis may not know them.
             waiting = [i for i, w in self._waiters.items() if w.queued]
             self._next_renew = now + self.lease / 3
