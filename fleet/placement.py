@@ -21,15 +21,23 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   there first. A place that frees goes to the waiting model whose oldest job has waited
   longest; among the backends that can give it a place, the best is one where it is
   loaded, then one with room to load it without evicting anything, then one where an idle
-  model must make way; ties go to the least busy backend for its weight.
+  model that is not held must make way; ties go to the least busy backend for its weight.
 * Oldest first: a waiting model with no place anywhere reserves the backends that could
   run it, so younger models take no new place there until it has one.
+* Hold, per backend: a model loaded on a backend (per ``/api/ps``) that had a job start
+  or end there within ``switch_after`` keeps its place while idle, as a running model
+  does: its own next job takes the place back ahead of older models, and no other model
+  (nor a copy) replaces it until its hold runs out or a switch is due. This is the
+  single-host rule: places change by a switch, not whenever a model's queue is empty
+  for an instant between one client's jobs.
 * Switch, per backend: once that oldest model has waited ``switch_after`` (counted from
-  its oldest job's arrival or the backend's last new place, whichever is later), the
-  backends that could run it take no new jobs and drain; the first place freed goes to it.
+  its oldest job's arrival or the backend's last new place, whichever is later; a held
+  model taking its place back is no new place), the backends that could run it take no
+  new jobs and drain; the first place freed, or a held one, goes to it.
 * Copies: a model running somewhere takes a place on another backend too when it is
   loaded there, or when its queue is at least COPY_DEPTH times its running slots and the
-  backend has a free place (evicting, if it must, only idle models no job waits for). A
+  backend has a free place (evicting, if it must, only idle models no job waits for and
+  none held). A
   copy keeps its place while jobs of its model wait, and gives it up when they are done
   (hysteresis: it opens at a deep queue and closes at an empty one).
 * A job whose backend failed before it answered goes back to its place in the queue
@@ -155,6 +163,7 @@ class _Host:
         "activations",
         "forced_switches",
         "admitted",
+        "last_work",
     )
 
     def __init__(self, backend: Backend, index: int) -> None:
@@ -167,6 +176,7 @@ class _Host:
         self.activations = 0
         self.forced_switches = 0
         self.admitted = 0
+        self.last_work: dict[str, float] = {}  # model -> its last job start or end here
 
     @property
     def name(self) -> str:
@@ -458,6 +468,9 @@ class FleetScheduler:
             due = self._switch_due(host)
             if due is not None and due[1] > self._now:
                 deadlines.append(due[1])
+            if oldest is not None:
+                # A place held for an idle model frees for waiting work when its hold ends.
+                deadlines.extend(self._held(host, self._now).values())
         return min(deadlines, default=None)
 
     def pending_switch(self, now: float) -> tuple[str, list[str]] | None:
@@ -573,7 +586,7 @@ class FleetScheduler:
         lane = self._oldest_unplaced(host)
         if lane is None:
             return None
-        if self._room(host, lane):
+        if self._room(host, lane, self._now):
             return None  # it takes the room at the next pump, no switch needed
         return lane, self._due(_arrivals(lane), host.slice_start)
 
@@ -601,9 +614,36 @@ class FleetScheduler:
                 best = lane
         return best
 
-    def _room(self, host: _Host, lane: _Lane) -> bool:
-        """Whether ``lane`` may take a new place on ``host`` now (count and VRAM)."""
-        return len(host.active) < host.backend.max_models and host.fits(lane.name, host.active)
+    def _room(self, host: _Host, lane: _Lane, now: float, *, forced: bool = False) -> bool:
+        """Whether ``lane`` may take a new place on ``host`` now (count and VRAM).
+
+        Idle models held there (``_held``) keep their places, as if they still ran,
+        unless ``lane`` is one of them or a switch to ``lane`` is due (``forced``).
+        """
+        others = set(host.active)
+        if not forced:
+            held = self._held(host, now)
+            if lane.name not in held:
+                others.update(held)
+        return len(others) < host.backend.max_models and host.fits(lane.name, others)
+
+    def _held(self, host: _Host, now: float) -> dict[str, float]:
+        """Idle models loaded on ``host`` that had work there within ``switch_after``, each
+        with the time its hold runs out.
+
+        Such a model keeps its place for its own next jobs as a running one does: another
+        model replaces it only once it has had no work for ``switch_after``, or by a
+        switch (a job of the other model waited ``switch_after``). A backend whose
+        loaded models are unknown holds none.
+        """
+        held: dict[str, float] = {}
+        for name in host.view.loaded:
+            if name in host.active:
+                continue
+            until = host.last_work.get(name, float("-inf")) + self.switch_after
+            if until > now:
+                held[name] = until
+        return held
 
     def _tier(self, host: _Host, lane: _Lane) -> int:
         if lane.name in host.active or lane.name in host.view.loaded:
@@ -660,9 +700,12 @@ class FleetScheduler:
                 tier = TIER_LOADED
                 forced = False
             else:
-                if host.name in reserved or not self._room(host, lane):
-                    continue
                 if target is not None and target is not lane:
+                    continue
+                # A model held idle here takes its place back ahead of older models.
+                if host.name in reserved and lane.name not in self._held(host, now):
+                    continue
+                if not self._room(host, lane, now, forced=target is lane):
                     continue
                 tier = self._tier(host, lane)
                 if placed and tier != TIER_LOADED:
@@ -753,7 +796,10 @@ class FleetScheduler:
             started.append(job.key)
 
     def _activate(self, lane: _Lane, host: _Host, now: float, *, forced: bool) -> None:
+        resumed = not forced and lane.name in self._held(host, now)
         host.active[lane.name] = lane
+        if resumed:
+            return  # a held model takes its place back: the same slice goes on
         host.slice_start = now
         host.activations += 1
         if forced:
@@ -837,6 +883,7 @@ class FleetScheduler:
         if host is not None:
             host.running.setdefault(job.lane.name, {})[job.key] = job
             host.admitted += 1
+            self._worked(host, job.lane.name, now)
         job.lane.admitted += 1
         self._admitted += 1
         self._client(job.client).running += 1
@@ -853,6 +900,8 @@ class FleetScheduler:
             del jobs[job.key]
             if not jobs:
                 del host.running[lane.name]
+            if count:
+                self._worked(host, lane.name, now)
         job.host = None
         self._clients[job.client].running -= 1
         self._classes[job.priority].running -= 1
@@ -862,6 +911,13 @@ class FleetScheduler:
             lane.touched = now
             lane.avg_seconds = ewma(lane.avg_seconds, held)
             self._avg_seconds = ewma(self._avg_seconds, held)
+
+    def _worked(self, host: _Host, model: str, now: float) -> None:
+        """Note that ``model`` had work on ``host`` at ``now``; forget holds run out."""
+        stale = now - self.switch_after
+        for name in [name for name, when in host.last_work.items() if when <= stale]:
+            del host.last_work[name]
+        host.last_work[model] = now
 
     def _reject(self, lane: _Lane, reason: str) -> None:
         lane.rejected[reason] += 1

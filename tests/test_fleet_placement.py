@@ -352,6 +352,44 @@ def test_a_copy_for_a_deep_queue_may_evict_an_idle_model() -> None:
     assert s.snapshot(2.0)["backends"][1]["models"] == {}
 
 
+def test_a_copy_does_not_evict_a_model_that_had_work_within_the_switch_interval() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=2, switch_after=5.0)
+    s.observe("b", View(loaded={"other": GB}), 0.0)
+    assert s.submit(1, "other", "x", 0.0) is RUNNING
+    assert where(s, 1) == "b"
+    assert s.finish(1, 1.0) == []  # other is idle on b, held until 6.0
+    assert s.submit(2, "m", "x", 1.0) is RUNNING
+    assert where(s, 2) == "a"
+    assert s.submit(3, "m", "x", 1.0) is WAITING
+    assert s.submit(4, "m", "y", 1.0) is WAITING
+    assert s.tick(1.0) == []  # a deep queue, but no copy in other's place yet
+    assert s.submit(5, "other", "z", 2.0) is RUNNING  # its next job takes the place back
+    assert where(s, 5) == "b"
+    assert s.finish(5, 3.0) == []
+    assert s.next_deadline() == 8.0  # the hold ends switch_after after other's last job
+    assert s.tick(7.9) == []
+    assert s.tick(8.0) == [3]  # then the copy opens and other makes way
+    assert where(s, 3) == "b"
+    assert s.snapshot(8.0)["backends"][1]["activations"] == 2  # other once, then m
+
+
+def test_a_model_waits_for_a_held_place_until_its_switch_is_due() -> None:
+    s = FleetScheduler([backend("a", max_models=2, slots=1)], switch_after=4.0)
+    s.observe("a", View(loaded={"m": GB, "n": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "n", "y", 0.0) is RUNNING
+    assert s.finish(2, 1.0) == []  # n is held: its client's next job comes right after
+    assert s.submit(3, "p", "z", 1.5) is WAITING  # p may not replace n yet
+    assert s.submit(4, "n", "y", 2.0) is RUNNING  # n takes its place back, ahead of p
+    assert s.finish(4, 3.0) == []
+    assert s.next_deadline() == 5.5  # p's switch: its job waited 4 s (n's hold ends at 7)
+    assert s.tick(5.4) == []
+    assert s.pending_switch(5.5) == ("p:latest", ["m:latest"])
+    assert s.tick(5.5) == [3]  # n's held place goes to p at once, m drains
+    assert s.submit(5, "m", "x", 5.5) is WAITING
+    assert s.snapshot(5.5)["backends"][0]["forced_switches"] == 1
+
+
 def test_the_oldest_model_without_a_place_reserves_its_backends() -> None:
     s = FleetScheduler([backend("a"), backend("b")], switch_after=5.0)
     assert s.submit(1, "m", "x", 0.0) is RUNNING
@@ -379,6 +417,123 @@ def test_a_switch_drains_only_the_backends_that_can_run_the_waiting_model() -> N
     snap = s.snapshot(4.0)
     assert snap["backends"][0]["forced_switches"] == 1
     assert snap["backends"][0]["draining_for"] is None
+
+
+# Replacements: a loaded model that keeps getting work is not replaced at once
+
+
+class ClosedLoop:
+    """Clients that each send one job after another (the next as the previous ends), and
+    Ollama's side, clock-free: a backend loads a model when a job of it starts there,
+    evicts its least recently used idle model when it holds too many, and every change
+    of what it has loaded reaches the scheduler as its ``/api/ps`` would."""
+
+    def __init__(self, s: FleetScheduler, clients: dict[str, Callable[[int], str]]) -> None:
+        self.s, self.clients = s, clients
+        self.now = 0.0
+        self.ids = itertools.count()
+        self.client_of: dict[Hashable, str] = {}
+        self.sent: dict[str, int] = dict.fromkeys(clients, 0)
+        self.ends: dict[Hashable, float] = {}
+        self.loaded: dict[str, dict[str, None]] = {b.name: {} for b in s.backends}  # LRU first
+        self.running: dict[str, dict[str, int]] = {b.name: {} for b in s.backends}
+        self.limits = {b.name: b.max_models for b in s.backends}
+        self.loads = dict.fromkeys(self.loaded, 0)
+        self.evictions = dict.fromkeys(self.loaded, 0)
+        self.done = 0
+
+    def send(self, client: str) -> None:
+        job_id = next(self.ids)
+        model = self.clients[client](self.sent[client])
+        self.sent[client] += 1
+        self.client_of[job_id] = client
+        if self.s.submit(job_id, model, client, self.now) is RUNNING:
+            self.started([job_id])
+
+    def started(self, jobs: list[Hashable]) -> None:
+        for job_id in jobs:
+            where = self.s.backend_of(job_id)
+            assert where is not None
+            model = normalize_model_of(self.s, job_id)
+            loaded, running = self.loaded[where.name], self.running[where.name]
+            running[model] = running.get(model, 0) + 1
+            # a job's length varies with its id, so a model's jobs end one by one
+            self.ends[job_id] = self.now + 0.6 + (int(job_id) * 0.37) % 1.0
+            if model in loaded:
+                loaded[model] = loaded.pop(model)  # most recently used last
+                continue
+            loaded[model] = None
+            self.loads[where.name] += 1
+            while len(loaded) > self.limits[where.name]:
+                idle = next(name for name in loaded if not running.get(name))
+                del loaded[idle]
+                self.evictions[where.name] += 1
+            view = View(loaded=dict.fromkeys(loaded, GB))
+            self.started(self.s.observe(where.name, view, self.now))
+
+    def run(self, until: float) -> None:
+        for client in self.clients:
+            self.send(client)
+        while True:
+            end = min(self.ends.items(), key=lambda item: (item[1], str(item[0])), default=None)
+            deadline = self.s.next_deadline()
+            at = min(end[1] if end else math.inf, deadline if deadline is not None else math.inf)
+            if at > until:
+                return
+            self.now = max(self.now, at)
+            if end is not None and end[1] <= self.now:
+                job_id = end[0]
+                del self.ends[job_id]
+                where = self.s.backend_of(job_id)
+                assert where is not None
+                self.running[where.name][normalize_model_of(self.s, job_id)] -= 1
+                self.started(self.s.finish(job_id, self.now))
+                self.done += 1
+                self.send(self.client_of.pop(job_id))
+            else:
+                self.started(self.s.tick(self.now))
+
+
+def normalize_model_of(s: FleetScheduler, job_id: Hashable) -> str:
+    return s._jobs[job_id].model  # noqa: SLF001 - the test's Ollama needs the model's name
+
+
+def dedicated(model: str) -> Callable[[int], str]:
+    return lambda _: model
+
+
+def test_models_that_keep_getting_work_are_not_replaced_before_the_switch_interval() -> None:
+    """Four models, one client each, one backend holding two: a model's place is empty
+    between its client's jobs, yet each load is a switch, and a model switched in runs at
+    least switch_after before it is replaced (the core's rule)."""
+    switch_after, until = 8.0, 200.0
+    s = FleetScheduler([backend("big", max_models=2, slots=2)], switch_after=switch_after)
+    models = ("m1", "m2", "m3", "m4")
+    loop = ClosedLoop(s, {f"client-{m}": dedicated(m) for m in models})
+    loop.run(until)
+    assert loop.done > until  # work went on
+    assert loop.loads["big"] <= until / switch_after + len(models), loop.loads
+    snap = s.snapshot(loop.now)["backends"][0]
+    assert snap["activations"] <= until / switch_after + len(models), snap
+
+
+def test_the_demo_load_switches_each_backend_at_most_once_per_switch_interval() -> None:
+    """make demo's fleet: gpu-big holds two models, gpu-small one (m4 installed on big only),
+    eight clients asking one model after another at random."""
+    switch_after, until = 8.0, 200.0
+    big = backend("gpu-big", max_models=2, slots=2)
+    small = backend("gpu-small", max_models=1, slots=1, models=("m1", "m2", "m3"))
+    s = FleetScheduler([big, small], switch_after=switch_after)
+    models = ("m1", "m2", "m3", "m4")
+
+    def picks(seed: int) -> Callable[[int], str]:
+        return lambda n: models[(seed * 7 + n * 5 + n * n * 3) % len(models)]
+
+    loop = ClosedLoop(s, {f"c{seed}": picks(seed) for seed in range(8)})
+    loop.run(until)
+    assert loop.done > until
+    for name, loads in loop.loads.items():
+        assert loads <= until / switch_after + len(models), (name, loop.loads)
 
 
 # Random runs over random fleets
@@ -425,9 +580,15 @@ class FleetMachine(RuleBasedStateMachine):
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
         job_max=st.sampled_from([1.0, 2.5]),
         copy_depth=st.integers(1, 3),
+        residency=st.booleans(),
     )
     def setup(
-        self, backends: list[Backend], switch_after: float, job_max: float, copy_depth: int
+        self,
+        backends: list[Backend],
+        switch_after: float,
+        job_max: float,
+        copy_depth: int,
+        residency: bool,
     ) -> None:
         self.backends = {backend.name: backend for backend in backends}
         self.s = FleetScheduler(
@@ -443,6 +604,11 @@ class FleetMachine(RuleBasedStateMachine):
             for index, name in enumerate(self.backends)
         }
         self.healthy = dict.fromkeys(self.backends, True)
+        # With residency, each backend reports what it loaded (as /api/ps would): a model
+        # stays loaded after its jobs until another must take its place.
+        self.residency = residency
+        self.loaded: dict[str, dict[str, None]] = {name: {} for name in self.backends}
+        self.last_work: dict[tuple[str, str], float] = {}
         for name in self.backends:
             self.s.observe(name, View(installed=self.installed[name]), 0.0)
         self.switch_after, self.job_max = switch_after, job_max
@@ -461,6 +627,7 @@ class FleetMachine(RuleBasedStateMachine):
         )
 
     def apply(self, started: list[Hashable]) -> None:
+        loads = []
         for job_id in started:
             job = self.waiting.pop(job_id)
             where = self.s.backend_of(job_id)
@@ -473,7 +640,32 @@ class FleetMachine(RuleBasedStateMachine):
                     event("a second backend for a model")
             job.started, job.backend = self.now, where.name
             self.running[job_id] = job
+            self.last_work[where.name, job.model] = self.now
+            loads.append((where.name, job.model))
         self.check()
+        if self.residency:
+            for name, model in loads:
+                self.load(name, model)
+
+    def load(self, name: str, model: str) -> None:
+        loaded = self.loaded[name]
+        if model in loaded:
+            return
+        loaded[model] = None
+        busy = {job.model for job in self.running.values() if job.backend == name}
+        backend = self.backends[name]
+        while len(loaded) > backend.max_models or (
+            backend.vram is not None and sum(SIZES[m] for m in loaded) > backend.vram
+        ):
+            del loaded[next(m for m in loaded if m not in busy)]
+        self.apply(self.s.observe(name, self.view(name), self.now))
+
+    def held(self, name: str) -> bool:
+        """Whether an idle model loaded on ``name`` had work there within switch_after."""
+        return any(
+            self.last_work.get((name, model), -math.inf) + self.switch_after > self.now
+            for model in self.loaded[name]
+        )
 
     def check(self) -> None:
         for name, backend in self.backends.items():
@@ -524,10 +716,12 @@ class FleetMachine(RuleBasedStateMachine):
         self.apply(self.s.observe(name, self.view(name), self.now))
 
     def view(self, name: str) -> View:
-        return View(healthy=self.healthy[name], installed=self.installed[name])
+        loaded = {model: SIZES[model] for model in self.loaded[name]}
+        return View(healthy=self.healthy[name], installed=self.installed[name], loaded=loaded)
 
     def finish(self, job_id: Hashable) -> None:
-        self.running.pop(job_id)
+        job = self.running.pop(job_id)
+        self.last_work[job.backend, job.model] = self.now
         self.apply(self.s.finish(job_id, self.now))
 
     @rule(step=st.sampled_from([0.5, 1.0, 3.0]))
@@ -578,7 +772,8 @@ class FleetMachine(RuleBasedStateMachine):
     @invariant()
     def no_backend_idles_while_a_job_it_could_run_waits(self) -> None:
         """An empty healthy backend that could run a waiting job's model is never left idle,
-        unless the model runs elsewhere (a copy waits for a deep queue) or failed there."""
+        unless the model runs elsewhere (a copy waits for a deep queue) or failed there, or
+        an idle model loaded there is held (it had work within switch_after)."""
         if not hasattr(self, "s"):
             return
         busy = {job.backend for job in self.running.values()}
@@ -593,7 +788,9 @@ class FleetMachine(RuleBasedStateMachine):
             ):
                 continue
             for name in self.backends:
-                if self.healthy[name] and name not in busy:
+                if self.healthy[name] and name not in busy and self.held(name):
+                    event("an idle backend holds a model")
+                elif self.healthy[name] and name not in busy:
                     assert not self.could_run(job.model, name), ("idle backend", name, job)
 
     def teardown(self) -> None:
