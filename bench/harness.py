@@ -190,10 +190,13 @@ def start_gate(
         try:
             with urllib.request.urlopen(gate.url + "/api/version", timeout=2) as resp:
                 resp.read()
-            if gate.worker_pids():
-                return gate
+        except urllib.error.HTTPError:
+            pass  # it answers (a 401 with a keys file: the version needs a key)
         except (urllib.error.URLError, OSError):
-            pass
+            time.sleep(0.1)
+            continue
+        if gate.worker_pids():
+            return gate
         time.sleep(0.1)
     children.stop(master)
     raise RuntimeError(f"the gate did not answer within {timeout}s: see {log}")

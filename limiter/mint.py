@@ -15,6 +15,8 @@ import secrets
 import sys
 from collections.abc import Sequence
 
+from workqueue.core import DEFAULT_PRIORITY, PRIORITIES
+
 from .allow import check_pattern
 from .keys import ROLES, hash_secret, parse_keys
 
@@ -34,6 +36,7 @@ def stanza(
     models: Sequence[str] | None = None,
     max_waiting: int | None = None,
     max_running: int | None = None,
+    priority: str = DEFAULT_PRIORITY,
 ) -> str:
     """The keys-file table for a key (checked by the keys file parser before it is shown)."""
     # Bare TOML keys are letters, digits, _ and -; "alice.b" unquoted would be a nested table.
@@ -52,6 +55,8 @@ def stanza(
         lines.append(f"max_waiting = {max_waiting}")
     if max_running is not None:
         lines.append(f"max_running = {max_running}")
+    if priority != DEFAULT_PRIORITY:
+        lines.append(f'priority = "{priority}"')
     text = "\n".join(lines) + "\n"
     parse_keys(text, "<minted stanza>")  # raises KeysFileError for what the file cannot hold
     return text
@@ -97,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="its jobs running at once, all models (default: no cap of its own)",
     )
+    parser.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default=DEFAULT_PRIORITY,
+        help="the highest class its jobs are served at; a request may ask for a lower one "
+        "with X-Gate-Priority (default: normal)",
+    )
     args = parser.parse_args(argv)
     for option, value in (
         ("--tokens-per-minute", args.tokens_per_minute),
@@ -115,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.models,
             args.max_waiting,
             args.max_running,
+            args.priority,
         )
     except ValueError as exc:
         parser.error(str(exc).replace("<minted stanza> line 1: ", ""))

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from endpoints import QUEUED_CLASSES
+from workqueue.core import PRIORITIES
 
 from .board import MAX_REASONS, Labels, names_a_model
 
@@ -79,6 +80,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        # The work queue's class of each job: three values (workqueue.core.PRIORITIES).
+        self.queue_wait_by_priority = Histogram(
+            "gate_queue_wait_by_priority_seconds",
+            "Seconds a job waited in the work queue before it ran, by its priority class",
+            ("priority",),
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
         self.requests = Counter(
             "gate_requests",
             "Forwarded requests whose answer ended, by outcome and upstream status",
@@ -124,6 +133,9 @@ class Metrics:
         model = self.model_label(call.model or "", now, claim=ok)
         if cls in QUEUED_CLASSES:
             self._child(self.queue_wait, model, cls, model).observe(call.waited)
+            priority = getattr(call, "priority", None)
+            if priority in PRIORITIES:
+                self.queue_wait_by_priority.labels(priority).observe(call.waited)
         if call.ttfb is not None:
             self._child(self.ttfb, model, cls, model).observe(call.ttfb)
         self._child(self.duration, model, cls, model).observe(call.duration)
@@ -180,7 +192,23 @@ class QueueCollector(Collector):
     def describe(self) -> Iterator[Any]:
         # Names only, so that registering never asks for a snapshot.
         yield from self._families()
+        yield from self._priority_families()
         yield from self._backend_families()
+
+    def _priority_families(self) -> tuple[Any, ...]:
+        priority = ["priority"]  # three values: workqueue.core.PRIORITIES
+        return (
+            GaugeMetricFamily(
+                "gate_priority_jobs_running",
+                "Jobs of each priority class running now",
+                labels=priority,
+            ),
+            GaugeMetricFamily(
+                "gate_priority_jobs_waiting",
+                "Jobs of each priority class waiting in the queue now",
+                labels=priority,
+            ),
+        )
 
     def _backend_families(self) -> tuple[Any, ...]:
         # Several backends only; the backend label's values come from the configuration.
@@ -309,6 +337,12 @@ class QueueCollector(Collector):
             families += [admin_running, admin_waiting]
         families += [up, loaded]
         yield from families
+        if snapshot is not None and snapshot.get("priorities"):
+            by_running, by_waiting = self._priority_families()
+            for name, row in snapshot["priorities"].items():
+                by_running.add_metric([name], row.get("running") or 0)
+                by_waiting.add_metric([name], row.get("waiting") or 0)
+            yield from (by_running, by_waiting)
         if snapshot is not None and snapshot.get("backends"):
             yield from self._collect_backends(snapshot.get("backends"))
 

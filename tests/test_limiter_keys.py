@@ -173,7 +173,9 @@ def test_minted_keys_append_to_the_keys_file(
     keys.write_text("# the gate's keys")  # no newline at the end: the stanza starts its own
     carol = mint(keys, "carol", "--role", "admin")
     dave = mint(keys, "dave", "--tokens-per-minute", "100", "--models", "llama3.2:*", "nomic-*")
+    mint(keys, "nightly", "--priority", "batch")
     text = keys.read_text()
+    assert 'priority = "batch"' in text
     assert carol not in text and dave not in text  # only the digests are stored
     assert 'models = ["llama3.2:*", "nomic-*"]' in text and "tokens_per_minute = 100" in text
     gate = gates(fake.url, {"GATE_API_KEYS_FILE": str(keys)})
@@ -188,7 +190,12 @@ def test_minted_keys_append_to_the_keys_file(
 
 
 def test_mint_refuses_what_the_keys_file_cannot_hold() -> None:
-    for args in (["two words"], ["x", "--models", "llama[3]"], ["x", "--tokens-per-minute", "0"]):
+    for args in (
+        ["two words"],
+        ["x", "--models", "llama[3]"],
+        ["x", "--tokens-per-minute", "0"],
+        ["x", "--priority", "urgent"],
+    ):
         done = subprocess.run(
             [sys.executable, "-m", "limiter.mint", *args], cwd=ROOT, capture_output=True, text=True
         )

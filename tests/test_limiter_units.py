@@ -201,6 +201,9 @@ def test_minted_stanza_is_a_valid_keys_file() -> None:
     assert (bob.name, bob.role, bob.tokens_per_minute) == ("bob.smith", "admin", 500)
     assert bob.models is not None and bob.models.patterns == ("llama3.2:*",)
     assert ring.lookup(secret) is bob
+    assert bob.priority == "normal"  # the default is not written
+    (nightly,) = parse_keys(stanza("nightly", secret, priority="batch")).keys
+    assert nightly.priority == "batch"
 
 
 # -- who the client is ---------------------------------------------------------------------

@@ -161,9 +161,17 @@ def test_an_interactive_chat_is_served_next_behind_a_hundred_batch_jobs(
         "normal": {"waiting": 0, "running": 0},
         "batch": {"waiting": 100, "running": 1},
     }
+    metrics = requests.get(gate.url + "/metrics", timeout=5).text
+    assert 'gate_priority_jobs_waiting{priority="batch"} 100.0' in metrics
+    assert 'gate_priority_jobs_waiting{priority="interactive"} 1.0' in metrics
+    assert 'gate_priority_jobs_running{priority="batch"} 1.0' in metrics
     sock.close()  # the slot frees: the chat goes first
     assert answer.result(timeout=60)
     assert [f.result(timeout=120) for f in batch] == [200] * 100
+    metrics = requests.get(gate.url + "/metrics", timeout=5).text
+    assert 'gate_queue_wait_by_priority_seconds_count{priority="interactive"} 1.0' in metrics
+    # the hundred batch jobs and the hog
+    assert 'gate_queue_wait_by_priority_seconds_count{priority="batch"} 101.0' in metrics
     order = seen(fake)
     assert order[:2] == ["hog", "chat"], order[:5]
     assert sorted(order[2:]) == sorted(f"batch-{i}" for i in range(100))

@@ -187,6 +187,16 @@
       (w.clients_masked === false ? " · full addresses" : " · addresses masked"));
   }
 
+  function renderPriorities(doc) {
+    // Jobs per priority class: running, then waiting (docs/STATUS.md).
+    var p = doc.queue && doc.queue.priorities;
+    if (!p || !Object.keys(p).length) { setText("priorities", ""); return; }
+    setText("priorities", "Priority classes: " + ["interactive", "normal", "batch"].map(function (name) {
+      var row = p[name] || {};
+      return name + " " + num(row.running || 0) + " running, " + num(row.waiting || 0) + " waiting";
+    }).join(" · "));
+  }
+
   function renderTiles(doc) {
     var q = doc.queue;
     var models = doc.models || {};
@@ -538,6 +548,7 @@
     renderBanners(doc);
     renderTiles(doc);
     renderCaps(doc);
+    renderPriorities(doc);
     renderBackends(doc);
     renderModels(doc);
     renderClients(doc);
