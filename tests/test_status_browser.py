@@ -93,8 +93,14 @@ def test_status_page_says_waiting_not_idle_and_shows_the_caps(
         caps = text(driver, "caps")
         assert "1 active model(s)" in caps and "queue 40, 32 per client" in caps, caps
         assert text(driver, "active-models") == "0 / 1"
+        assert text(driver, "priorities") == (
+            "Priority classes: interactive 0 running, 0 waiting · normal 0 running, 0 waiting"
+            " · batch 0 running, 0 waiting"
+        )
         with Load(gate, 1, headers=slow) as first:
             wait_for(driver, lambda d: text(d, "total-running") == "1")
+            # No keys file: clients are GATE_ANON_PRIORITY, normal by default.
+            assert "normal 1 running, 0 waiting" in text(driver, "priorities")
             with Load(gate, 1, model="m2", headers=slow) as second:
                 # m2 has a job waiting and no place yet: "waiting", never "idle".
                 state = wait_for(driver, lambda d: model_state(d, "m2:latest"))
