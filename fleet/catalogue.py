@@ -222,11 +222,15 @@ class Catalogue:
         return [state.name for state in self._states.values() if state.up]
 
     def view(self, name: str) -> View:
-        """The placement core's view of backend ``name``."""
+        """The placement core's view of backend ``name``.
+
+        A backend takes jobs once it is up and its installed models are known: before
+        that, any model could be sent to it, and it would answer 404.
+        """
         state = self._states[name]
         loaded = state.loaded or {}
         return View(
-            healthy=state.up,
+            healthy=state.up and state.installed is not None,
             installed=None if state.installed is None else dict(state.installed),
             loaded={model: item.size_vram or item.size for model, item in loaded.items()},
         )

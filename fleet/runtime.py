@@ -23,7 +23,7 @@ from flask import Flask, g, has_request_context
 from gevent.greenlet import Greenlet
 
 from endpoints import normalize_model
-from errors import GateError, UpstreamUnavailable
+from errors import GateError, UpstreamTimeout, UpstreamUnavailable
 from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from proxy.upstream import Upstream, UpstreamResponse, describe
@@ -159,6 +159,8 @@ class Fleet:
         self.scheduler = FleetScheduler.from_settings(settings, backends)
         self.queue = FleetWorkQueue(settings, self.scheduler, clock=clock)
         self.queue.catalogue = self.catalogue
+        for backend in backends:  # nothing is placed on a backend before it is polled
+            self.queue.observe(backend.name, self.catalogue.view(backend.name))
         self.pools = {
             backend.name: Upstream(
                 backend.url,
@@ -437,6 +439,9 @@ class FleetUpstream:
             name = holders[0] if holders else fleet.light_backend()
         try:
             resp = fleet.pools[name].open(method, target, headers, body)
+        except UpstreamTimeout as exc:
+            fleet.failed(name, exc)  # counts towards FAIL_AFTER; not placed again (it may
+            raise  # have started work there: a second backend would do it twice)
         except UpstreamUnavailable as exc:
             fleet.failed(name, exc)
             if not placed or not isinstance(body, bytes | None):

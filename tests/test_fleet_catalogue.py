@@ -77,6 +77,7 @@ def test_a_model_pinned_away_from_every_holder_is_missing() -> None:
 def test_loaded_models_count_loads_and_evictions_and_feed_the_view() -> None:
     c = Catalogue([backend("a", vram=8 * GB)])
     c.probe_ok("a", 0.0)
+    assert not c.view("a").healthy  # up, but nothing is placed there before its models are known
     c.read_tags("a", tags(("m", 3 * GB), ("n", 4 * GB)), 0.0)
     assert c.view("a").loaded == {}
     ps = {"models": [{"name": "m:latest", "size": 3 * GB, "size_vram": 3 * GB, "expires_at": "x"}]}

@@ -325,3 +325,36 @@ def test_healthz_is_ok_while_any_backend_is_up(
     for server in fakes.values():
         server.start()
     wait_for(lambda: health()[0] == 200)
+
+
+def test_timeouts_in_a_row_take_a_backend_down(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    path = backends_file(tmp_path, fakes)
+    gate = gate_factory(
+        "http://127.0.0.1:9", {"GATE_BACKENDS_FILE": path, "GATE_UPSTREAM_TIMEOUT": "1"}
+    )
+    # The first request, answered as soon as solo's models are known, goes to solo even
+    # while the others' lists are still being read (it once went to one of them: 404).
+    first = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert first.ok, (first.status_code, first.headers, first.text)
+    assert first.headers["X-Gate-Backend"] == "solo"
+    codes = [
+        requests.post(
+            gate.url + "/api/generate",
+            json=_gen("phi3"),
+            headers={"X-Fake-Stall": "2"},
+            timeout=30,
+        ).status_code
+        for _ in range(3)
+    ]
+    assert codes == [504, 504, 504]
+    resp = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert resp.status_code == 503 and "down" in resp.json()["error"]  # solo is down
+    rows = {row["name"]: row for row in _status(gate)["backends"]}  # type: ignore[union-attr]
+    assert rows["solo"]["health"] == "down" and "in time" in str(rows["solo"]["last_error"])
+    # Its probes still answer: it rejoins after two good ones.
+    wait_for(
+        lambda: requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30).ok,
+        timeout=30,
+    )
