@@ -196,9 +196,15 @@ class CapsMachine(RuleBasedStateMachine):
         concurrency=st.integers(1, 3),
         max_active=st.integers(1, 2),
         switch_after=st.sampled_from([0.0, 1.0, 5.0]),
+        aging=st.sampled_from([1.0, 60.0]),
     )
     def setup(
-        self, caps: tuple[int, int], concurrency: int, max_active: int, switch_after: float
+        self,
+        caps: tuple[int, int],
+        concurrency: int,
+        max_active: int,
+        switch_after: float,
+        aging: float,
     ) -> None:
         self.caps: dict[str, int | None] = {"c1": caps[0], "c2": caps[1], "c3": None}
         self.slots = concurrency
@@ -211,6 +217,7 @@ class CapsMachine(RuleBasedStateMachine):
             queue_timeout=30.0,
             switch_after=switch_after,
             admin_concurrency=1,
+            priority_aging=aging,
         )
         self.now = 0.0
         self.ids = itertools.count()
@@ -226,14 +233,21 @@ class CapsMachine(RuleBasedStateMachine):
         model=st.sampled_from(["a", "b", "admin"]),
         client=st.sampled_from(["c1", "c2", "c3"]),
         count=st.integers(1, 3),
+        priority=st.sampled_from(["interactive", "normal", "batch"]),
     )
-    def submit(self, model: str, client: str, count: int) -> None:
+    def submit(self, model: str, client: str, count: int, priority: str) -> None:
         for _ in range(count):
             job = next(self.ids)
             admin = model == "admin"
             try:
                 admission = self.s.submit(
-                    job, model, client, self.now, admin=admin, max_running=self.caps[client]
+                    job,
+                    model,
+                    client,
+                    self.now,
+                    admin=admin,
+                    max_running=self.caps[client],
+                    priority=priority,
                 )
             except (ClientShareFull, QueueFull):
                 continue
@@ -313,20 +327,24 @@ CAPS: dict[str, int | None] = {"c0": 1, "c1": 2, "c2": None}
             st.sampled_from([0, 0, 0, 1, 1, 2, 3]),  # m1 most, the admin lane least
             st.integers(0, 2),
             st.sampled_from([0, 0, 10, 400, 1100]),  # switch_after is 1000 ms
+            st.sampled_from(["interactive", "normal", "batch"]),
         ),
         min_size=4,
         max_size=40,
     ),
     st.integers(1, 3),
     st.integers(1, 2),
+    st.sampled_from([0.5, 60.0]),  # GATE_PRIORITY_AGING
 )
 def test_the_lua_scripts_cap_running_jobs_as_core_does(
     redis_server: RedisServer,
-    events: list[tuple[str, int, int, int]],
+    events: list[tuple[str, int, int, int, str]],
     concurrency: int,
     max_active: int,
+    aging: float,
 ) -> None:
-    """Random submits and finishes of capped clients: the same outcomes and jobs started."""
+    """Random submits and finishes of capped clients of every priority class: the same
+    outcomes and jobs started."""
     options = dict(
         concurrency=concurrency,
         max_active_models=max_active,
@@ -335,27 +353,41 @@ def test_the_lua_scripts_cap_running_jobs_as_core_does(
         switch_after=1000.0,  # core in ms, like the scripts
         admin_concurrency=1,
     )
-    core = Scheduler(**options, queue_timeout=10**9)  # type: ignore[arg-type]
+    core = Scheduler(**options, queue_timeout=10**9, priority_aging=aging * 1000)  # type: ignore[arg-type]
     with redis_server.client() as client:
         prefix = f"k{time.monotonic_ns()}:"
-        lua = RedisScheduler(client, **{**options, "switch_after": 1.0}, lease=10**6, prefix=prefix)  # type: ignore[arg-type]
+        lua = RedisScheduler(
+            client,
+            **{**options, "switch_after": 1.0},  # type: ignore[arg-type]
+            lease=10**6,
+            prefix=prefix,
+            priority_aging=aging,
+        )
         now = 1000
         live: list[str] = []
-        for n, (kind, index, who, later) in enumerate(events):
+        for n, (kind, index, who, later, priority) in enumerate(events):
             now += later
             if kind == "submit":
                 job, model, name = f"j{n}", ["m1", "m2", "m3", "admin"][index], f"c{who}"
                 admin = model == "admin"
                 cap = CAPS[name]
                 try:
-                    expected = core.submit(job, model, name, now, admin=admin, max_running=cap)
+                    expected = core.submit(
+                        job, model, name, now, admin=admin, max_running=cap, priority=priority
+                    )
                     outcome = expected.value
                 except ClientShareFull:
                     outcome = "client_queue_full"
                 except QueueFull:
                     outcome = "queue_full"
                 decision = lua.submit(
-                    job, lane_of(model, admin), name, "o", max_running=cap, now_ms=now
+                    job,
+                    lane_of(model, admin),
+                    name,
+                    "o",
+                    max_running=cap,
+                    now_ms=now,
+                    priority=priority,
                 )
                 assert decision.outcome == outcome, (n, events)
                 if outcome in ("running", "waiting"):
