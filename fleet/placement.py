@@ -618,13 +618,12 @@ class FleetScheduler:
         """Whether ``lane`` may take a new place on ``host`` now (count and VRAM).
 
         Idle models held there (``_held``) keep their places, as if they still ran,
-        unless ``lane`` is one of them or a switch to ``lane`` is due (``forced``).
+        unless ``lane`` is loaded there already (it replaces none of them) or a switch
+        to ``lane`` is due (``forced``).
         """
         others = set(host.active)
-        if not forced:
-            held = self._held(host, now)
-            if lane.name not in held:
-                others.update(held)
+        if not forced and lane.name not in host.view.loaded:
+            others.update(self._held(host, now))
         return len(others) < host.backend.max_models and host.fits(lane.name, others)
 
     def _held(self, host: _Host, now: float) -> dict[str, float]:

@@ -390,6 +390,16 @@ def test_a_model_waits_for_a_held_place_until_its_switch_is_due() -> None:
     assert s.snapshot(5.5)["backends"][0]["forced_switches"] == 1
 
 
+def test_a_model_loaded_beside_a_held_one_runs_there_since_it_replaces_nothing() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], switch_after=5.0)
+    s.observe("b", View(loaded={"m": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.finish(1, 1.0) == []  # m is held on b
+    s.observe("b", View(loaded={"m": GB, "e": GB}), 1.0)  # e loaded on b from outside
+    assert s.submit(2, "e", "x", 1.0) is RUNNING
+    assert where(s, 2) == "b"  # where it is loaded: m stays loaded too
+
+
 def test_the_oldest_model_without_a_place_reserves_its_backends() -> None:
     s = FleetScheduler([backend("a"), backend("b")], switch_after=5.0)
     assert s.submit(1, "m", "x", 0.0) is RUNNING
