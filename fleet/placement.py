@@ -42,6 +42,9 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   (hysteresis: it opens at a deep queue and closes at an empty one).
 * A job whose backend failed before it answered goes back to its place in the queue
   (``retry``), never to be placed on that backend again.
+* Failover: a waiting job whose model no healthy backend could run (every backend that
+  has it is down, or failed this job) leaves the queue (``drop_unavailable``), counted
+  under "model_unavailable", for the caller to answer 503 as the admission path does.
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ from .config import Backend
 # A model running somewhere takes a place on another backend (loading it there) once
 # this many of its jobs wait for each slot it has.
 COPY_DEPTH = 2
+
+# Waiting jobs whose model no healthy backend could run any more (``drop_unavailable``)
+# are counted under this reason, besides REASONS; its key appears once one is counted (a
+# fleet of one reports exactly as Scheduler does).
+UNAVAILABLE = "model_unavailable"
 
 # Placement tiers, best first.
 TIER_LOADED = 1  # loaded here: running already, or idle (residency from /api/ps)
@@ -431,6 +439,33 @@ class FleetScheduler:
             self._reject(job.lane, "queue_timeout")
             expired.append(job.key)
         return expired, self._pump(now)
+
+    def drop_unavailable(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
+        """Drop waiting jobs that no healthy backend could run; return (those jobs, the
+        jobs started).
+
+        A job stays while some healthy backend allows its model, has it installed (or is
+        not read yet) and did not fail it; the others are counted under
+        "model_unavailable". Running jobs are not touched. The caller calls this when
+        the catalogue's view changes (after ``observe``).
+        """
+        now = self._advance(now)
+        dropped: list[Hashable] = []
+        runnable: dict[tuple[str, frozenset[str]], bool] = {}
+        for job in list(self._waiting.values()):
+            if job.lane.admin:
+                continue
+            key = (job.lane.name, job.avoid)
+            ok = runnable.get(key)
+            if ok is None:
+                ok = runnable[key] = any(
+                    self._eligible(host, job.lane, job.avoid) for host in self._hosts
+                )
+            if not ok:
+                self._dequeue(job, now)
+                self._reject(job.lane, UNAVAILABLE)
+                dropped.append(job.key)
+        return dropped, self._pump(now) if dropped else []
 
     def cancel_waiting(self, now: float) -> list[Hashable]:
         """Drop every waiting job and start none (shutting down); return the jobs dropped."""
@@ -919,8 +954,8 @@ class FleetScheduler:
         host.last_work[model] = now
 
     def _reject(self, lane: _Lane, reason: str) -> None:
-        lane.rejected[reason] += 1
-        self._rejected[reason] += 1
+        lane.rejected[reason] = lane.rejected.get(reason, 0) + 1
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
     # Estimates and reports
 

@@ -104,9 +104,24 @@ class FleetWorkQueue(WorkQueue):
         return self.fleet_scheduler.backend_of(slot.job_id)
 
     def observe(self, name: str, view: Any) -> None:
-        """The catalogue's new view of a backend; wake the jobs it lets start."""
+        """The catalogue's new view of a backend; wake the jobs it lets start, and fail
+        the waiting jobs whose model no healthy backend has any more (503, as admission)."""
         now = self._clock()
-        self._dispatch(now, self.fleet_scheduler.observe(name, view, now), ())
+        scheduler = self.fleet_scheduler
+        self._dispatch(now, scheduler.observe(name, view, now), ())
+        dropped, started = scheduler.drop_unavailable(now)
+        for job_id in dropped:
+            waiter = self._waiters.pop(job_id, None)
+            if waiter is None:
+                continue
+            waiter.error = ModelUnavailable(
+                f"model '{waiter.model}' is installed only on backends that are down",
+                retry_after=fleet_retry_after(),
+            )
+            waiter.event.set()
+            logger.info("fleet: a job waiting for %s failed: no backend up has it", waiter.model)
+        if dropped:
+            self._dispatch(now, started, ())
 
     def _poke_timer(self) -> None:
         # A job just started waiting: a queue grown deep may open a copy elsewhere.
@@ -255,10 +270,20 @@ class Fleet:
         except (GateError, ValueError, OSError) as exc:
             if self.catalogue.probe_failed(name, now, str(exc)):
                 logger.warning("fleet: backend %s is down: %s", name, exc)
+            self.observe(name)
             return
         version = body.get("version") if isinstance(body, dict) else None
         if self.catalogue.probe_ok(name, now, version if isinstance(version, str) else None):
             logger.info("fleet: backend %s is up (Ollama %s)", name, version)
+        self.observe(name)
+
+    def observe(self, name: str) -> None:
+        """Hand the catalogue's view of ``name`` to the work queue, before anything yields.
+
+        The placement core then never lags behind what admission reads from the catalogue
+        (else a job admitted for a model just read could be dropped as unavailable).
+        """
+        self.queue.observe(name, self.catalogue.view(name))
 
     def _read(self, client: Upstream, name: str, path: str) -> None:
         try:
@@ -270,6 +295,7 @@ class Fleet:
             self.catalogue.read_tags(name, body, self._clock())
         else:
             self.catalogue.read_ps(name, body, self._clock())
+        self.observe(name)
 
     # Questions and signals
 
@@ -500,6 +526,7 @@ class FleetUpstream:
             for name, answer in found:
                 read = fleet.catalogue.read_tags if path == "/api/tags" else fleet.catalogue.read_ps
                 read(name, answer, now)
+                fleet.observe(name)
             merged = {"models": _merge(found, "models", "model")}
         return MergedResponse(
             json.dumps(merged).encode(), ",".join(name for name, _ in found), head=method == "HEAD"

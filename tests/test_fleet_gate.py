@@ -238,6 +238,53 @@ def test_queued_jobs_finish_elsewhere_when_their_backend_dies(
     fakes["small"].start()
 
 
+def test_a_job_waiting_for_a_model_whose_only_backend_dies_gets_503_model_unavailable(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    # phi3 is only on solo, which holds one model at a time; llama3.2 runs only there too.
+    two = {"solo": fakes["solo"], "small": fakes["small"]}
+    path = backends_file(
+        tmp_path, two, solo="max_models = 1", small='models = ["nomic-embed-text"]'
+    )
+    gate = gate_factory(
+        "http://127.0.0.1:9", {"GATE_BACKENDS_FILE": path, "GATE_SWITCH_AFTER": "600"}
+    )
+    first = requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30)
+    assert first.ok and first.headers["X-Gate-Backend"] == "solo"
+
+    def solo_row() -> dict[str, object]:
+        rows = {row["name"]: row for row in _status(gate)["backends"]}  # type: ignore[union-attr]
+        return rows["solo"]  # type: ignore[no-any-return]
+
+    # llama3.2 stays loaded on solo and keeps its place there for switch_after (600 s),
+    # so a phi3 job waits; the only event left that could place it is solo going down.
+    wait_for(lambda: "llama3.2:latest" in solo_row()["loaded"])  # type: ignore[operator]
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            requests.post,
+            gate.url + "/v1/chat/completions",
+            json={"model": "phi3", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,  # far below the queue timeout (300 s): it must not be what ends it
+        )
+        wait_for(lambda: _status(gate)["queue"]["waiting"] == 1)  # type: ignore[index]
+        fakes["solo"].kill()
+        resp = waiting.result()
+    assert resp.status_code == 503, resp.text
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert "down" in resp.json()["error"]["message"]
+    assert solo_row()["health"] == "down"
+    assert not [r for r in client_requests(fakes["solo"]) if r["model"] == "phi3:latest"]
+    queue = _status(gate)["queue"]
+    assert queue["waiting"] == 0 and queue["running"] == 0  # type: ignore[index]
+    rejected = queue["rejected"]  # type: ignore[index]
+    assert rejected.get("model_unavailable") == 1 and rejected["queue_timeout"] == 0
+    # A new request for phi3 is answered so by admission, as before.
+    again = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert again.status_code == 503 and "down" in again.json()["error"]
+    fakes["solo"].start()
+
+
 def test_tags_ps_and_models_are_unions_and_show_asks_a_backend_with_the_model(
     fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
 ) -> None:

@@ -310,6 +310,45 @@ def test_a_job_whose_backend_failed_keeps_its_place_and_goes_elsewhere() -> None
     assert s.finish(1, 5.0) == [3]
 
 
+def test_waiting_jobs_whose_model_has_no_healthy_holder_any_more_are_dropped() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], queue_timeout=300.0)
+    s.observe("a", View(installed={"m": GB, "n": GB}), 0.0)
+    s.observe("b", View(installed={"n": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert where(s, 1) == "a"
+    assert s.submit(2, "m", "y", 1.0) is WAITING  # only a has m, and its slot is taken
+    assert s.submit(3, "n", "z", 1.0) is RUNNING
+    assert where(s, 3) == "b"
+    assert s.submit(4, "n", "z", 2.0) is WAITING
+    assert s.drop_unavailable(2.0) == ([], [])  # every model still has a healthy holder
+    # a goes down: m is on no healthy backend; n is still on b and keeps its place.
+    assert s.observe("a", View(healthy=False, installed={"m": GB, "n": GB}), 3.0) == []
+    assert s.drop_unavailable(3.0) == ([2], [])
+    assert s.job_state(2) is None and s.job_state(4) is WAITING
+    snap = s.snapshot(3.0)
+    assert snap["models"]["m:latest"]["rejected"]["model_unavailable"] == 1
+    assert snap["totals"]["rejected"]["model_unavailable"] == 1
+    assert snap["totals"]["rejected"]["queue_timeout"] == 0
+    assert snap["totals"]["waiting"] == 1 and snap["clients"].get("y") is None
+    assert s.drop_unavailable(4.0) == ([], [])  # dropped once
+    assert s.finish(1, 5.0) == []  # the job running on a keeps its slot until it ends
+    assert s.finish(3, 6.0) == [4]
+    assert s.finish(4, 7.0) == []
+    assert s.idle()
+
+
+def test_a_retried_job_is_dropped_once_every_backend_left_for_it_is_down() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "m", "x", 0.0) is RUNNING
+    assert s.retry(1, 1.0) == []  # a failed job 1; only b is left for it, and it is busy
+    assert s.drop_unavailable(1.0) == ([], [])
+    s.observe("b", View(healthy=False), 2.0)
+    assert s.drop_unavailable(2.0) == ([1], [])  # a is up, but it failed this job
+    assert s.finish(2, 3.0) == []
+    assert s.idle()
+
+
 def test_a_retried_job_never_goes_back_to_the_backend_that_failed_it() -> None:
     s = FleetScheduler([backend("a"), backend("b")], copy_depth=1)
     assert s.submit(1, "m", "x", 0.0) is RUNNING
@@ -718,12 +757,38 @@ class FleetMachine(RuleBasedStateMachine):
         self.waiting[job_id] = self.running.pop(job_id)
         self.apply(self.s.retry(job_id, self.now))
         event("retried")
+        self.drop_unavailable()
+
+    def drop_unavailable(self) -> None:
+        """Waiting jobs that no healthy backend could run leave the queue, and only those."""
+        expected = {
+            job_id
+            for job_id, job in self.waiting.items()
+            if not any(
+                self.healthy[name]
+                and self.could_run(job.model, name)
+                and name not in self.failed.get(job_id, set())
+                for name in self.backends
+            )
+        }
+        before = self.s.snapshot(self.now)["totals"]["rejected"].get("model_unavailable", 0)
+        dropped, started = self.s.drop_unavailable(self.now)
+        assert set(dropped) == expected
+        assert len(dropped) == len(expected)
+        if dropped:
+            event("dropped: model unavailable")
+        for job_id in dropped:
+            del self.waiting[job_id]
+        after = self.s.snapshot(self.now)["totals"]["rejected"].get("model_unavailable", 0)
+        assert after == before + len(dropped)
+        self.apply(started)
 
     @rule(data=st.data())
     def heal(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.backends)))
         self.healthy[name] = True
         self.apply(self.s.observe(name, self.view(name), self.now))
+        self.drop_unavailable()
 
     def view(self, name: str) -> View:
         loaded = {model: SIZES[model] for model in self.loaded[name]}
