@@ -60,8 +60,6 @@ from workqueue.core import (
     ADMIN_LANE,
     DEFAULT_AGING,
     DEFAULT_PRIORITY,
-    IDLE_MODEL_SECONDS,
-    MAX_IDLE_MODELS,
     PRIORITIES,
     REASONS,
     Admission,
@@ -71,6 +69,7 @@ from workqueue.core import (
     QueueSnapshot,
     estimate_wait,
     ewma,
+    forget_idle,
     priority_rank,
     switch_due,
 )
@@ -859,12 +858,7 @@ class FleetScheduler:
         return lane
 
     def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
-        """Forget idle models past IDLE_MODEL_SECONDS, and all but MAX_IDLE_MODELS of the rest."""
-        idle = [name for name, lane in self._lanes.items() if not lane.busy() and lane is not keep]
-        extra = len(idle) - MAX_IDLE_MODELS
-        for number, name in enumerate(idle):
-            if number < extra or self._lanes[name].touched + IDLE_MODEL_SECONDS <= now:
-                del self._lanes[name]
+        forget_idle(self._lanes, now, keep=keep)
 
     def _client(self, client: str) -> _ClientCount:
         count = self._clients.get(client)

@@ -492,6 +492,22 @@ class _ClientCount:
         return self.max_running is None or self.running < self.max_running
 
 
+class _IdleLane(Protocol):
+    touched: float
+
+    def busy(self) -> bool: ...
+
+
+def forget_idle(lanes: OrderedDict[str, Any], now: float, *, keep: _IdleLane | None = None) -> None:
+    """Forget idle model lanes past IDLE_MODEL_SECONDS, and all but MAX_IDLE_MODELS of the
+    rest (least recently used first): model names come from clients. ``keep`` stays."""
+    idle = [name for name, lane in lanes.items() if not lane.busy() and lane is not keep]
+    extra = len(idle) - MAX_IDLE_MODELS
+    for number, name in enumerate(idle):
+        if number < extra or lanes[name].touched + IDLE_MODEL_SECONDS <= now:
+            del lanes[name]
+
+
 class Scheduler:
     """Decides which jobs run, from events stamped with the caller's monotonic ``now``.
 
@@ -897,12 +913,7 @@ class Scheduler:
         return lane
 
     def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
-        """Forget idle models past IDLE_MODEL_SECONDS, and all but MAX_IDLE_MODELS of the rest."""
-        idle = [name for name, lane in self._lanes.items() if not lane.busy() and lane is not keep]
-        extra = len(idle) - MAX_IDLE_MODELS
-        for number, name in enumerate(idle):
-            if number < extra or self._lanes[name].touched + IDLE_MODEL_SECONDS <= now:
-                del self._lanes[name]
+        forget_idle(self._lanes, now, keep=keep)
 
     def _client(self, client: str) -> _ClientCount:
         count = self._clients.get(client)
