@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -121,6 +122,7 @@ class FakeOllama:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_tid: int | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: socket.socket | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -296,14 +298,19 @@ class FakeOllama:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True, backlog=1024)
-            await site.start()
+            # The gate's tests restart a killed fake on its port at once: SO_REUSEADDR.
+            listener = socket.create_server((self._host, self._port), backlog=1024)
         except BaseException:
             await runner.cleanup()
             raise
-        for addr in runner.addresses:
-            self._port = int(addr[1])
-            break
+        try:
+            await web.SockSite(runner, listener).start()
+        except BaseException:
+            listener.close()
+            await runner.cleanup()
+            raise
+        self._port = int(listener.getsockname()[1])
+        self._listener = listener
         self._runner = runner
         self._sim.runner.resume()
 
@@ -314,6 +321,13 @@ class FakeOllama:
         try:
             sim.sched.drop_all()
             if runner is not None:
+                listener = self._listener
+                if listener is not None:
+                    # Accept nothing more, but let what was just accepted become connections
+                    # while the server is still open: asyncio (before 3.12) drops a socket
+                    # accepted in the instant its server closes, unclosed.
+                    asyncio.get_running_loop().remove_reader(listener.fileno())
+                    await _settle_accepts()
                 for site in list(runner.sites):
                     await site.stop()
                 server = runner.server
@@ -326,6 +340,7 @@ class FakeOllama:
         finally:
             sim.sched.clear_live()
             self._runner = None
+            self._listener = None
             sim.stopping = False
 
     def _make_app(self) -> web.Application:
@@ -350,6 +365,24 @@ class FakeOllama:
         return self._settings_view()
 
 
+async def _settle_accepts() -> None:
+    """Wait until every socket already accepted has become a connection of the server.
+
+    asyncio accepts a whole backlog at once and hands each socket to a task of its own; a
+    task that runs after the server closed fails and leaves its socket to the garbage
+    collector (a ResourceWarning in whichever test runs next). Once these tasks are done,
+    every such connection is among the server's and gets aborted with the rest."""
+    for _ in range(100):
+        pending = [
+            t
+            for t in asyncio.all_tasks()
+            if not t.done() and "_accept_connection" in getattr(t.get_coro(), "__qualname__", "")
+        ]
+        if not pending:
+            return
+        await asyncio.wait(pending, timeout=0.05)
+
+
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
     try:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
@@ -357,6 +390,9 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
             task.cancel()
         if pending:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        # Closed transports close their sockets in callbacks of their own: run those.
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
     finally:

@@ -1114,6 +1114,50 @@ def test_kill_resets_open_streams_and_restarts_on_the_same_port(fake):
     assert st["loads"] == {"m1:latest": 2} and st["disconnects"] == 0
 
 
+def test_kill_under_a_connection_flood_leaves_no_socket_unclosed():
+    """Connections accepted in the instant of a kill are aborted with the rest, not left
+    to the garbage collector (whose ResourceWarning failed whichever test ran next)."""
+    import gc
+
+    server = FakeOllama().start()
+    unclosed: list[str] = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: unclosed.append(str(u.exc_value))
+    stop = threading.Event()
+    connected = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=1) as s:
+                    s.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+                    connected[0] += 1
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(4):
+            seen = connected[0]
+            deadline = time.monotonic() + 30
+            while connected[0] < seen + 1000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server.kill()
+            gc.collect()
+            server.start()
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        server.stop()
+        gc.collect()
+    finally:
+        stop.set()
+        sys.unraisablehook = hook
+        server.stop()
+    assert unclosed == []
+
+
 def test_a_fleet_of_subprocesses_killed_and_restarted():
     from fakeollama import FakeOllamaProcess
 
