@@ -465,17 +465,18 @@ class FleetUpstream:
             name = holders[0] if holders else fleet.light_backend()
         try:
             resp = fleet.pools[name].open(method, target, headers, body)
-        except UpstreamTimeout as exc:
-            fleet.failed(name, exc)  # counts towards FAIL_AFTER; not placed again (it may
-            raise  # have started work there: a second backend would do it twice)
-        except UpstreamUnavailable as exc:
+        except (UpstreamTimeout, UpstreamUnavailable) as exc:
+            # Refused, broken, or no response headers in time: nothing reached the client
+            # yet (the pool closed the connection, so the backend stops the work).
             fleet.failed(name, exc)
             if not placed or not isinstance(body, bytes | None):
                 raise
             if model is None or not [n for n in fleet.catalogue.holders(model) if n != name]:
                 raise  # no other backend holds the model: placing it again would only wait
             slot, client_gone = g.gate_fleet_slot
-            logger.info("fleet: %s failed before answering; placing the job again", name)
+            logger.info(
+                "fleet: %s failed before answering (%s); placing the job again", name, describe(exc)
+            )
             try:
                 backend = fleet.queue.retry(slot, client_gone)
             except ClientGone:
@@ -483,7 +484,7 @@ class FleetUpstream:
             name = g.gate_backend = backend.name
             try:
                 resp = fleet.pools[name].open(method, target, headers, body)
-            except UpstreamUnavailable as again:
+            except (UpstreamTimeout, UpstreamUnavailable) as again:
                 fleet.failed(name, again)
                 raise
         fleet.answered(name, resp.status, model)

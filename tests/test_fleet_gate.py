@@ -404,3 +404,56 @@ def test_timeouts_in_a_row_take_a_backend_down(
         lambda: requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30).ok,
         timeout=30,
     )
+
+
+@pytest.fixture
+def pair() -> Iterator[Fakes]:
+    """Two fake Ollamas with the same model: ``slow`` first in the backends file."""
+    servers = {
+        "slow": FakeOllama(token_interval=0.01, models="phi3=2GB"),
+        "fast": FakeOllama(token_interval=0.01, models="phi3=2GB"),
+    }
+    for server in servers.values():
+        server.start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def _generations(server: FakeOllama) -> list[dict[str, Any]]:
+    return [r for r in client_requests(server) if r["path"] == "/api/generate"]
+
+
+def test_a_job_whose_backend_sent_no_headers_in_time_is_placed_again_once(
+    pair: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    path = backends_file(tmp_path, pair)
+    gate = gate_factory(
+        "http://127.0.0.1:9", {"GATE_BACKENDS_FILE": path, "GATE_UPSTREAM_TIMEOUT": "1"}
+    )
+    # Both backends are empty: the job goes to the first one, which holds every model
+    # request (its health probe still answers) past the gate's header timeout.
+    pair["slow"].configure(stall=30)
+    resp = requests.post(
+        gate.url + "/api/generate", json={"model": "phi3", "prompt": "hi"}, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Gate-Backend"] == "fast"
+    lines = [json.loads(line) for line in resp.text.splitlines()]
+    assert lines[-1]["done"] is True and not [line for line in lines if "error" in line]
+    assert len(_generations(pair["slow"])) == 1 and len(_generations(pair["fast"])) == 1
+    # The gate gave the stalled request up: the slow backend saw its client leave.
+    wait_for(lambda: pair["slow"].stats()["disconnects"] >= 1)
+    queue = _status(gate)["queue"]
+    assert queue["admitted"] == 1  # type: ignore[index]  # counted once, placed twice
+    assert queue["running"] == 0 and queue["waiting"] == 0  # type: ignore[index]
+    rows = {row["name"]: row for row in _status(gate)["backends"]}  # type: ignore[union-attr]
+    assert rows["slow"]["health"] == "up"  # one timeout does not take a backend down
+
+    # Placed again once only: when the second backend stalls too, the client gets the 504.
+    pair["fast"].configure(stall=30)
+    resp = requests.post(gate.url + "/api/generate", json=_gen("phi3"), timeout=30)
+    assert resp.status_code == 504, resp.text
+    assert len(_generations(pair["slow"])) + len(_generations(pair["fast"])) == 4
+    for server in pair.values():
+        server.configure(stall=0)
