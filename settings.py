@@ -472,13 +472,6 @@ class Settings:
             )
 
         backends = self.backends()
-        if len(backends) > 1 and not self.storage_uri.startswith("memory://"):
-            source = "GATE_BACKENDS_FILE" if self.backends_file else "GATE_UPSTREAM"
-            raise SettingsError(
-                f"{source} names {len(backends)} backends "
-                f"({', '.join(backend.name for backend in backends)}): several backends "
-                "are served with GATE_STORAGE_URI=memory:// (one worker) only"
-            )
         if len(backends) > 1:
             return
         only = backends[0]

@@ -97,11 +97,14 @@ class View:
 
     ``installed`` maps model to size in bytes, or is None while unknown (then any model
     may run there, sizes unknown); ``loaded`` maps the models loaded now to their VRAM.
+    ``others`` maps model to the jobs other gates run there (shared mode, fleet/shared.py):
+    they take slots and places as this gate's own running jobs do.
     """
 
     healthy: bool = True
     installed: Mapping[str, int] | None = None
     loaded: Mapping[str, int] = field(default_factory=dict)
+    others: Mapping[str, int] = field(default_factory=dict)
 
 
 class _Lane:
@@ -190,11 +193,20 @@ class _Host:
         return self.backend.name
 
     def jobs(self) -> int:
-        return sum(len(jobs) for jobs in self.running.values())
+        """Jobs running here, other gates' included."""
+        return sum(len(jobs) for jobs in self.running.values()) + sum(self.view.others.values())
 
     def running_of(self, model: str) -> int:
         jobs = self.running.get(model)
         return len(jobs) if jobs else 0
+
+    def busy_of(self, model: str) -> int:
+        """Slots of ``model`` taken here, by this gate's jobs and other gates'."""
+        return self.running_of(model) + self.view.others.get(model, 0)
+
+    def others_active(self) -> set[str]:
+        """Models other gates run here (they hold places too)."""
+        return {name for name, n in self.view.others.items() if n > 0}
 
     def size_of(self, model: str) -> int:
         """Bytes ``model`` takes here: its loaded VRAM if known, else its installed size."""
@@ -385,12 +397,13 @@ class FleetScheduler:
         """A job's client left: drop it from the queue (or free its slot); return jobs started."""
         return self.finish(job_id, now)
 
-    def retry(self, job_id: Hashable, now: float) -> list[Hashable]:
+    def retry(self, job_id: Hashable, now: float, *, avoid: bool = True) -> list[Hashable]:
         """A running job's backend failed before answering: the job waits again in its place.
 
-        It keeps its arrival order and is never placed on that backend again; it may start
-        at once elsewhere (it is then among the ids returned). Unknown or waiting ids are
-        ignored.
+        It keeps its arrival order and is never placed on that backend again (with
+        ``avoid`` False it may be: shared mode's refused grant, fleet/shared.py); it may
+        start at once elsewhere (it is then among the ids returned). Unknown or waiting
+        ids are ignored.
         """
         now = self._advance(now)
         job = self._jobs.get(job_id)
@@ -399,7 +412,8 @@ class FleetScheduler:
         failed = job.host
         self._stop(job, now, count=False)
         job.started = None
-        job.avoid = job.avoid | {failed.name}
+        if avoid:
+            job.avoid = job.avoid | {failed.name}
         job.lane.admitted -= 1
         failed.admitted -= 1
         self._admitted -= 1
@@ -422,6 +436,7 @@ class FleetScheduler:
                 else {normalize_model(m): size for m, size in view.installed.items()}
             ),
             loaded={normalize_model(m): size for m, size in view.loaded.items()},
+            others={normalize_model(m): n for m, n in view.others.items() if n > 0},
         )
         host.view = normalized
         return self._pump(now)
@@ -655,9 +670,10 @@ class FleetScheduler:
         unless ``lane`` is loaded there already (it replaces none of them) or a switch
         to ``lane`` is due (``forced``).
         """
-        others = set(host.active)
+        others = set(host.active) | host.others_active()
         if not forced and lane.name not in host.view.loaded:
             others.update(self._held(host, now))
+        others.discard(lane.name)
         return len(others) < host.backend.max_models and host.fits(lane.name, others)
 
     def _held(self, host: _Host, now: float) -> dict[str, float]:
@@ -681,7 +697,9 @@ class FleetScheduler:
     def _tier(self, host: _Host, lane: _Lane) -> int:
         if lane.name in host.active or lane.name in host.view.loaded:
             return TIER_LOADED
-        resident = set(host.active) | set(host.view.loaded)
+        if lane.name in host.view.others:  # other gates run it there
+            return TIER_LOADED
+        resident = set(host.active) | set(host.view.loaded) | host.others_active()
         if len(resident) < host.backend.max_models and host.fits(lane.name, resident):
             return TIER_ROOM
         return TIER_EVICT
@@ -727,8 +745,9 @@ class FleetScheduler:
             if not self._eligible(host, lane, avoid):
                 continue
             target = targets[host.name] if targets is not None else self._target(host, now)
-            if lane.name in host.active:
-                if target is not None or host.running_of(lane.name) >= self._slots(host, lane.name):
+            if lane.name in host.active or lane.name in host.view.others:
+                # Running here (other gates' jobs included): its free slots are its own.
+                if target is not None or host.busy_of(lane.name) >= self._slots(host, lane.name):
                     continue
                 tier = TIER_LOADED
                 forced = False
@@ -810,7 +829,7 @@ class FleetScheduler:
         if not host.view.healthy:
             return
         slots = self._slots(host, lane.name)
-        while lane.queue and host.running_of(lane.name) < slots:
+        while lane.queue and host.busy_of(lane.name) < slots:
             job: _Job | None = lane.queue.pick(
                 now, self.priority_aging, eligible=lambda job: host.name not in job.avoid
             )
@@ -829,7 +848,9 @@ class FleetScheduler:
             started.append(job.key)
 
     def _activate(self, lane: _Lane, host: _Host, now: float, *, forced: bool) -> None:
-        resumed = not forced and lane.name in self._held(host, now)
+        resumed = not forced and (
+            lane.name in self._held(host, now) or lane.name in host.view.others
+        )
         host.active[lane.name] = lane
         if resumed:
             return  # a held model takes its place back: the same slice goes on
@@ -998,8 +1019,8 @@ class FleetScheduler:
             "vram_used": sum(host.view.loaded.values()),
             "loaded": sorted(host.view.loaded),
             "models": {
-                name: {"running": host.running_of(name), "slots": self._slots(host, name)}
-                for name in sorted(set(host.active) | set(host.running))
+                name: {"running": host.busy_of(name), "slots": self._slots(host, name)}
+                for name in sorted(set(host.active) | set(host.running) | host.others_active())
             },
             "running": host.jobs(),
             "draining_for": target.name if target is not None else None,

@@ -31,6 +31,7 @@ from settings import Settings
 from workqueue.admission import CapsOf
 from workqueue.core import QueueSnapshot
 from workqueue.gate import ClientGone, Slot, WorkQueue, _Waiter, wait_or_gone
+from workqueue.shared import is_shared
 
 from .catalogue import Catalogue, Health, Where
 from .config import Backend
@@ -129,15 +130,16 @@ class FleetWorkQueue(WorkQueue):
         self._dispatch(now, self.fleet_scheduler.tick(now), ())
         super()._poke_timer()
 
-    def retry(self, slot: Slot, client_gone: ClientLeft | None) -> Backend:
+    def retry(self, slot: Slot, client_gone: ClientLeft | None, *, avoid: bool = True) -> Backend:
         """Place a job whose backend failed before answering again; block until it runs.
 
         Raises like ``acquire`` (the slot is then released); the slot stays the job's.
+        ``avoid``: never on the backend it had (see ``FleetScheduler.retry``).
         """
         job_id = slot.job_id
         waiter = self._waiters[job_id] = _Waiter(slot.model, False)
         now = self._clock()
-        self._dispatch(now, self.fleet_scheduler.retry(job_id, now), ())
+        self._dispatch(now, self.fleet_scheduler.retry(job_id, now, avoid=avoid), ())
         if not waiter.started:
             self._poke_timer()
             try:
@@ -172,7 +174,13 @@ class Fleet:
         self.by_name = {backend.name: backend for backend in backends}
         self.catalogue = Catalogue(backends)
         self.scheduler = FleetScheduler.from_settings(settings, backends)
-        self.queue = FleetWorkQueue(settings, self.scheduler, clock=clock)
+        if is_shared(settings):
+            # Redis storage: the backends' slots are shared by every gate (fleet/shared.py).
+            from .shared import SharedFleetWorkQueue
+
+            self.queue: FleetWorkQueue = SharedFleetWorkQueue(settings, self.scheduler, clock=clock)
+        else:
+            self.queue = FleetWorkQueue(settings, self.scheduler, clock=clock)
         self.queue.catalogue = self.catalogue
         for backend in backends:  # nothing is placed on a backend before it is polled
             self.queue.observe(backend.name, self.catalogue.view(backend.name))

@@ -33,6 +33,8 @@ RANKS = {
     "settings": 1,
     "fleet": 1,
     "fleet.runtime": 4,
+    "fleet.shared": 4,
+    "fleet.shared_scripts": 3,
     "limiter.policy": 1,
     "limiter.keys": 1,
     "limiter.identity": 1,

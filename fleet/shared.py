@@ -1,0 +1,345 @@
+"""Several backends with ``GATE_STORAGE_URI=redis://…``: the (backend, model) slots shared.
+
+Every gate process keeps its own queue and late-bound placement (``FleetWorkQueue`` over a
+``FleetScheduler``); what the backends can take is shared. A job the placement starts on
+a backend takes a grant for that (backend, model) in Redis (``shared_scripts.FleetGrants``)
+before it is forwarded: the grant script checks the backend's slots for the model, its
+``max_models`` and ``vram`` across every gate. A refused job goes back to its place in
+this gate's queue and is placed again when a slot frees anywhere. Other gates' jobs reach
+the placement as each backend's ``View.others``, read by one greenlet per process (the
+pump) every TICK seconds while jobs wait and every third of a lease otherwise, or at once
+when another gate gives a grant back (it pushes onto this process's wake list). The same
+call renews this process's leases, so a dead process's grants lapse.
+
+When Redis fails or answers slower than STORAGE_TIMEOUT, the process places on its own
+view alone (others' jobs forgotten: this process's own slots, as the single-backend
+shared queue falls back), and probes Redis every PROBE_EVERY seconds; when it answers,
+the grants given back meanwhile are released and every job of the process that runs is
+counted there again before new jobs take grants. docs/SHARED_QUEUE.md, "Several backends".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import replace
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+from gevent.greenlet import Greenlet
+
+from endpoints import normalize_model
+from pipeline import ClientGone as ClientLeft
+from settings import Settings
+from workqueue.core import DEFAULT_PRIORITY, QueueSnapshot
+from workqueue.gate import Slot
+from workqueue.scripts import DEFAULT_LEASE
+from workqueue.shared import PROBE_EVERY, STORAGE_TIMEOUT, TICK, WAKE_BLOCK, redis_client
+
+from .config import Backend
+from .placement import FleetScheduler, View
+from .runtime import FleetWorkQueue
+from .shared_scripts import KEY_PREFIX, FleetGrants
+
+logger = logging.getLogger(__name__)
+
+
+class _Grant:
+    """A running job of this process on a backend: its grant id, and whether Redis counts it."""
+
+    __slots__ = ("rid", "backend", "model", "size", "counted")
+
+    def __init__(self, rid: str, backend: str, model: str, size: int, counted: bool) -> None:
+        self.rid = rid
+        self.backend = backend
+        self.model = model
+        self.size = size
+        self.counted = counted
+
+
+class SharedFleetWorkQueue(FleetWorkQueue):
+    """The fleet's work queue whose (backend, model) slots are shared through Redis."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: FleetScheduler,
+        *,
+        client: redis.Redis | None = None,
+        lease: float | None = None,
+        prefix: str = KEY_PREFIX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._views: dict[str, View] = {}
+        self._others: dict[str, dict[str, int]] = {}
+        super().__init__(settings, scheduler, clock=clock)
+        uri = settings.storage_uri
+        self._redis = client if client is not None else redis_client(uri)
+        # The pump's BLMPOP holds its own connection for up to WAKE_BLOCK.
+        self._blocking = redis_client(uri, WAKE_BLOCK + STORAGE_TIMEOUT)
+        if lease is None:
+            lease = getattr(settings, "queue_lease", DEFAULT_LEASE)
+        self.lease = float(lease)
+        self.grants = FleetGrants(self._redis, lease=self.lease, prefix=prefix)
+        self.prefix = prefix
+        self.probe_every = min(PROBE_EVERY, self.lease / 3)
+        self._names = [backend.name for backend in scheduler.backends]
+        self._by_name = {backend.name: backend for backend in scheduler.backends}
+        self._held: dict[Hashable, _Grant] = {}  # local job id -> its grant
+        self._orphans: set[str] = set()  # grants given back while Redis was out of reach
+        self._down_since: float | None = None
+        self._owner: str | None = None
+        self._pump: Greenlet | None = None
+        self._poke = gevent.event.Event()
+        self._next_renew = 0.0
+
+    @property
+    def owner(self) -> str:
+        # Made on first use, in the worker: a process forked later gets its own.
+        if self._owner is None:
+            self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        return self._owner
+
+    @property
+    def fallback(self) -> bool:
+        """Whether this process places on its own slots because Redis failed."""
+        return self._down_since is not None
+
+    # The placement's view: the catalogue's, plus other gates' jobs
+
+    def observe(self, name: str, view: Any) -> None:
+        self._views[name] = view
+        super().observe(name, replace(view, others=self._others.get(name, {})))
+
+    def _set_others(self, name: str, others: dict[str, int]) -> None:
+        if others == self._others.get(name, {}):
+            return
+        self._others[name] = others
+        view = self._views.get(name)
+        if view is not None:
+            self.observe(name, view)
+
+    # Admission
+
+    def acquire(
+        self,
+        model: str,
+        client: str,
+        *,
+        admin: bool = False,
+        client_gone: ClientLeft | None = None,
+        max_waiting: int | None = None,
+        max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
+    ) -> Slot:
+        """Wait for a place in this gate's queue, then for the backend's grant in Redis."""
+        self._start_pump()
+        submitted = self._clock()
+        slot = super().acquire(
+            model,
+            client,
+            admin=admin,
+            client_gone=client_gone,
+            max_waiting=max_waiting,
+            max_running=max_running,
+            priority=priority,
+        )
+        if admin:
+            return slot  # the admin lane is this process's own
+        try:
+            self._take_grant(slot, client_gone)
+        except BaseException:
+            slot.release()
+            raise
+        slot.waited = self._clock() - submitted
+        return slot
+
+    def retry(self, slot: Slot, client_gone: ClientLeft | None, *, avoid: bool = True) -> Backend:
+        """Place a job again after its backend failed (FleetWorkQueue.retry), with a grant."""
+        self._give_back(slot.job_id)
+        super().retry(slot, client_gone, avoid=avoid)
+        try:
+            self._take_grant(slot, client_gone)
+        except BaseException:
+            slot.release()
+            raise
+        backend = self.backend_of(slot)
+        assert backend is not None
+        return backend
+
+    def _take_grant(self, slot: Slot, client_gone: ClientLeft | None) -> None:
+        """The job runs on a backend of this gate's choosing: take its grant there, or wait
+        again in its place until the placement finds another slot (blocks)."""
+        model = normalize_model(slot.model)
+        while True:
+            backend = self.backend_of(slot)
+            assert backend is not None
+            view = self._views.get(backend.name)
+            size = 0
+            if view is not None:
+                size = view.loaded.get(model) or (view.installed or {}).get(model, 0)
+            rid = f"{self.owner}:{slot.job_id}"
+            if self.fallback:
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, False)
+                return
+            slots = self.fleet_scheduler.overrides.get(model, backend.model_concurrency)
+            try:
+                ok, others = self.grants.grant(
+                    rid, backend, model, self.owner, slots=slots, size=size
+                )
+            except redis.RedisError as exc:
+                self._went_down(exc)
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, False)
+                return
+            if ok:
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, True)
+                self._set_others(backend.name, others)
+                return
+            logger.debug("fleet: %s on %s is full across gates; the job waits", model, backend)
+            # Other gates fill it: with their jobs in the view, the placement does not put
+            # the job there again until one of them ends. If the view shows no more than
+            # before (a grant of this process given back a moment ago still counts), the
+            # job waits a tick before it is placed again, rather than spin.
+            if others == self._others.get(backend.name, {}):
+                gevent.sleep(TICK)
+            self._set_others(backend.name, others)
+            super().retry(slot, client_gone, avoid=False)
+
+    def _finish(self, job_id: Hashable) -> None:
+        # Give the grant back before the local slot frees: the job this lets start here
+        # then finds it free in Redis too.
+        self._give_back(job_id)
+        super()._finish(job_id)
+
+    def _give_back(self, job_id: Hashable) -> None:
+        grant = self._held.pop(job_id, None)
+        if grant is None or not grant.counted:
+            return
+        if self.fallback:
+            self._orphans.add(grant.rid)  # released when Redis answers, else its lease lapses
+            return
+        if gevent.getcurrent() is gevent.get_hub():
+            gevent.spawn(self._release, grant.rid)  # from a finaliser: no I/O in the hub
+        else:
+            self._release(grant.rid)
+
+    def _release(self, rid: str) -> None:
+        try:
+            self.grants.release(rid, self.owner)
+        except redis.RedisError as exc:
+            self._orphans.add(rid)
+            self._went_down(exc)
+
+    # Status
+
+    def snapshot(self) -> QueueSnapshot:
+        snap = super().snapshot()
+        snap["shared"] = not self.fallback
+        snap["fallback"] = self.fallback
+        for row in snap.get("backends") or []:
+            row["others"] = dict(sorted(self._others.get(row["name"], {}).items()))
+        return snap
+
+    def idle(self) -> bool:
+        return super().idle() and not self._held
+
+    def close(self) -> None:
+        super().close()
+        self._poke.set()
+
+    # The pump: other gates' jobs, lease renewal, wake-ups, probing
+
+    def _poke_timer(self) -> None:
+        super()._poke_timer()
+        self._poke.set()  # a job waits: read the others now
+
+    def _start_pump(self) -> None:
+        if self._pump is None or self._pump.dead:
+            self._pump = gevent.spawn(self._run_pump)
+
+    def _run_pump(self) -> None:
+        while not self._closed:
+            try:
+                if self.fallback:
+                    self._probe()
+                elif self._waiters:
+                    self._sync()
+                    self._wait_for_wakeup()
+                else:
+                    self._poke.wait(max(0.0, self._next_renew - self._clock()))
+                    self._poke.clear()
+                    if self._waiters or self._held or self._clock() >= self._next_renew:
+                        self._sync()
+            except redis.RedisError as exc:
+                self._went_down(exc)
+            except Exception:
+                logger.exception("fleet: shared slots' pump failed")
+                gevent.sleep(0.1)
+
+    def _wait_for_wakeup(self) -> None:
+        if self._poke.is_set():
+            self._poke.clear()
+            return
+        key = self.grants.wake_key(self.owner)
+        self._blocking.blmpop(WAKE_BLOCK, 1, key, direction="LEFT", count=1000)
+
+    def _sync(self) -> None:
+        """Renew this process's grants, count again those Redis lost, read the others."""
+        running = [(g.rid, g.backend, g.model, g.size) for g in self._held.values()]
+        synced = self.grants.sync(self.owner, running, self._names, waiting=bool(self._waiters))
+        self._next_renew = self._clock() + self.lease / 3
+        held = {g.rid: g for g in self._held.values()}
+        for rid in synced.counted:
+            grant = held.get(rid)
+            if grant is None:
+                gevent.spawn(self._release, rid)  # it ended while the script ran
+                continue
+            if grant.counted:
+                logger.warning("fleet: running job %s had lost its grant's lease", rid)
+            grant.counted = True
+        for name, others in synced.others.items():
+            self._set_others(name, others)
+
+    def _probe(self) -> None:
+        gevent.sleep(self.probe_every)
+        try:
+            self._redis.ping()
+        except redis.RedisError:
+            return
+        self._recover()
+
+    def _recover(self) -> None:
+        """Redis answers again: release what ended meanwhile, count every running job."""
+        for rid in list(self._orphans):
+            self.grants.release(rid, self.owner)
+            self._orphans.discard(rid)
+        self._down_since = None
+        self._sync()
+        for grant in self._held.values():
+            grant.counted = True
+        logger.warning(
+            "fleet: Redis answers again; backends' slots are shared again "
+            "(jobs of this process counted there: %s running)",
+            len(self._held),
+        )
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = self._clock()
+        logger.warning(
+            "fleet: Redis unreachable (%s); placing on this process's own slots and "
+            "trying Redis again every %ss",
+            exc,
+            f"{self.probe_every:.2g}",
+        )
+        for name in list(self._others):
+            self._set_others(name, {})
+        self._start_pump()
+        self._poke.set()
