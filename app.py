@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings,
         upstream,
         admit=admitter,
-        identify=rate_limiter.identify_light,
+        identify=rate_limiter.identify_lane,
         keys=rate_limiter.keyring,
         shutdown=[admitter.close],
         queue=admitter.queue,
@@ -65,10 +65,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     if rate_limiter.rejects_early:
         # A client already over a limit gets its 429 here, without Flask.
         middleware.append(rate_limiter.reject_cache)
-    # Light reads no limit applies to are forwarded without Flask.
+    # Requests no limit applies to are forwarded without Flask (queued ones through the
+    # same admission).
     middleware.append(
         functools.partial(
-            proxy.LightLane, app, upstream=upstream, identify=rate_limiter.identify_light
+            proxy.LightLane,
+            app,
+            upstream=upstream,
+            identify=rate_limiter.identify_lane,
+            admit=admitter,
         )
     )
     gate.middleware = wrap(app, middleware)

@@ -313,14 +313,15 @@ class Settings:
         "120/minute",
         validate_limit,
         "limit per client for the inference class (Flask-Limiter strings, `;`-separated; "
-        "`off` disables)",
+        "`off` disables, and with no token budget inference calls take the faster light "
+        "lane, see Benchmarks)",
         fallback=OLLAMA_RATE_LIMIT,
     )
     limit_embed: str = setting(
         "GATE_LIMIT_EMBED",
         "1200/minute",
         validate_limit,
-        "limit per client for the embed class",
+        "limit per client for the embed class (`off`: as for inference)",
         fallback=OLLAMA_RATE_LIMIT,
     )
     limit_admin: str = setting(

@@ -9,9 +9,9 @@ times, and prints the medians as a Markdown table:
 
 - latency p50/p99 of GET /api/tags with 1 and with 50 connections (wrk --latency);
   "added" is gate minus direct;
-- latency p50 of two POSTs with 1 connection (wrk with a Lua script, the request in one
-  write): POST /api/show (a light POST) and a non-streamed POST /api/chat (inference,
-  through the work queue);
+- latency p50 of three POSTs with 1 connection (wrk with a Lua script, the request in one
+  write): POST /api/show (a light POST) and a 4-token POST /api/chat (inference, through
+  the work queue), not streamed and streamed;
 - requests/s of GET /api/tags with 50 connections (the same wrk runs);
 - NDJSON lines/s received by 200 concurrent clients streaming /api/generate
   (bench/stream_load.py, its own process), at full speed (token interval 0, the
@@ -44,6 +44,7 @@ from harness import Children, CpuMeter, Gate, median
 HERE = Path(__file__).resolve().parent
 TARGET_ADDED_P50_MS = 0.5
 TARGET_RPS = 2500
+TARGET_POST_ADDED_P50_MS = 1.0
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -87,12 +88,19 @@ class Setup:
         return self.fake_url if where == "direct" else self.gate.url
 
 
-#: The POSTs measured beside GET /api/tags: a light POST and a short non-streamed chat.
-POSTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "show": ("/api/show", {"model": "llama3.2"}),
+#: The POSTs measured beside GET /api/tags: a light POST and a short chat, not streamed
+#: and streamed (label, path, JSON body). The fake answers a chat with 4 tokens.
+POSTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "show": ("POST /api/show", "/api/show", {"model": "llama3.2"}),
     "chat": (
+        "POST /api/chat, not streamed",
         "/api/chat",
         {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False},
+    ),
+    "chat_stream": (
+        "POST /api/chat, streamed",
+        "/api/chat",
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True},
     ),
 }
 
@@ -118,7 +126,7 @@ def run_wrk(
     if post is None:
         target = setup.url(where) + "/api/tags"
     else:
-        path, body = POSTS[post]
+        _label, path, body = POSTS[post]
         args += ["-s", str(wrk_script(path, body))]
         target = setup.url(where) + path
     proc = setup.children.popen([*args, target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -255,11 +263,11 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {_cell(runs, key + '/direct', p, '.3f')} "
                 f"| {_cell(runs, key + '/gate', p, '.3f')} | {added:+.3f} ms |"
             )
-    for post, (path, _body) in POSTS.items():
+    for post, (label, _path, _body) in POSTS.items():
         key = f"post_{post}_c1"
         if key in summary:
             rows.append(
-                f"| POST {path} latency p50, 1 conn. (ms) "
+                f"| {label} latency p50, 1 conn. (ms) "
                 f"| {_cell(runs, key + '/direct', 'p50_ms', '.3f')} "
                 f"| {_cell(runs, key + '/gate', 'p50_ms', '.3f')} "
                 f"| {summary[key]['added_ms']:+.3f} ms |"
@@ -290,11 +298,11 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"| gate worker CPU per request, /api/tags 50 conn. (µs) | – "
         f"| {_cell(runs, 'tags_c50/gate', 'gate_cpu_us_per_req', '.0f')} | |"
     )
-    for post, (path, _body) in POSTS.items():
+    for post, (label, _path, _body) in POSTS.items():
         key = f"post_{post}_c1"
         if key in summary:
             rows.append(
-                f"| gate worker CPU per request, POST {path} 1 conn. (µs) | – "
+                f"| gate worker CPU per request, {label} 1 conn. (µs) | – "
                 f"| {_cell(runs, key + '/gate', 'gate_cpu_us_per_req', '.0f')} | |"
             )
     for name in labels:
@@ -312,8 +320,22 @@ def table(runs: Runs, summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"{p50:.3f} ms, {ok[p50 <= TARGET_ADDED_P50_MS]}; ≥ {TARGET_RPS:,} req/s: "
         f"{rps:,.0f}, {ok[rps >= TARGET_RPS]}."
     )
+    posts = [
+        (POSTS[k[5:-3]][0], v["added_ms"]) for k, v in summary.items() if k.startswith("post_")
+    ]
+    if posts:
+        rows.append(
+            f"POSTs (added p50 ≤ {TARGET_POST_ADDED_P50_MS:g} ms at 1 connection): "
+            + "; ".join(
+                f"{label} {added:+.3f} ms, {ok[added <= TARGET_POST_ADDED_P50_MS]}"
+                for label, added in posts
+            )
+            + "."
+        )
     failed = sum(s.get("short_or_failed", 0) for k, s in summary.items() if k.startswith("streams"))
-    errors = sum(r.get("errors", 0) for k, rs in runs.items() if k.startswith("tags") for r in rs)
+    errors = sum(
+        r.get("errors", 0) for k, rs in runs.items() if k.startswith(("tags", "post")) for r in rs
+    )
     rows.append(f"Errors: {errors:g} HTTP errors in wrk runs, {failed:g} failed or short streams.")
     return "\n".join(rows)
 

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import error_handlers
-from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, LIGHT, EndpointClass
+from endpoints import ADMIN, CLASSES, EMBED, ENDPOINT_CLASSES, INFERENCE, EndpointClass
 from errors import (
     BadRequest,
     Forbidden,
@@ -47,7 +47,7 @@ from errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
-from pipeline import Call
+from pipeline import Call, Identity
 from proxy.views import read_body
 from settings import Settings, SettingsError
 from signals import call_finished, call_rejected
@@ -71,6 +71,8 @@ logger = logging.getLogger(__name__)
 TOKEN_CLASSES = frozenset({INFERENCE, EMBED})
 # Requests of these classes may wait in the work queue, so they have a priority class.
 QUEUED = frozenset({INFERENCE, EMBED, ADMIN})
+# X-Gate-Priority as the WSGI environ names it.
+_PRIORITY_ENVIRON = "HTTP_" + PRIORITY_HEADER.upper().replace("-", "_")
 # Seconds a Redis may take to connect or answer before it counts as down and limits
 # fall back to this process's memory: a paused Redis never holds a request longer.
 STORAGE_TIMEOUT = 0.5
@@ -109,7 +111,7 @@ def storage_options(uri: str) -> dict[str, Any]:
 
 class GateLimiter:
     """The limiter extension: ``init_app`` registers its hooks; create_app keeps it in the
-    app's Pipeline (its ``identify_light``, ``keyring`` and ``stats`` serve other layers)."""
+    app's Pipeline (its ``identify_lane``, ``keyring`` and ``stats`` serve other layers)."""
 
     def __init__(self, settings: Settings) -> None:
         self.keys_file = settings.api_keys_file
@@ -311,29 +313,45 @@ class GateLimiter:
         """The class a queued request is served at: its key's ceiling (anonymous clients:
         GATE_ANON_PRIORITY), or the lower one its X-Gate-Priority ``asked`` for (400 for a
         name that is no class)."""
-        ceiling = key.priority if key is not None else self.anon_priority
         try:
-            return served_priority(ceiling, asked)
+            return served_priority(self._ceiling(key), asked)
         except ValueError as exc:
             raise BadRequest(f"{PRIORITY_HEADER}: {exc}") from None
 
-    def identify_light(self, environ: Mapping[str, Any]) -> tuple[str, frozenset[str]] | None:
-        """Who sends a light request that no limit applies to, for the proxy's light lane.
+    def identify_lane(self, environ: Mapping[str, Any], cls: EndpointClass) -> Identity | None:
+        """Who sends a request of class ``cls`` that no limit applies to, for the light lane.
 
-        (client, names of the headers that carried its API key), as ``_identify``
-        would set them; None when the limiter has a say in the request (a key to
-        reject, a light limit to count), which must then go through Flask.
+        Its Identity (client, names of the headers that carried its API key, the
+        class its job is served at), as ``_identify`` would find them; None when the
+        limiter has a say in the request, which must then go through Flask: a key to
+        reject, a limit of its class to count, a token budget, a model allow-list (its
+        models are checked, its listings filtered), an X-Gate-Priority to refuse.
         """
+        key: ApiKey | None = None
         if self.keyring is None:
-            if self.defaults[LIGHT] != OFF:
+            if self.defaults[cls] != OFF:
                 return None
-            return client_address(environ.get("REMOTE_ADDR")), frozenset()
-        header, key = self.keyring.presented(environ)
-        if header is None or key is None or self.limit_for(LIGHT, key) != OFF:
+            client, consumed = client_address(environ.get("REMOTE_ADDR")), frozenset[str]()
+        else:
+            header, key = self.keyring.presented(environ)
+            if header is None or key is None or self.limit_for(cls, key) != OFF:
+                return None
+            if key.models is not None or (cls == ADMIN and not key.is_admin):
+                return None
+            client, consumed = key.name, frozenset({header})
+        if cls not in QUEUED:
+            return Identity(client, consumed)
+        if cls in TOKEN_CLASSES and self.budget_for(key) is not None:
             return None
-        if key.models is not None:
-            return None  # its model listings are filtered, its /v1/models/:model checked
-        return key.name, frozenset({header})
+        try:
+            priority = served_priority(self._ceiling(key), environ.get(_PRIORITY_ENVIRON))
+        except ValueError:
+            return None  # Flask answers the 400
+        return Identity(client, consumed, priority)
+
+    def _ceiling(self, key: ApiKey | None) -> str:
+        """The highest class ``key``'s jobs are served at (anonymous: GATE_ANON_PRIORITY)."""
+        return key.priority if key is not None else self.anon_priority
 
     def _limit_key(self) -> str:
         return cast(str, g.gate_limit_key)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from endpoints import EndpointClass
+from workqueue.core import DEFAULT_PRIORITY
 
 from .call import Call, usage_of
 
@@ -59,14 +62,25 @@ class Admit(Protocol):
     def __call__(self, call: Call, client_gone: ClientGone) -> Release | None: ...
 
 
-class Identify(Protocol):
-    """The limiter's word on a light read, for the proxy's light lane.
+class Identity(NamedTuple):
+    """Who sends a request the light lane may forward, as the limiter's hooks would find it."""
 
-    (client, names of the headers that carried its API key) when no limit applies
-    and the lane may forward it without Flask; None when the limiter must see it.
+    client: str
+    #: Names (lowercase) of the headers that carried its API key: never forwarded.
+    consumed: frozenset[str]
+    #: The class a queued call is served at (its key's ceiling, or the lower one asked for).
+    priority: str = DEFAULT_PRIORITY
+
+
+class Identify(Protocol):
+    """The limiter's word on a request of class ``cls``, for the proxy's light lane.
+
+    Its Identity when no limit, token budget or model allow-list applies and the
+    lane may forward it without Flask; None when the limiter must see it (a key to
+    reject, a limit to count, a priority to refuse).
     """
 
-    def __call__(self, environ: Mapping[str, Any]) -> tuple[str, frozenset[str]] | None: ...
+    def __call__(self, environ: Mapping[str, Any], cls: EndpointClass) -> Identity | None: ...
 
 
 class Keys(Protocol):
@@ -111,7 +125,7 @@ class Pipeline:
     upstream: Upstream
     #: The work queue's admission (None: nothing is queued).
     admit: Admit | None = None
-    #: The limiter's verdict on light reads (None: every light read goes through Flask).
+    #: The limiter's verdict for the light lane (None: every request goes through Flask).
     identify: Identify | None = None
     #: The API keys (None: open access).
     keys: Keys | None = None
@@ -139,6 +153,7 @@ __all__ = [
     "ClientDisconnected",
     "ClientGone",
     "Identify",
+    "Identity",
     "Keys",
     "LimiterView",
     "Pipeline",

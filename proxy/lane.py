@@ -1,18 +1,27 @@
-"""The light lane: GET and HEAD of the light endpoints, forwarded without Flask.
+"""The light lane: requests nothing but the proxy and the work queue has a say in,
+forwarded without Flask.
 
-Listing models and asking for the version or the loaded models are most of the
-requests a busy gate sees, and each costs Flask about as much CPU again as the
-forwarding itself (docs/BENCHMARKS.md). When nothing but the proxy has a say in
-such a request (no light limit applies to its client and, with API keys on, it
-presents a valid key) this WSGI middleware, just in front of Flask, forwards it
-with the proxy's own parts: the same header filters, the same upstream pool, the
-same Relay, which sends ``call_finished`` so the status page and metrics count it.
+Listing models, asking for the version or the loaded models, and the inference
+and embed calls themselves are most of the requests a busy gate sees, and Flask's
+own machinery costs about as much CPU again as the forwarding (docs/BENCHMARKS.md).
+When no limit applies to such a request (no limit of its class and no token budget
+for its client; with API keys on, a valid key without a model allow-list) this WSGI
+middleware, just in front of Flask, forwards it with the proxy's own parts: the
+same header filters, the same work-queue admission and upstream pool
+(``views.open_call``), the same headers and Relay (``views.relay_of``), which
+frees the slot and sends ``call_finished`` so the token accounting, the status
+page, the metrics and the access log count it. The lane takes GET and HEAD of the
+light endpoints, and POSTs of a JSON body naming a model (``/api/show``, the
+inference and embed endpoints).
 
 Everything else goes to Flask: requests the lane cannot answer exactly as Flask
-would (a key to check, a limit to count, a body, a path Flask would redirect) and
-an upstream that fails to answer, which the light view then reports in the
-contract's shape. The first request of a worker goes to Flask too, so that the
-one-time start-up work of its before_request hooks has run.
+would (a key to check, a limit to count, a body it cannot read as a JSON object
+naming a model, a path Flask would redirect, several backends), and every call
+that fails before its answer (a work-queue refusal, a client gone while queued,
+an upstream that fails), which Flask's view then answers for the call the lane
+began (``views.Handover``), in the contract's shape and through the same error
+handlers and signals. The first request of a worker goes to Flask too, so that
+the one-time start-up work of its before_request hooks has run.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -28,15 +36,20 @@ from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.wrappers import Response
 
-from endpoints import LIGHT, ROUTES, AmbiguousModel, model_of
-from errors import GateError
-from pipeline import Call, Identify, Upstream
+from endpoints import EMBED, INFERENCE, LIGHT, ROUTES, AmbiguousModel, EndpointClass, model_of
+from pipeline import Admit, Call, Identify, Upstream
 
 from .disconnect import ClientWatch
-from .relay import Relay
 from .upstream import Upstream as PooledUpstream
-from .upstream import UpstreamResponse
-from .views import BODY_ERRORS, LANE_FAILURE, RelayResponse, client_headers, upstream_headers
+from .views import (
+    BODY_ERRORS,
+    LANE_FAILURE,
+    Handover,
+    RelayResponse,
+    open_call,
+    relay_of,
+    upstream_headers,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -54,13 +67,15 @@ PREFIXES = tuple(
     if cls == LIGHT and "GET" in methods and "<path:" in rule and rule.endswith(">")
 )
 READS = ("GET", "HEAD")
-# The light POSTs with a JSON body naming a model (POST /api/show): the lane takes them
-# when they come with a Content-Length within GATE_MAX_BODY.
-POSTS = frozenset(
-    rule
+# The POSTs with a JSON body naming a model the lane may take, by path: the light POST
+# /api/show, and the inference and embed endpoints, which it admits to the work queue
+# as Flask's view does. It takes them when they come with a Content-Length within
+# GATE_MAX_BODY.
+POSTS: dict[str, EndpointClass] = {
+    rule: cls
     for rule, methods, cls, needs_model in ROUTES
-    if cls == LIGHT and "POST" in methods and needs_model and "<" not in rule
-)
+    if cls in (LIGHT, INFERENCE, EMBED) and "POST" in methods and needs_model and "<" not in rule
+}
 
 
 def lane_path(path: str) -> bool:
@@ -84,8 +99,10 @@ def status_line(code: int) -> str:
 class LightLane:
     """WSGI middleware around Flask's own ``wsgi_app``: see the module's docstring.
 
-    ``identify`` is the limiter's word on each light read (pipeline.Identify); without
-    it every request goes to Flask.
+    ``identify`` is the limiter's word on each request (pipeline.Identify); without
+    it every request goes to Flask. ``admit`` is the work queue's admission
+    (pipeline.Admit), through which the lane's inference and embed calls wait for
+    their slot exactly as Flask's view's do.
     """
 
     def __init__(
@@ -95,14 +112,18 @@ class LightLane:
         *,
         upstream: Upstream,
         identify: Identify | None,
+        admit: Admit | None = None,
     ) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
         self.upstream = upstream
         self.identify = identify
-        # A fleet places POST /api/show by its model inside Flask's request (fleet/runtime.py):
-        # the lane takes light POSTs only to the one backend of the proxy's own pool.
-        self.posts = isinstance(upstream, PooledUpstream)
+        self.admit = admit
+        # A fleet places a POST by its model inside Flask's request (fleet/runtime.py):
+        # the lane takes POSTs only to the one backend of the proxy's own pool.
+        self.posts: dict[str, EndpointClass] = (
+            dict(POSTS) if isinstance(upstream, PooledUpstream) else {}
+        )
         self.max_body: int | None = app.config.get("MAX_CONTENT_LENGTH")
         self.warm = False  # a request has been through Flask
         self.served = 0  # requests the lane forwarded itself
@@ -115,36 +136,52 @@ class LightLane:
         ):
             return self._flask(environ, start_response)
         method: str = environ.get("REQUEST_METHOD", "")
-        length = self._post_length(environ) if method == "POST" else None
-        if length is None and not (
-            method in READS
-            and lane_path(environ.get("PATH_INFO", ""))
-            and environ.get("CONTENT_LENGTH") in (None, "", "0")
+        path: str = environ.get("PATH_INFO", "")
+        length: int | None = None
+        cls: EndpointClass
+        if method == "POST":
+            posted = self.posts.get(path)
+            length = self._post_length(environ) if posted is not None else None
+            if posted is None or length is None:
+                return self._flask(environ, start_response)
+            cls = posted
+        elif (
+            method in READS and lane_path(path) and environ.get("CONTENT_LENGTH") in (None, "", "0")
         ):
+            cls = LIGHT
+        else:
             return self._flask(environ, start_response)
-        who = self.identify(environ) if self.identify is not None else None
+        who = self.identify(environ, cls) if self.identify is not None else None
         if who is None:
             return self._flask(environ, start_response)
-        client, consumed = who
-        call = Call(LIGHT, method, environ["PATH_INFO"], client, address=environ.get("REMOTE_ADDR"))
+        call = Call(
+            cls,
+            method,
+            path,
+            who.client,
+            address=environ.get("REMOTE_ADDR"),
+            priority=who.priority,
+        )
         body = None
         if length is not None:
             body = self._read_json(environ, length, call)
             if body is None:
                 return self._flask(environ, start_response)  # Flask answers what the lane cannot
-        headers = upstream_headers(EnvironHeaders(environ), consumed)
-        opened = time.monotonic()
+        headers = upstream_headers(EnvironHeaders(environ), who.consumed)
+        watch = ClientWatch(environ)
+        if cls != LIGHT:
+            watch.start()  # the body is read: a waiting job notices its client leave
         try:
-            resp: UpstreamResponse = self.upstream.open(method, environ["RAW_URI"], headers, body)
-        except GateError as exc:
-            # Nothing was answered yet: the light view reports it, as for any request.
-            environ[LANE_FAILURE] = exc
+            resp, release = open_call(
+                self.admit, self.upstream, call, watch, environ["RAW_URI"], headers, body
+            )
+        except Exception as exc:
+            # Nothing was answered yet (a refusal, a client gone while queued, an upstream
+            # that failed): Flask answers it for this call, as for any request.
+            environ[LANE_FAILURE] = Handover(exc, call)
             return self._flask(environ, start_response)
-        call.ttfb = time.monotonic() - opened
-        call.status = resp.status
         self.served += 1
-        relay = Relay(self.app, resp, ClientWatch(environ), call)
-        out_headers = client_headers(resp)
+        out_headers, relay = relay_of(self.app, resp, watch, call, release)
         if not _plain(method, resp.status, out_headers):
             # werkzeug adjusts these (no body for HEAD, no Content-Length on a 204, IRIs in
             # Location): let its Response, itself a WSGI app, answer as Flask's would.
@@ -156,9 +193,7 @@ class LightLane:
         return relay
 
     def _post_length(self, environ: WSGIEnvironment) -> int | None:
-        """The body length of a light POST the lane may take; None when Flask must have it."""
-        if not self.posts or environ.get("PATH_INFO") not in POSTS:
-            return None
+        """The body length of a POST the lane may take; None when Flask must have it."""
         try:
             length = int(environ.get("CONTENT_LENGTH") or "")
         except ValueError:
@@ -202,8 +237,8 @@ class LightLane:
 
 
 def _plain(method: str, status: int, headers: list[tuple[str, str]]) -> bool:
-    """A response werkzeug would pass on untouched."""
-    if method != "GET" or not 200 <= status < 300 or status == 204:
+    """A response werkzeug would pass on untouched (Response.get_wsgi_headers, get_app_iter)."""
+    if method == "HEAD" or status < 200 or status in (204, 304):
         return False
     return not any(k.lower() in ("location", "content-location") for k, _ in headers)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from flask import Blueprint, Request, Response, current_app, g, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected as BodyCut
@@ -26,7 +26,7 @@ from endpoints import (
     view_name,
 )
 from errors import BadRequest, BodyTooLarge
-from pipeline import Call, ClientDisconnected, Release, pipeline_of
+from pipeline import Admit, Call, ClientDisconnected, Release, Upstream, pipeline_of
 from workqueue.core import DEFAULT_PRIORITY, PRIORITY_HEADER
 
 from .disconnect import ClientWatch
@@ -78,7 +78,8 @@ RESPONSE_SKIP = frozenset(
 
 BLOB_CHUNK = 64 * 1024
 
-# The environ key under which the light lane hands Flask an upstream failure to answer.
+# The environ key under which the light lane hands Flask a call that failed before its
+# answer (a Handover): a work-queue refusal, a client gone while queued, an upstream failure.
 LANE_FAILURE = "gate.lane_failure"
 
 
@@ -232,6 +233,12 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     req: Request = request._get_current_object()  # type: ignore[attr-defined]
     environ = req.environ
+    handed: Handover | None = environ.pop(LANE_FAILURE, None)
+    if handed is not None:
+        # The light lane began this call and failed before answering: answer here, as for
+        # any request (proxy/lane.py), with the call as the lane recorded it.
+        g.gate_call = handed.call
+        return _failed(handed.error, handed.call)
     method = req.method
     gate = pipeline_of(app)
     headers = forward_headers(req)
@@ -248,13 +255,12 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
             body = None
     else:
         body = read_body(req) or None
-    address = req.remote_addr
     call = Call(
         cls,
         method,
         req.path,
         client_id(req),
-        address=address,
+        address=req.remote_addr,
         priority=g.get("gate_priority", DEFAULT_PRIORITY),
     )
     if needs_model and (body is None or isinstance(body, bytes)):
@@ -266,31 +272,75 @@ def forward(cls: EndpointClass, needs_model: bool, *, stream_body: bool = False)
         # The body is read: from here on, EOF on the socket means the client left. Light
         # requests answer at once and skip the watch (a loop watcher per request costs).
         watch.start()
+    try:
+        resp, release = open_call(
+            gate.admit, gate.upstream, call, watch, target(req), headers, body
+        )
+    except ClientDisconnected as exc:
+        return _failed(exc, call)
+    out_headers, relay = relay_of(app, resp, watch, call, release)
+    return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
+
+
+class Handover(NamedTuple):
+    """What the light lane hands Flask at ``environ[LANE_FAILURE]`` when a call it began
+    failed before an answer existed: Flask answers ``error`` for ``call``."""
+
+    error: Exception
+    call: Call
+
+
+def open_call(
+    admit: Admit | None,
+    upstream: Upstream,
+    call: Call,
+    watch: ClientWatch,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes | Iterator[bytes] | None,
+) -> tuple[UpstreamResponse, Release | None]:
+    """Admit ``call`` to the work queue, then send it upstream; the lane and Flask's view
+    both begin every forwarded call here.
+
+    Returns the upstream's response (its headers read: ``call.ttfb`` and ``call.status``
+    set) and what frees the call's slot (None when it is not queued). Whatever this
+    raises (a work-queue refusal, ClientDisconnected while waiting, an upstream failure),
+    the slot is freed and the watch stopped first.
+    """
     release: Release | None = None
     try:
         with watch.armed():
-            if gate.admit is not None:
-                release = gate.admit(call, watch.gone)
+            if admit is not None:
+                release = admit(call, watch.gone)
             opened = time.monotonic()
-            failed = environ.pop(LANE_FAILURE, None)
-            if failed is not None:
-                raise failed  # the light lane's upstream failure, answered here (proxy/lane.py)
-            resp: UpstreamResponse = gate.upstream.open(method, target(req), headers, body)
+            resp: UpstreamResponse = upstream.open(call.method, target, headers, body)
             call.ttfb = time.monotonic() - opened
             call.status = resp.status
-    except ClientDisconnected:
-        _abandon(watch, release)
-        logger.info("client left before %s answered", req.path)
-        return Response(status=499)
     except BaseException:
         _abandon(watch, release)
         raise
+    return resp, release
 
+
+def relay_of(
+    app: Flask, resp: UpstreamResponse, watch: ClientWatch, call: Call, release: Release | None
+) -> tuple[list[tuple[str, str]], Relay]:
+    """The headers and body of an opened call's answer, for the lane and Flask's view alike:
+    the upstream's headers for the client, X-Gate-Queue-Wait when the call was queued, and
+    the Relay that ends the call (frees its slot, counts its tokens, sends call_finished)."""
     out_headers = client_headers(resp)
     if release is not None:
         out_headers.append(("X-Gate-Queue-Wait", f"{call.waited:.3f}"))
-    relay = Relay(app, resp, watch, call, on_close=release)
-    return RelayResponse(relay, status=resp.status, headers=out_headers, direct_passthrough=True)
+    return out_headers, Relay(app, resp, watch, call, on_close=release)
+
+
+def _failed(error: Exception, call: Call) -> Response:
+    """The answer to a call that failed before its upstream answered: 499 when its client
+    left, else ``error`` raised for the app's error handlers to render."""
+    if isinstance(error, ClientDisconnected):
+        logger.info("client left before %s answered", call.path)
+        return Response(status=499)
+    raise error
 
 
 def _abandon(watch: ClientWatch, release: Release | None) -> None:

@@ -23,6 +23,7 @@ from flask import Flask, current_app, g, has_request_context, request, request_s
 
 from endpoints import ROUTES
 from pipeline import LimiterView, QueueView, pipeline_of
+from proxy import LightLane
 from settings import Settings
 from signals import call_finished, call_rejected
 from workqueue.core import QueueSnapshot
@@ -189,7 +190,13 @@ class Status:
             "clients_masked": self.settings.status_mask_clients,
             "sampling": self._sampler is not None,
             "polling": self._poller is not None and not self._poller.dead,
+            "lane_served": self.lane_served(),
         }
+
+    def lane_served(self) -> int:
+        """Requests this worker's light lane forwarded without Flask (proxy/lane.py)."""
+        middleware = pipeline_of(current_app).middleware
+        return sum(m.served for m in middleware if isinstance(m, LightLane))
 
     def document(self, *, history: bool = True) -> dict[str, Any]:
         limiter = self.limiter()
@@ -299,6 +306,8 @@ def _on_rejected(
     status, reason = reason_of(error)
     if ext.access is not None and has_request_context():
         started = g.get("gate_access_started")
+        if call is not None and (started is None or call.started < started):
+            started = call.started  # a call the light lane began before Flask saw it
         ext.access.refused(
             status=status,
             reason=reason,

@@ -49,7 +49,7 @@ def test_the_layers_meet_in_one_typed_pipeline(make_app: Any, tmp_path: Path) ->
     assert isinstance(gate, Pipeline) and gate is pipeline_of(app)
     assert not [name for name in app.extensions if name.startswith("gate.")]
     assert isinstance(gate.limiter, GateLimiter)
-    assert gate.identify == gate.limiter.identify_light
+    assert gate.identify == gate.limiter.identify_lane
     assert gate.keys is gate.limiter.keyring and gate.keys is not None
     assert gate.keys.lookup("s3cret").name == "alice"
     assert isinstance(gate.admit, Admitter) and gate.queue is gate.admit.queue
