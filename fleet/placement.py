@@ -97,14 +97,19 @@ class View:
 
     ``installed`` maps model to size in bytes, or is None while unknown (then any model
     may run there, sizes unknown); ``loaded`` maps the models loaded now to their VRAM.
-    ``others`` maps model to the jobs other gates run there (shared mode, fleet/shared.py):
-    they take slots and places as this gate's own running jobs do.
+    Shared mode (fleet/shared.py) adds what other gates do there: ``others`` maps model to
+    the jobs they run (they take slots and places as this gate's own running jobs do);
+    ``drain`` is the model a gate drains the backend for (no new jobs of other models);
+    ``placed_at`` when a model last took a new place there (the caller's clock), which
+    starts the switch clock as a new place of this gate's own does.
     """
 
     healthy: bool = True
     installed: Mapping[str, int] | None = None
     loaded: Mapping[str, int] = field(default_factory=dict)
     others: Mapping[str, int] = field(default_factory=dict)
+    drain: str | None = None
+    placed_at: float | None = None
 
 
 class _Lane:
@@ -414,6 +419,8 @@ class FleetScheduler:
         job.started = None
         if avoid:
             job.avoid = job.avoid | {failed.name}
+        elif not failed.running_of(job.lane.name):
+            failed.active.pop(job.lane.name, None)  # the place it just took is not had
         job.lane.admitted -= 1
         failed.admitted -= 1
         self._admitted -= 1
@@ -437,6 +444,8 @@ class FleetScheduler:
             ),
             loaded={normalize_model(m): size for m, size in view.loaded.items()},
             others={normalize_model(m): n for m, n in view.others.items() if n > 0},
+            drain=normalize_model(view.drain) if view.drain else None,
+            placed_at=view.placed_at,
         )
         host.view = normalized
         return self._pump(now)
@@ -521,6 +530,11 @@ class FleetScheduler:
                 # A place held for an idle model frees for waiting work when its hold ends.
                 deadlines.extend(self._held(host, self._now).values())
         return min(deadlines, default=None)
+
+    def draining(self, now: float) -> dict[str, str]:
+        """The backends a switch is due on at ``now``, each with the model it drains for."""
+        now = max(now, self._now)
+        return {host.name: lane.name for host in self._hosts if (lane := self._target(host, now))}
 
     def pending_switch(self, now: float) -> tuple[str, list[str]] | None:
         """The oldest model a switch is due for and the models draining for it, if any."""
@@ -618,6 +632,11 @@ class FleetScheduler:
     def _eligible(self, host: _Host, lane: _Lane, avoid: frozenset[str] = frozenset()) -> bool:
         return host.view.healthy and host.name not in avoid and host.could_hold(lane.name)
 
+    def _open(self, host: _Host, lane: _Lane, avoid: frozenset[str] = frozenset()) -> bool:
+        """Eligible, and not drained by another gate for another model (shared mode)."""
+        drain = host.view.drain
+        return (drain is None or drain == lane.name) and self._eligible(host, lane, avoid)
+
     def _placed_on(self, lane: _Lane) -> list[_Host]:
         """The healthy backends where ``lane`` holds a place (a failed one's do not count)."""
         return [host for host in self._hosts if lane.name in host.active and host.view.healthy]
@@ -637,7 +656,9 @@ class FleetScheduler:
             return None
         if self._room(host, lane, self._now):
             return None  # it takes the room at the next pump, no switch needed
-        return lane, self._due(_arrivals(lane), host.slice_start)
+        placed_at = host.view.placed_at
+        slice_start = host.slice_start if placed_at is None else max(host.slice_start, placed_at)
+        return lane, self._due(_arrivals(lane), slice_start)
 
     def _due(self, arrivals: list[float | None], slice_start: float | None = None) -> float:
         """When a model whose oldest jobs per class arrived at ``arrivals`` may force a
@@ -659,7 +680,7 @@ class FleetScheduler:
             if self._placed_on(lane):
                 continue
             job = lane.oldest()
-            if job is not None and self._eligible(host, lane, job.avoid):
+            if job is not None and self._open(host, lane, job.avoid):
                 best = lane
         return best
 
@@ -716,7 +737,7 @@ class FleetScheduler:
             oldest = other.oldest()
             assert oldest is not None
             reserved.update(
-                host.name for host in self._hosts if self._eligible(host, other, oldest.avoid)
+                host.name for host in self._hosts if self._open(host, other, oldest.avoid)
             )
         return reserved
 
@@ -742,7 +763,7 @@ class FleetScheduler:
         running_slots = sum(self._slots(host, lane.name) for host in placed)
         best: tuple[tuple[float, ...], _Host, bool] | None = None
         for host in self._hosts:
-            if not self._eligible(host, lane, avoid):
+            if not self._open(host, lane, avoid):
                 continue
             target = targets[host.name] if targets is not None else self._target(host, now)
             if lane.name in host.active or lane.name in host.view.others:
@@ -816,7 +837,7 @@ class FleetScheduler:
                 reserved.update(
                     host.name
                     for host in self._hosts
-                    if targets[host.name] is None and self._eligible(host, lane, oldest.avoid)
+                    if targets[host.name] is None and self._open(host, lane, oldest.avoid)
                 )
         return False
 
@@ -827,6 +848,8 @@ class FleetScheduler:
         backend.
         """
         if not host.view.healthy:
+            return
+        if host.view.drain is not None and host.view.drain != lane.name:
             return
         slots = self._slots(host, lane.name)
         while lane.queue and host.busy_of(lane.name) < slots:

@@ -45,9 +45,15 @@ from workqueue.shared import PROBE_EVERY, STORAGE_TIMEOUT, TICK, WAKE_BLOCK, red
 from .config import Backend
 from .placement import FleetScheduler, View
 from .runtime import FleetWorkQueue
-from .shared_scripts import KEY_PREFIX, FleetGrants
+from .shared_scripts import KEY_PREFIX, FleetGrants, Seen
 
 logger = logging.getLogger(__name__)
+
+#: A backend as Redis shows it before anything ran there: no jobs, no drain, no place yet.
+NOTHING: tuple[dict[str, int], str | None, float | None] = ({}, None, None)
+#: A new place on a backend read again within this many seconds of the last reading is
+#: the same one (the round trip moves it a little at every sync).
+PLACED_SLACK = 0.05
 
 
 class _Grant:
@@ -77,7 +83,9 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._views: dict[str, View] = {}
-        self._others: dict[str, dict[str, int]] = {}
+        # What other gates do on each backend: their jobs per model, the model one of
+        # them drains it for, when a model last took a new place there (this clock).
+        self._others: dict[str, tuple[dict[str, int], str | None, float | None]] = {}
         super().__init__(settings, scheduler, clock=clock)
         uri = settings.storage_uri
         self._redis = client if client is not None else redis_client(uri)
@@ -98,6 +106,7 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         self._pump: Greenlet | None = None
         self._poke = gevent.event.Event()
         self._next_renew = 0.0
+        self._drains: dict[str, str] = {}  # backend -> the model this process drains it for
 
     @property
     def owner(self) -> str:
@@ -115,12 +124,24 @@ class SharedFleetWorkQueue(FleetWorkQueue):
 
     def observe(self, name: str, view: Any) -> None:
         self._views[name] = view
-        super().observe(name, replace(view, others=self._others.get(name, {})))
+        others, drain, placed_at = self._others.get(name, NOTHING)
+        super().observe(name, replace(view, others=others, drain=drain, placed_at=placed_at))
 
-    def _set_others(self, name: str, others: dict[str, int]) -> None:
-        if others == self._others.get(name, {}):
+    def _set_others(self, name: str, seen: Seen) -> None:
+        """What other gates do on backend ``name``, as Redis just said: the placement's
+        view changes if it differs (a new place there if it moved by PLACED_SLACK)."""
+        placed_at = None if seen.placed_ago is None else self._clock() - seen.placed_ago
+        others, drain, before = self._others.get(name, NOTHING)
+        if (others, drain) == (seen.others, seen.drain) and (
+            placed_at == before
+            or (
+                placed_at is not None
+                and before is not None
+                and abs(placed_at - before) < PLACED_SLACK
+            )
+        ):
             return
-        self._others[name] = others
+        self._others[name] = (seen.others, seen.drain, placed_at)
         view = self._views.get(name)
         if view is not None:
             self.observe(name, view)
@@ -190,8 +211,14 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                 return
             slots = self.fleet_scheduler.overrides.get(model, backend.model_concurrency)
             try:
-                ok, others = self.grants.grant(
-                    rid, backend, model, self.owner, slots=slots, size=size
+                ok, seen = self.grants.grant(
+                    rid,
+                    backend,
+                    model,
+                    self.owner,
+                    slots=slots,
+                    size=size,
+                    switch_after=self.fleet_scheduler.switch_after,
                 )
             except redis.RedisError as exc:
                 self._went_down(exc)
@@ -199,16 +226,18 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                 return
             if ok:
                 self._held[slot.job_id] = _Grant(rid, backend.name, model, size, True)
-                self._set_others(backend.name, others)
+                self._set_others(backend.name, seen)
                 return
-            logger.debug("fleet: %s on %s is full across gates; the job waits", model, backend)
-            # Other gates fill it: with their jobs in the view, the placement does not put
-            # the job there again until one of them ends. If the view shows no more than
-            # before (a grant of this process given back a moment ago still counts), the
-            # job waits a tick before it is placed again, rather than spin.
-            if others == self._others.get(backend.name, {}):
+            logger.debug("fleet: %s on %s is full across gates; the job waits", model, backend.name)
+            # Other gates fill it, or one drains it for another model: with that in the
+            # view, the placement does not put the job there again until it changes. If
+            # the view shows nothing new (a grant of this process given back a moment ago
+            # still counts), the job waits a tick before it is placed again, rather than
+            # spin.
+            others, drain, _ = self._others.get(backend.name, NOTHING)
+            if (others, drain) == (seen.others, seen.drain):
                 gevent.sleep(TICK)
-            self._set_others(backend.name, others)
+            self._set_others(backend.name, seen)
             super().retry(slot, client_gone, avoid=False)
 
     def _finish(self, job_id: Hashable) -> None:
@@ -243,7 +272,9 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         snap["shared"] = not self.fallback
         snap["fallback"] = self.fallback
         for row in snap.get("backends") or []:
-            row["others"] = dict(sorted(self._others.get(row["name"], {}).items()))
+            others, drain, _ = self._others.get(row["name"], NOTHING)
+            row["others"] = dict(sorted(others.items()))
+            row["drained_by_others_for"] = drain
         return snap
 
     def idle(self) -> bool:
@@ -292,7 +323,17 @@ class SharedFleetWorkQueue(FleetWorkQueue):
     def _sync(self) -> None:
         """Renew this process's grants, count again those Redis lost, read the others."""
         running = [(g.rid, g.backend, g.model, g.size) for g in self._held.values()]
-        synced = self.grants.sync(self.owner, running, self._names, waiting=bool(self._waiters))
+        drains = self.fleet_scheduler.draining(self._clock())
+        if drains != self._drains:
+            if drains:
+                logger.info(
+                    "fleet: a switch is due; draining %s across gates",
+                    ", ".join(f"{name} for {model}" for name, model in sorted(drains.items())),
+                )
+            self._drains = drains
+        synced = self.grants.sync(
+            self.owner, running, self._names, waiting=bool(self._waiters), drains=drains
+        )
         self._next_renew = self._clock() + self.lease / 3
         held = {g.rid: g for g in self._held.values()}
         for rid in synced.counted:
@@ -303,8 +344,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             if grant.counted:
                 logger.warning("fleet: running job %s had lost its grant's lease", rid)
             grant.counted = True
-        for name, others in synced.others.items():
-            self._set_others(name, others)
+        for name, seen in synced.seen.items():
+            self._set_others(name, seen)
 
     def _probe(self) -> None:
         gevent.sleep(self.probe_every)
@@ -340,6 +381,6 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             f"{self.probe_every:.2g}",
         )
         for name in list(self._others):
-            self._set_others(name, {})
+            self._set_others(name, Seen({}))
         self._start_pump()
         self._poke.set()

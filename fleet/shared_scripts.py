@@ -13,7 +13,7 @@ backends") describes the keys and scripts. No gevent here: tests drive it direct
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,12 @@ end
 local LEASE = tonumber(ARGV[2])
 
 local function drop(id)
-  local b = redis.call('HGET', P .. 'job:' .. id, 'b')
-  if b then redis.call('SREM', P .. 'on:' .. b, id) end
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'b', 'm')
+  local b = f[1]
+  if b then
+    redis.call('SREM', P .. 'on:' .. b, id)
+    redis.call('HSET', P .. 'work:' .. b, f[2], now)
+  end
   redis.call('DEL', P .. 'job:' .. id)
   return redis.call('ZREM', P .. 'leases', id)
 end
@@ -79,6 +83,33 @@ local function flat(t)
   return out
 end
 
+local function drain_of(b)
+  -- The model backend b is drained for and the gate that drains it (nil: none); a
+  -- drain lapses a lease after its gate last renewed it.
+  local d = redis.call('GET', P .. 'drain:' .. b)
+  if not d then return nil end
+  local model, by, expiry = string.match(d, '^(.*)\t(.*)\t(%d+)$')
+  if not model or tonumber(expiry) <= now then
+    redis.call('DEL', P .. 'drain:' .. b)
+    return nil
+  end
+  return model, by
+end
+
+local function seen(b, owner)
+  -- What owner's placement needs of backend b besides its own jobs: the jobs of other
+  -- gates per model, the model another gate drains it for (''), ms since a model last
+  -- took a new place there (-1: never).
+  local _, others = usage(b, owner)
+  local drain = ''
+  local model, by = drain_of(b)
+  if model and by ~= owner then drain = model end
+  local slice = tonumber(redis.call('GET', P .. 'slice:' .. b) or '-1')
+  local ago = -1
+  if slice >= 0 then ago = math.max(0, now - slice) end
+  return {flat(others), drain, ago}
+end
+
 local function add(id, b, m, owner, size)
   redis.call('HSET', P .. 'job:' .. id, 'b', b, 'm', m, 'o', owner, 's', size)
   redis.call('SADD', P .. 'on:' .. b, id)
@@ -86,8 +117,11 @@ local function add(id, b, m, owner, size)
 end
 """
 
-# ARGV: 3 id, 4 backend, 5 model, 6 owner, 7 slots, 8 max_models, 9 size, 10 vram ('').
-# Returns {granted (1/0), {model, n, ...} of the jobs other gates run on the backend}.
+# ARGV: 3 id, 4 backend, 5 model, 6 owner, 7 slots, 8 max_models, 9 size, 10 vram (''),
+# 11 switch_after (ms). Returns {granted (1/0), seen(backend)}. A backend that a gate
+# drains for another model grants nothing. A grant for a model not running there is a new
+# place (slice:<b>) unless the model had a job start or end there within switch_after (it
+# takes back its place, as a held model does in FleetScheduler).
 _GRANT = (
     _PRELUDE
     + r"""
@@ -96,8 +130,11 @@ local slots, max_models, size = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(A
 reap()
 local count, others, sizes, n = usage(b, owner)
 local ok = 1
+local drain = drain_of(b)
 if redis.call('EXISTS', P .. 'job:' .. id) == 1 then
   ok = 1  -- granted already (a repeated call)
+elseif drain and drain ~= m then
+  ok = 0
 elseif (count[m] or 0) >= slots then
   ok = 0
 elseif not count[m] and n >= max_models then
@@ -108,12 +145,17 @@ elseif not count[m] and ARGV[10] ~= '' then
   if used > tonumber(ARGV[10]) then ok = 0 end
 end
 if ok == 1 and redis.call('EXISTS', P .. 'job:' .. id) == 0 then
+  local worked = tonumber(redis.call('HGET', P .. 'work:' .. b, m) or '-1')
+  if not count[m] and (worked < 0 or now - worked > tonumber(ARGV[11])) then
+    redis.call('SET', P .. 'slice:' .. b, now)
+  end
+  redis.call('HSET', P .. 'work:' .. b, m, now)
   add(id, b, m, owner, size)
   redis.call('HINCRBY', P .. 'stats', 'granted', 1)
 elseif ok == 0 then
   redis.call('HINCRBY', P .. 'stats', 'refused', 1)
 end
-return {ok, flat(others)}
+return {ok, seen(b, owner)}
 """
 )
 
@@ -138,10 +180,11 @@ return held
 )
 
 # ARGV: 3 owner, 4 '1' if it has jobs waiting, 5 n, then n × (id, backend, model, size)
-# of the owner's running jobs, then the backends to report. Renews the owner's grants; a
-# running job Redis does not know is counted again, whatever the slots say (it runs). An
-# owner with jobs waiting is woken by releases for a lease. Returns {ids counted again,
-# then per backend reported {model, n, ...} of the jobs other gates run there}.
+# of the owner's running jobs, 6 + 4n k, then k × (backend, model) the owner's placement
+# drains for, then every backend. Renews the owner's grants; a running job Redis does not
+# know is counted again, whatever the slots say (it runs). An owner with jobs waiting is
+# woken by releases for a lease. A drain is the first gate's until it ends it or stops
+# renewing it (a lease). Returns {ids counted again, then seen(backend) of each}.
 _SYNC = (
     _PRELUDE
     + r"""
@@ -164,10 +207,25 @@ for i = 0, n - 1 do
     redis.call('HINCRBY', P .. 'stats', 'counted_again', 1)
   end
 end
+local k = tonumber(ARGV[6 + n * 4])
+local wants = {}
+for i = 0, k - 1 do
+  local base = 7 + n * 4 + i * 2
+  wants[ARGV[base]] = ARGV[base + 1]
+end
 local out = {counted}
-for i = 6 + n * 4, #ARGV do
-  local _, others = usage(ARGV[i], owner)
-  out[#out + 1] = flat(others)
+for i = 7 + n * 4 + k * 2, #ARGV do
+  local b = ARGV[i]
+  local key = P .. 'drain:' .. b
+  local d, by = drain_of(b)
+  if wants[b] then
+    if not d or by == owner then
+      redis.call('SET', key, wants[b] .. '\t' .. owner .. '\t' .. (now + LEASE))
+    end
+  elseif d and by == owner then
+    redis.call('DEL', key)
+  end
+  out[#out + 1] = seen(b, owner)
 end
 return out
 """
@@ -189,11 +247,21 @@ return out
 
 
 @dataclass(frozen=True)
+class Seen:
+    """What other gates do on one backend: their jobs per model, the model one of them
+    drains it for, and seconds since a model last took a new place there."""
+
+    others: dict[str, int]
+    drain: str | None = None
+    placed_ago: float | None = None
+
+
+@dataclass(frozen=True)
 class Synced:
-    """The sync script's answer: ids counted again, and other gates' jobs per backend."""
+    """The sync script's answer: ids counted again, and what other gates do per backend."""
 
     counted: list[str]
-    others: dict[str, dict[str, int]]
+    seen: dict[str, Seen]
 
 
 class FleetGrants:
@@ -223,11 +291,12 @@ class FleetGrants:
         *,
         slots: int,
         size: int = 0,
+        switch_after: float = 0.0,
         now_ms: int | None = None,
-    ) -> tuple[bool, dict[str, int]]:
+    ) -> tuple[bool, Seen]:
         """Take one of ``model``'s ``slots`` on ``backend`` for ``job_id`` if the backend's
-        slots, ``max_models`` and ``vram`` allow it; return whether it was granted and the
-        jobs other gates run there, per model."""
+        slots, ``max_models`` and ``vram`` allow it, and no gate drains it for another
+        model; return whether it was granted and what other gates do there."""
         args = self._argv(
             now_ms,
             job_id,
@@ -238,9 +307,10 @@ class FleetGrants:
             str(backend.max_models),
             str(max(0, int(size))),
             "" if backend.vram is None else str(backend.vram),
+            str(int(switch_after * 1000)),
         )
-        ok, others = self._grant(keys=[self.prefix], args=args)
-        return bool(int(ok)), _counts(others)
+        ok, seen = self._grant(keys=[self.prefix], args=args)
+        return bool(int(ok)), _seen(seen)
 
     def release(self, job_id: str, owner: str = "", *, now_ms: int | None = None) -> bool:
         """Give a grant back; whether it was held (a repeated release does nothing).
@@ -261,17 +331,30 @@ class FleetGrants:
         backends: Sequence[str],
         *,
         waiting: bool = False,
+        drains: Mapping[str, str] | None = None,
         now_ms: int | None = None,
     ) -> Synced:
         """Renew ``owner``'s grants (``running``: id, backend, model, size of each of its
-        jobs that runs), count again those Redis lost, and read other gates' jobs on each
-        of ``backends``. While ``waiting``, releases by other owners wake ``owner``."""
+        jobs that runs), count again those Redis lost, and read what other gates do on
+        each of ``backends`` (every backend). While ``waiting``, releases by other owners
+        wake ``owner``. ``drains``: the backends its placement drains for a model (a
+        switch is due there); its drains elsewhere end."""
         jobs = [str(field) for job in running for field in job]
         flag = "1" if waiting else ""
-        args = self._argv(now_ms, owner, flag, str(len(jobs) // 4), *jobs, *backends)
+        wanted = [field for item in sorted((drains or {}).items()) for field in item]
+        args = self._argv(
+            now_ms,
+            owner,
+            flag,
+            str(len(jobs) // 4),
+            *jobs,
+            str(len(wanted) // 2),
+            *wanted,
+            *backends,
+        )
         reply = self._sync(keys=[self.prefix], args=args)
         counted = [_text(job_id) for job_id in reply[0]]
-        return Synced(counted, {name: _counts(reply[1 + i]) for i, name in enumerate(backends)})
+        return Synced(counted, {name: _seen(reply[1 + i]) for i, name in enumerate(backends)})
 
     def usage(
         self, backends: Sequence[str], *, now_ms: int | None = None
@@ -288,6 +371,13 @@ class FleetGrants:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _seen(reply: Any) -> Seen:
+    others, drain, ago = reply
+    drain = _text(drain)
+    ago = int(ago)
+    return Seen(_counts(others), drain or None, ago / 1000 if ago >= 0 else None)
 
 
 def _counts(flat: Any) -> dict[str, int]:

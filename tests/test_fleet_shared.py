@@ -23,7 +23,7 @@ import requests
 from fakeollama import FakeOllama
 from fleet.config import Backend
 from fleet.placement import FleetScheduler, View
-from fleet.shared_scripts import KEY_PREFIX, FleetGrants
+from fleet.shared_scripts import KEY_PREFIX, FleetGrants, Seen, Synced
 from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
 from tests.support import Gate, client_requests, example_count
@@ -48,6 +48,15 @@ def backend(name: str = "big", **fields: Any) -> Backend:
 
 def grants(client: redis.Redis) -> FleetGrants:
     return FleetGrants(client, lease=LEASE, prefix="t:fl:")
+
+
+def pair(granted: tuple[bool, Seen]) -> tuple[bool, dict[str, int]]:
+    """A grant's answer with other gates' jobs only."""
+    return granted[0], granted[1].others
+
+
+def others(synced: Synced) -> dict[str, dict[str, int]]:
+    return {name: seen.others for name, seen in synced.seen.items()}
 
 
 # The placement with other gates' jobs in its view (pure)
@@ -93,18 +102,39 @@ def test_other_gates_models_count_towards_max_models_and_vram() -> None:
     assert s.observe("gpu", View(installed={**installed, "m4": 0}), 1.0) == [3]
 
 
+def test_another_gates_drain_and_new_place_in_the_placement() -> None:
+    a = backend("a", max_models=1)
+    s = FleetScheduler([a], switch_after=10.0)
+    installed = {"m1": GB, "m2": GB}
+    # Another gate drains a for m2: this gate's m1 waits, its m2 runs.
+    s.observe("a", View(installed=installed, drain="m2"), 0.0)
+    assert s.submit(1, "m1", "c", 0.0) is Admission.WAITING
+    assert s.submit(2, "m2", "c", 0.0) is Admission.RUNNING
+    assert s.finish(2, 1.0) == []
+    assert s.observe("a", View(installed=installed), 1.0) == [1]
+    s.finish(1, 1.0)
+    # The other gate's m2 runs there; this gate's m1 waits for a switch, which the other
+    # gate's new place at 5.0 puts off to 15.0, as this gate's own would.
+    s.observe("a", View(installed=installed, others={"m2": 1}), 2.0)
+    assert s.submit(3, "m1", "c", 2.0) is Admission.WAITING
+    assert s.draining(12.5) == {"a": "m1:latest"}
+    s.observe("a", View(installed=installed, others={"m2": 1}, placed_at=5.0), 5.0)
+    assert s.draining(12.5) == {}
+    assert s.draining(15.5) == {"a": "m1:latest"}
+
+
 # The scripts, unit by unit
 
 
 def test_a_grant_takes_one_of_the_models_slots_and_max_models(rdb: redis.Redis) -> None:
     g, big = grants(rdb), backend(max_models=2)
-    assert g.grant("a1", big, "m1", "A", slots=2, now_ms=0) == (True, {})
-    assert g.grant("b1", big, "m1", "B", slots=2, now_ms=0) == (True, {"m1": 1})
+    assert pair(g.grant("a1", big, "m1", "A", slots=2, now_ms=0)) == (True, {})
+    assert pair(g.grant("b1", big, "m1", "B", slots=2, now_ms=0)) == (True, {"m1": 1})
     # The model's two slots are taken, by both gates together.
-    assert g.grant("a2", big, "m1", "A", slots=2, now_ms=0) == (False, {"m1": 1})
-    assert g.grant("a3", big, "m2", "A", slots=2, now_ms=0) == (True, {"m1": 1})
+    assert pair(g.grant("a2", big, "m1", "A", slots=2, now_ms=0)) == (False, {"m1": 1})
+    assert pair(g.grant("a3", big, "m2", "A", slots=2, now_ms=0)) == (True, {"m1": 1})
     # Two models hold the backend's two places: a third waits, whoever asks.
-    assert g.grant("b2", big, "m3", "B", slots=2, now_ms=0) == (False, {"m2": 1, "m1": 1})
+    assert pair(g.grant("b2", big, "m3", "B", slots=2, now_ms=0)) == (False, {"m2": 1, "m1": 1})
     # Another backend is apart.
     assert g.grant("b3", backend("small"), "m3", "B", slots=2, now_ms=0)[0] is True
     assert g.usage(["big", "small"], now_ms=0) == {"big": {"m1": 2, "m2": 1}, "small": {"m3": 1}}
@@ -145,19 +175,58 @@ def test_lapsed_grants_free_their_slots_and_sync_renews_and_counts_again(
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=0)[0] is False
     # A renews its grant within the lease: it holds.
     synced = g.sync("A", [("a1", "big", "m1", 0)], ["big"], now_ms=1500)
-    assert synced.counted == [] and synced.others == {"big": {}}
+    assert synced.counted == [] and others(synced) == {"big": {}}
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=3000)[0] is False
     # A stops renewing (killed): its grant lapses a lease after its last renewal.
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=3600)[0] is True
     assert g.stats()["reaped"] == 1
     # A comes back with its job still running: counted again, past the slots (it runs).
     synced = g.sync("A", [("a1", "big", "m1", 0)], ["big"], now_ms=3700)
-    assert synced.counted == ["a1"] and synced.others == {"big": {"m1": 1}}
+    assert synced.counted == ["a1"] and others(synced) == {"big": {"m1": 1}}
     assert g.usage(["big"], now_ms=3700) == {"big": {"m1": 2}}
     assert g.stats()["counted_again"] == 1
     assert g.release("a1", now_ms=3700) and g.release("b1", now_ms=3700)
     assert g.usage(["big"], now_ms=3700) == {"big": {}}
-    assert not [key for key in rdb.scan_iter("t:fl:*") if not key.endswith((b"stats", b"waiters"))]
+    # Nothing of either grant is left: no job, no lease, no member of the backend's set.
+    left = {key.decode().split(":")[2] for key in rdb.scan_iter("t:fl:*")}
+    assert left <= {"stats", "waiters", "work", "slice"}, left
+
+
+def test_a_drain_holds_a_backend_for_one_model_until_its_gate_ends_it(rdb: redis.Redis) -> None:
+    g, big = grants(rdb), backend(max_models=2)
+    assert g.grant("b1", big, "m1", "B", slots=2, now_ms=0)[0]
+    # A's placement drains big for m2: no other model's job starts there, m2's may.
+    assert g.sync("A", [], ["big"], drains={"big": "m2"}, now_ms=10).seen["big"].drain is None
+    ok, seen = g.grant("b2", big, "m1", "B", slots=2, now_ms=20)
+    assert ok is False and seen.drain == "m2"
+    # B would drain it for m3: the first gate's drain holds while it renews it.
+    g.sync("B", [("b1", "big", "m1", 0)], ["big"], drains={"big": "m3"}, now_ms=30)
+    assert g.sync("C", [], ["big"], now_ms=30).seen["big"].drain == "m2"
+    assert g.grant("c1", big, "m2", "C", slots=2, now_ms=40)[0] is True
+    # A's switch happened: its next sync ends the drain, and B's may begin.
+    g.sync("A", [], ["big"], now_ms=50)
+    assert g.sync("C", [], ["big"], now_ms=50).seen["big"].drain is None
+    g.sync("B", [("b1", "big", "m1", 0)], ["big"], drains={"big": "m3"}, now_ms=60)
+    assert g.sync("C", [], ["big"], now_ms=60).seen["big"].drain == "m3"
+    # A drain whose gate stops renewing it lapses after a lease.
+    assert g.sync("C", [], ["big"], now_ms=60 + 2001).seen["big"].drain is None
+
+
+def test_a_new_place_starts_the_switch_clock_a_held_model_taking_it_back_does_not(
+    rdb: redis.Redis,
+) -> None:
+    g, big = grants(rdb), backend(max_models=1)
+    assert g.sync("A", [], ["big"], now_ms=0).seen["big"].placed_ago is None
+    assert g.grant("a1", big, "m1", "A", slots=1, switch_after=1.0, now_ms=100)[0]
+    assert g.sync("B", [], ["big"], now_ms=600).seen["big"].placed_ago == 0.5
+    g.release("a1", now_ms=700)
+    # Its next job within switch_after of the last one's end takes the place back.
+    assert g.grant("a2", big, "m1", "A", slots=1, switch_after=1.0, now_ms=1500)[0]
+    assert g.sync("B", [], ["big"], now_ms=1600).seen["big"].placed_ago == 1.5
+    g.release("a2", now_ms=1600)
+    # Another model is a new place.
+    assert g.grant("b1", big, "m2", "B", slots=1, switch_after=1.0, now_ms=1700)[0]
+    assert g.sync("A", [], ["big"], now_ms=1800).seen["big"].placed_ago == 0.1
 
 
 def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
@@ -171,12 +240,29 @@ def test_redis_time_is_used_without_now(rdb: redis.Redis) -> None:
 class Model:
     """The grant rules in plain Python: what the scripts must decide."""
 
-    def __init__(self) -> None:
+    def __init__(self, switch_after: int) -> None:
         self.jobs: dict[str, tuple[str, str, str, int, int]] = {}  # id -> b, m, owner, size, expiry
+        self.drains: dict[str, tuple[str, str, int]] = {}  # backend -> model, owner, expiry
+        self.work: dict[tuple[str, str], int] = {}  # (backend, model) -> last start or end
+        self.slice: dict[str, int] = {}  # backend -> when a model last took a new place
+        self.switch_after = switch_after
+
+    def drop(self, job_id: str, now: int) -> bool:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self.work[job[0], job[1]] = now
+        return job is not None
 
     def reap(self, now: int) -> None:
         for job_id in [j for j, job in self.jobs.items() if job[4] <= now]:
-            del self.jobs[job_id]
+            self.drop(job_id, now)
+
+    def drain_of(self, name: str, now: int) -> tuple[str, str] | None:
+        drain = self.drains.get(name)
+        if drain is None or drain[2] <= now:
+            self.drains.pop(name, None)
+            return None
+        return drain[0], drain[1]
 
     def on(self, name: str) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -185,20 +271,27 @@ class Model:
                 counts[m] = counts.get(m, 0) + 1
         return counts
 
-    def others(self, name: str, owner: str) -> dict[str, int]:
+    def seen(self, name: str, owner: str, now: int) -> Seen:
         counts: dict[str, int] = {}
         for b, m, o, _, _ in self.jobs.values():
             if b == name and o != owner:
                 counts[m] = counts.get(m, 0) + 1
-        return counts
+        drain = self.drain_of(name, now)
+        placed = self.slice.get(name)
+        return Seen(
+            counts,
+            drain[0] if drain is not None and drain[1] != owner else None,
+            None if placed is None else max(0, now - placed) / 1000,
+        )
 
     def grant(
         self, job_id: str, be: Backend, m: str, owner: str, slots: int, size: int, now: int
-    ) -> tuple[bool, dict[str, int]]:
+    ) -> tuple[bool, Seen]:
         self.reap(now)
         counts = self.on(be.name)
+        drain = self.drain_of(be.name, now)
         ok = job_id in self.jobs
-        if not ok:
+        if not ok and (drain is None or drain[0] == m):
             sizes: dict[str, int] = {}
             for b, model, _, s, _ in self.jobs.values():
                 if b == be.name:
@@ -211,15 +304,51 @@ class Model:
                 )
             )
             if ok:
+                worked = self.work.get((be.name, m))
+                if m not in counts and (worked is None or now - worked > self.switch_after):
+                    self.slice[be.name] = now
+                self.work[be.name, m] = now
                 self.jobs[job_id] = (be.name, m, owner, size, now + int(LEASE * 1000))
-        return ok, self.others(be.name, owner)
+        return ok, self.seen(be.name, owner, now)
+
+    def release(self, job_id: str, now: int) -> bool:
+        self.reap(now)
+        return self.drop(job_id, now)
+
+    def sync(
+        self,
+        owner: str,
+        running: list[tuple[str, str, str, int]],
+        drains: dict[str, str],
+        names: list[str],
+        now: int,
+    ) -> Synced:
+        self.reap(now)
+        counted = []
+        for job_id, b, m, size in running:
+            if job_id not in self.jobs:
+                counted.append(job_id)
+            self.jobs[job_id] = (b, m, owner, size, now + int(LEASE * 1000))
+        seen = {}
+        for name in names:
+            drain = self.drain_of(name, now)
+            if name in drains:
+                if drain is None or drain[1] == owner:
+                    self.drains[name] = (drains[name], owner, now + int(LEASE * 1000))
+            elif drain is not None and drain[1] == owner:
+                del self.drains[name]
+            seen[name] = self.seen(name, owner, now)
+        return Synced(counted, seen)
 
 
 def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) -> None:
     backends = [backend("big", max_models=2, vram=8 * GB), backend("small", max_models=1)]
+    names = [be.name for be in backends]
     for seed in range(example_count(50)):
         rdb.flushdb()
-        g, model, rng = grants(rdb), Model(), random.Random(seed)
+        rng = random.Random(seed)
+        switch_after = rng.choice((0, 1000))
+        g, model = grants(rdb), Model(switch_after)
         now, ids = 0, 0
         live: dict[str, list[str]] = {"A": [], "B": []}  # jobs each owner believes run
         info: dict[str, tuple[str, str, int]] = {}
@@ -227,36 +356,33 @@ def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) 
             now += rng.choice((0, 100, 700, 2500))
             owner = rng.choice("AB")
             op = rng.random()
-            if op < 0.55:
+            if op < 0.5:
                 ids += 1
                 job_id, be = f"{owner}{ids}", rng.choice(backends)
                 m, size = rng.choice(("m1", "m2", "m3")), rng.choice((GB, 3 * GB, 5 * GB))
                 slots = rng.choice((1, 2))
-                got = g.grant(job_id, be, m, owner, slots=slots, size=size, now_ms=now)
+                got = g.grant(
+                    job_id, be, m, owner,
+                    slots=slots, size=size, switch_after=switch_after / 1000, now_ms=now,
+                )  # fmt: skip
                 assert got == model.grant(job_id, be, m, owner, slots, size, now), (seed, job_id)
                 if got[0]:
                     live[owner].append(job_id)
                     info[job_id] = (be.name, m, size)
-            elif op < 0.8 and live[owner]:
+            elif op < 0.75 and live[owner]:
                 job_id = live[owner].pop(rng.randrange(len(live[owner])))
-                model.reap(now)
-                assert g.release(job_id, owner, now_ms=now) is (job_id in model.jobs), seed
-                model.jobs.pop(job_id, None)
+                assert g.release(job_id, owner, now_ms=now) is model.release(job_id, now), seed
             else:
-                # The owner renews every job it runs: those whose lease lapsed count again.
+                # The owner renews every job it runs (those whose lease lapsed count
+                # again), and drains the backends its placement has a switch due on.
                 running = [(j, *info[j]) for j in live[owner]]
-                synced = g.sync(owner, running, ["big", "small"], now_ms=now)
-                model.reap(now)
-                assert synced.counted == [j for j in live[owner] if j not in model.jobs], seed
-                for job_id, b, m, size in running:
-                    model.jobs[job_id] = (b, m, owner, size, now + int(LEASE * 1000))
-                assert synced.others == {
-                    name: model.others(name, owner) for name in ("big", "small")
-                }, seed
+                drains = {
+                    name: rng.choice(("m1", "m2", "m3")) for name in names if rng.random() < 0.3
+                }
+                synced = g.sync(owner, running, names, drains=drains, now_ms=now)
+                assert synced == model.sync(owner, running, drains, names, now), seed
             model.reap(now)
-            assert g.usage(["big", "small"], now_ms=now) == {
-                name: model.on(name) for name in ("big", "small")
-            }, seed
+            assert g.usage(names, now_ms=now) == {name: model.on(name) for name in names}, seed
 
 
 # Two gates on one redis-server in front of two fake Ollamas
@@ -423,3 +549,40 @@ def test_a_paused_redis_falls_back_to_own_slots_and_counts_them_again_on_return(
     logs = gate.logs()
     assert "fleet: Redis unreachable" in logs and "fleet: Redis answers again" in logs
     assert "Traceback" not in logs
+
+
+def test_a_switch_due_on_one_gate_drains_the_backends_another_gate_keeps_busy(
+    fakes: Fakes, gates: Factory, redis_url: str, tmp_path: Path
+) -> None:
+    env = fleet_env(
+        tmp_path, fakes, redis_url, "max_models = 1\nmodel_concurrency = 2\n",
+        GATE_SWITCH_AFTER="1",
+    )  # fmt: skip
+    one, two = gates("http://127.0.0.1:9", env), gates("http://127.0.0.1:9", env)
+    assert generate(one, "m2", FAST).status_code == 200  # one has read the catalogue
+    # 0.15 to 0.35 s: the jobs on one backend do not end together, so m2 never finds
+    # one free by itself.
+    jobs = [{"X-Fake-Token-Interval": "0.05", "X-Fake-Tokens": str(3 + i % 5)} for i in range(60)]
+    full = {"a": {"m1:latest": 2}, "b": {"m1:latest": 2}}
+    with ThreadPoolExecutor(12) as pool, ThreadPoolExecutor(1) as lone:
+        # Gate two keeps both slots of both backends busy with m1, twelve clients for
+        # four slots: m1 always runs on each.
+        flood = [pool.submit(generate, two, "m1", job) for job in jobs]
+        wait_until("m1 fills both backends", lambda: shared_usage(redis_url, ["a", "b"]) == full)
+        # Gate one's m2 waits a switch interval; then both backends drain for it.
+        m2 = lone.submit(generate, one, "m2", FAST)
+        assert m2.result().status_code == 200
+        assert [f.result().status_code for f in flood] == [200] * 60
+    seen = sorted(
+        (record["time"], record["model"])
+        for fake in fakes.values()
+        for record in client_requests(fake)
+        if record["model"] in ("m1:latest", "m2:latest")
+    )
+    models = [model for _, model in seen]
+    last_m2 = len(models) - 1 - models[::-1].index("m2:latest")
+    # m2 did not wait for gate two's flood to end: m1 jobs went on after it.
+    assert models[last_m2 + 1 :].count("m1:latest") >= 5, models
+    for gate in (one, two):
+        assert "Traceback" not in gate.logs()
+    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
