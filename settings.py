@@ -400,6 +400,15 @@ class Settings:
         validate_non_neg_float,
         "seconds a job for another model may wait before the running models stop taking new jobs",
     )
+    unload_on_switch: bool = setting(
+        "GATE_UNLOAD_ON_SWITCH",
+        False,
+        validate_flag,
+        "several backends: `1` unloads (`keep_alive: 0`) the idle model a new place replaces "
+        "before its first job is sent; `0` leaves the eviction to Ollama "
+        "([docs/DESIGN.md](docs/DESIGN.md#backends-fleet))",
+        shown="0",
+    )
     admin_concurrency: int = setting(
         "GATE_ADMIN_CONCURRENCY", 1, validate_pos_int, "pull/push/create jobs at once"
     )

@@ -10,6 +10,8 @@ mix: 18, 18, 10, 8 and 6 jobs). Each mix goes, against the same fakes reset in b
 
 * through the gate (one gevent worker; GATE_BACKENDS_FILE with each backend's
   ``max_models``, ``vram`` and ``model_concurrency``; each client its own address);
+  with ``--unload on`` the gate unloads what a new place replaces (GATE_UNLOAD_ON_SWITCH),
+  with ``--unload both`` once each way;
 * round-robin across the backends;
 * "loaded first, no slots": a backend whose ``/api/ps`` lists the model (read just before
   each request), else round-robin; no limit on what runs at once.
@@ -20,20 +22,29 @@ to MAX_TRIES times. A last run sends the even mix through a fresh gate and SIGKI
 backend ``a`` half a job after a third of the jobs have finished: what finished, what
 failed, whether anything hung or left a slot held.
 
+During each flood a thread reads every fake's loaded, loading and running models every
+SAMPLE_EVERY seconds (``timeline``): per backend, each model's stretch loaded there with
+the share of its slots busy meanwhile, and over the fleet the slot-seconds left idle while
+some job waited, which shows where a strategy loses time against the bound.
+
 The lower bound of the makespan (``lower_bound``): at any moment a backend b serves at
-most P_b (``num_parallel``) jobs for each of the M_b models it can hold, and it loads one
+most P (``num_parallel``) jobs for each of the M_b models it can hold, and it loads one
 model at a time, so its i-th place serves from i x L (the load time) at the earliest.
-Over a makespan T the fleet has at most sum_b P_b x sum_{i=1..M_b} (T - i x L)
-slot-seconds, which must cover the work N x t (jobs times seconds per job):
+Over a makespan T the fleet has at most P x sum_b sum_{i=1..M_b} (T - i x L)
+slot-seconds. Every model loads at least once, so with K models on S = sum_b M_b places
+at least max(0, K - S) loads come beyond one per place, and each idles a place for L
+(P x L slot-seconds). A model m with J_m jobs that keeps one place ends at
+L + ceil(J_m / P) x t at the earliest; each model for which that is later than T needs a
+second load (k(T) of them). What is left must cover the work N x t:
 
-    T >= (N x t + L x sum_b P_b x M_b (M_b + 1) / 2) / sum_b P_b x M_b
+    T >= (N x t + L x P x sum_b M_b (M_b + 1) / 2 + P x L x max(0, K + k(T) - S)) / (P x S)
 
-i.e. the work over the slots plus the loads no router avoids (each place loaded once,
-one after another on each backend). Also reported: the best makespan while each model
-keeps a single place (the busiest model's jobs over its slots, plus a load); beating it
-takes a second copy of a busy model, i.e. a load beyond one per model.
+i.e. the work over the slots plus the loads no router avoids; the bound is the least T
+that satisfies it (k falls as T grows). Also reported: the same without k (work and
+staggered loads alone) and the best makespan while each model keeps a single place.
 
-    .venv/bin/python bench/fleet.py [--quick] [--mix even|skewed|both] [--json FILE]
+    .venv/bin/python bench/fleet.py [--quick] [--mix even|skewed|both] [--unload off|on|both]
+                                    [--json FILE]
 """
 
 from __future__ import annotations
@@ -73,7 +84,15 @@ SKEW_SEED = 7
 # A request the backend crashed (500, ``--on-overflow crash``) is sent again, as a client
 # would, at most this many times: until it is answered it is work not done.
 MAX_TRIES = 20
-STRATEGIES = ("gate", "round_robin", "loaded_first")
+STRATEGIES = ("gate", "gate_unload", "round_robin", "loaded_first")
+LABELS = {
+    "gate": "gate",
+    "gate_unload": "gate, unload on switch",
+    "round_robin": "round-robin",
+    "loaded_first": "loaded-first, no slots",
+}
+# Seconds between two readings of the fakes' loaded models and running jobs (the timeline).
+SAMPLE_EVERY = 0.1
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,32 @@ def lower_bound(setup: Setup) -> dict[str, float]:
     slots = sum(setup.num_parallel * m for m in setup.places)
     work = setup.jobs * setup.job_seconds
     staggered = setup.load_time * sum(setup.num_parallel * m * (m + 1) / 2 for m in setup.places)
+    # A model whose jobs cannot end by T on one place (one load, num_parallel slots) needs
+    # a second load; beyond one load per place, each load idles a place for load_time.
+    counts = Counter(model for models in setup.plan() for model in models)
+    one_place_ends = [
+        setup.load_time + math.ceil(n / setup.num_parallel) * setup.job_seconds
+        for n in counts.values()
+    ]
+    places = sum(setup.places)
+
+    def bound(forced: int) -> float:
+        extra = max(0, len(counts) + forced - places)
+        return (work + staggered + setup.num_parallel * setup.load_time * extra) / slots
+
+    def forced_at(seconds: float) -> int:
+        return sum(end > seconds for end in one_place_ends)
+
+    # The least T with T >= bound(forced_at(T)): forced_at falls as T grows, so the set
+    # of such T is an up-set; its least point is one of these candidates.
+    candidates = sorted({bound(k) for k in range(len(counts) + 1)} | set(one_place_ends))
+    seconds = next(t for t in candidates if t >= bound(forced_at(t)) - 1e-9)
     return {
-        "seconds": (work + staggered) / slots,
+        "seconds": seconds,
+        "naive_seconds": (work + staggered) / slots,
         "work_over_slots": work / slots,
         "loads_term": staggered / slots,
+        "forced_copies": forced_at(seconds),
         "slots": slots,
         "min_loads": setup.models,
         "one_place_seconds": one_place(setup),
@@ -329,6 +370,7 @@ class Fleet:
             per[name] = {
                 "loads": stats["total_loads"],
                 "evictions": sum(stats["evictions"].values()),
+                "unloads": sum(stats["unloads"].values()),
                 "crashes": stats["crashes"],
                 "loaded": stats["loaded"],
             }
@@ -336,6 +378,7 @@ class Fleet:
         return {
             "loads": sum(row["loads"] for row in live),
             "evictions": sum(row["evictions"] for row in live),
+            "unloads": sum(row["unloads"] for row in live),
             "crashes": sum(row["crashes"] for row in live),
             "backends": per,
         }
@@ -399,11 +442,12 @@ def client_address(client: int) -> str:
 class GateRun:
     """A fresh gate in front of the fleet, ready once its catalogue has read every backend."""
 
-    def __init__(self, children: Children, fleet: Fleet) -> None:
+    def __init__(self, children: Children, fleet: Fleet, *, unload: bool = False) -> None:
         first = next(iter(fleet.fakes.values())).url
         env = {
             "GATE_BACKENDS_FILE": str(fleet.backends_file()),
             "GATE_TRUSTED_PROXIES": "1",  # X-Forwarded-For names each bench client
+            "GATE_UNLOAD_ON_SWITCH": "1" if unload else "0",
         }
         self.gate = harness.start_gate(children, first, env)
         self.children = children
@@ -468,6 +512,7 @@ def summarise(flood: Flood, counters: dict[str, Any], setup: Setup) -> dict[str,
         "resent": sum(job.tries - 1 for job in jobs),
         "loads": counters["loads"],
         "evictions": counters["evictions"],
+        "unloads": counters.get("unloads", 0),
         "crashes": counters["crashes"],
         "makespan": flood.ended - flood.started,
         "ttft_p50": statistics.median(ttfts) if ttfts else None,
@@ -479,8 +524,118 @@ def summarise(flood: Flood, counters: dict[str, Any], setup: Setup) -> dict[str,
 
 def run_flood(setup: Setup, route: Route, fleet: Fleet, during: Any = None) -> dict[str, Any]:
     flood = Flood(setup, route)
-    flood.run(during)
-    return summarise(flood, fleet.counters(), setup)
+    sampler = Sampler(fleet)
+    sampler.start()
+    try:
+        flood.run(during)
+    finally:
+        sampler.stop()
+    result = summarise(flood, fleet.counters(), setup)
+    result["timeline"] = timeline(sampler.samples, flood, setup)
+    return result
+
+
+class Sampler:
+    """Reads every fake's loaded, loading and running models every SAMPLE_EVERY seconds."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.samples: list[tuple[float, dict[str, dict[str, Any]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            at = time.monotonic()
+            row: dict[str, dict[str, Any]] = {}
+            for name, fake in self.fleet.fakes.items():
+                try:
+                    stats = fake.stats(requests=False)
+                except Exception:  # a killed fake: nothing loaded, nothing runs
+                    stats = {"loaded": [], "loading": [], "running": {}}
+                row[name] = {
+                    "loaded": stats["loaded"],
+                    "loading": stats["loading"],
+                    "running": stats.get("running", {}),
+                }
+            self.samples.append((at, row))
+            self._stop.wait(max(0.0, SAMPLE_EVERY - (time.monotonic() - at)))
+
+
+def timeline(
+    samples: Sequence[tuple[float, dict[str, dict[str, Any]]]], flood: Flood, setup: Setup
+) -> dict[str, Any]:
+    """Where the slots' time went, from the fakes' readings during one flood.
+
+    Per backend: each model's stretches loaded there (from, to, in seconds after the
+    flood started) with the share of its slots busy meanwhile, seconds spent loading,
+    busy slot-seconds. Over the fleet: slot-seconds left idle while some job waited (sent,
+    no first token yet), split into idle slots of loaded models and places empty or
+    loading.
+    """
+    start, end = flood.started, flood.ended
+    first = {
+        id(job): job.sent_at + job.ttft if job.ttft is not None else None for job in flood.jobs
+    }
+    waits = [(job.sent_at, first[id(job)] or job.sent_at + job.seconds) for job in flood.jobs]
+    P = setup.num_parallel
+    places = {chr(ord("a") + i): n for i, n in enumerate(setup.places)}  # as Fleet names them
+    per: dict[str, dict[str, Any]] = {
+        name: {"places": [], "loading_s": 0.0, "busy_slot_s": 0.0, "offered_slot_s": 0.0}
+        for name in places
+    }
+    open_: dict[tuple[str, str], dict[str, Any]] = {}
+    idle_loaded = idle_empty = 0.0
+    for i, (at, row) in enumerate(samples):
+        if at < start or at > end:
+            continue
+        dt = (samples[i + 1][0] if i + 1 < len(samples) else at + SAMPLE_EVERY) - at
+        dt = min(dt, end - at)
+        waiting = sum(sent <= at < got for sent, got in waits)
+        for name, reading in row.items():
+            if name not in per:
+                continue
+            running = sum(reading["running"].values())
+            loaded = reading["loaded"]
+            per[name]["busy_slot_s"] += running * dt
+            per[name]["offered_slot_s"] += places[name] * P * dt
+            if reading["loading"]:
+                per[name]["loading_s"] += dt
+            if waiting:
+                idle_loaded += sum(P - reading["running"].get(m, 0) for m in loaded) * dt
+                idle_empty += max(0, places[name] - len(loaded)) * P * dt
+            for model in loaded:
+                stretch = open_.get((name, model))
+                if stretch is None or stretch["to"] < at - start - 2 * SAMPLE_EVERY:
+                    stretch = {"model": model.removesuffix(":latest"), "from": at - start}
+                    stretch.update(to=at - start, busy=0.0, span=0.0)
+                    open_[name, model] = stretch
+                    per[name]["places"].append(stretch)
+                stretch["to"] = at - start + dt
+                stretch["busy"] += reading["running"].get(model, 0) * dt
+                stretch["span"] += P * dt
+    for row in per.values():
+        for stretch in row["places"]:
+            span = stretch.pop("span")
+            stretch["busy_share"] = stretch.pop("busy") / span if span else 0.0
+            stretch["from"], stretch["to"] = round(stretch["from"], 2), round(stretch["to"], 2)
+        row["busy_share"] = (
+            row["busy_slot_s"] / row["offered_slot_s"] if row["offered_slot_s"] else 0
+        )
+    return {
+        "backends": per,
+        "idle_slot_s_while_waiting": {
+            "loaded_models": idle_loaded,
+            "places_empty_or_loading": idle_empty,
+        },
+    }
 
 
 def kill_run(setup: Setup, fleet: Fleet, gate: GateRun, victim: str) -> dict[str, Any]:
@@ -544,7 +699,7 @@ def targets(
     setup: Setup, bound: dict[str, float], runs: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """The issue's targets for the gate's run, each with its value, limit and whether met."""
-    gate = runs["gate"]
+    gate = runs["gate"] if "gate" in runs else runs["gate_unload"]
     peers = [runs[name]["makespan"] for name in ("round_robin", "loaded_first") if name in runs]
     best_peer = min(peers) if peers else float("nan")
     checks = {
@@ -609,26 +764,32 @@ def mix_report(mix: str, result: dict[str, Any]) -> list[str]:
     bound = result["lower_bound"]
     setup = result["setup"]
     runs = result["runs"]
+    names = [name for name in STRATEGIES if name in runs]
+    slot_loads = bound["loads_term"] * bound["slots"] / max(setup["load_time"], 1e-9)
+    extra = round((bound["seconds"] - bound["naive_seconds"]) * bound["slots"])
     lines = [
         "",
         f"{mix} mix, jobs per model {result['jobs_per_model']}. Lower bound: "
         f"({setup['jobs']} x {setup['job_seconds']:g} s + {setup['load_time']:g} s x "
-        f"{bound['loads_term'] * bound['slots'] / max(setup['load_time'], 1e-9):g} staggered "
-        f"slot-loads) / {bound['slots']:g} slots = {bound['seconds']:.2f} s; at least "
+        f"{slot_loads:g} staggered slot-loads"
+        + (f" + {extra:g} slot-seconds of the loads beyond one per place" if extra else "")
+        + f") / {bound['slots']:g} slots = {bound['seconds']:.2f} s "
+        f"(work and staggered loads alone: {bound['naive_seconds']:.2f} s; models that "
+        f"need a second place to end by then: {bound['forced_copies']}); at least "
         f"{bound['min_loads']} loads; with one place per model at best "
         f"{bound['one_place_seconds']:.2f} s",
         "",
-        "| | gate | round-robin | loaded-first, no slots |",
-        "|---|---|---|---|",
+        "| | " + " | ".join(LABELS[name] for name in names) + " |",
+        "|---|" + "---|" * len(names),
     ]
-    names = [name for name in STRATEGIES if name in runs]
     rows = [
         ("ok", "ok", ""),
         ("failed", "failed", ""),
         ("hung", "hung", ""),
         ("resent after a crash", "resent", ""),
         ("model loads", "loads", ""),
-        ("evictions", "evictions", ""),
+        ("evictions (Ollama's own)", "evictions", ""),
+        ("unloads (keep_alive: 0)", "unloads", ""),
         ("crashes", "crashes", ""),
         ("makespan", "makespan", " s"),
         ("TTFT p50", "ttft_p50", " s"),
@@ -643,16 +804,40 @@ def mix_report(mix: str, result: dict[str, Any]) -> list[str]:
         f"{name} {_fmt(check['value'])} <= {check['limit']}: {'met' if check['met'] else 'MISSED'}"
         for name, check in result["targets"].items()
     )]  # fmt: skip
-    gate = runs["gate"]
-    lines.append(
-        "Gate placement (jobs per backend): "
-        + "; ".join(
-            f"{model} " + ", ".join(f"{b} {n}" for b, n in sorted(where.items()))
-            for model, where in gate["placement"].items()
-        )
-        + f"; held after the flood: {gate['held_after']}"
-    )
+    for name in names:
+        run = runs[name]
+        if name.startswith("gate"):
+            lines.append(
+                f"{LABELS[name].capitalize()}: placement (jobs per backend): "
+                + "; ".join(
+                    f"{model} " + ", ".join(f"{b} {n}" for b, n in sorted(where.items()))
+                    for model, where in run["placement"].items()
+                )
+                + f"; held after the flood: {run['held_after']}"
+            )
+        lines += timeline_lines(LABELS[name], run.get("timeline"))
     return lines
+
+
+def timeline_lines(label: str, line: dict[str, Any] | None) -> list[str]:
+    """One line per backend: each model's stretch loaded there and how busy its slots were."""
+    if not line:
+        return []
+    idle = line["idle_slot_s_while_waiting"]
+    out = [
+        f"  {label}, while a job waited: {idle['loaded_models']:.1f} slot-s idle on loaded "
+        f"models, {idle['places_empty_or_loading']:.1f} slot-s in places empty or loading"
+    ]
+    for name, row in line["backends"].items():
+        stretches = ", ".join(
+            f"{p['model']} {p['from']:.1f}-{p['to']:.1f} s {p['busy_share']:.0%}"
+            for p in row["places"]
+        )
+        out.append(
+            f"  {name}: slots busy {row['busy_share']:.0%}, loading {row['loading_s']:.1f} s; "
+            f"loaded (slots busy): {stretches}"
+        )
+    return out
 
 
 # Command line
@@ -693,16 +878,18 @@ def compare(
     fleet: Fleet,
     children: Children,
     log: Callable[[str], None],
-    peers: Sequence[str] = STRATEGIES[1:],
+    peers: Sequence[str] = STRATEGIES[2:],
+    gates: Sequence[str] = ("gate",),
 ) -> dict[str, Any]:
     """One mix through the gate and the peers, each against freshly reset backends."""
     runs: dict[str, dict[str, Any]] = {}
-    fleet.reset()
-    gate = GateRun(children, fleet)
-    log(f"{setup.mix} mix: through the gate {gate.url}")
-    runs["gate"] = run_flood(setup, gate.route, fleet)
-    runs["gate"]["held_after"] = gate.held()
-    gate.stop()
+    for name in gates:
+        fleet.reset()
+        gate = GateRun(children, fleet, unload=name == "gate_unload")
+        log(f"{setup.mix} mix: through the gate {gate.url} ({LABELS[name]})")
+        runs[name] = run_flood(setup, gate.route, fleet)
+        runs[name]["held_after"] = gate.held()
+        gate.stop()
     routers = {"round_robin": round_robin, "loaded_first": loaded_first}
     for name in peers:
         make = routers[name]
@@ -738,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--on-overflow", choices=("queue", "crash"), default="queue")
     parser.add_argument("--skip-kill", action="store_true", help="leave out the killed backend")
     parser.add_argument("--gate-only", action="store_true", help="leave out the peer routers")
+    parser.add_argument("--unload", choices=("off", "on", "both"), default="off",
+                        help="GATE_UNLOAD_ON_SWITCH of the gate (both: one run each)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     base = setup_from(args)
@@ -757,8 +946,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             fleet.start()
             log("fakes: " + ", ".join(f"{n} {f.url}" for n, f in fleet.fakes.items()))
             for name in mixes:
-                peers = () if args.gate_only else STRATEGIES[1:]
-                results[name] = compare(replace(base, mix=name), fleet, children, log, peers)
+                peers = () if args.gate_only else STRATEGIES[2:]
+                gates = {"off": ("gate",), "on": ("gate_unload",), "both": STRATEGIES[:2]}
+                results[name] = compare(
+                    replace(base, mix=name), fleet, children, log, peers, gates[args.unload]
+                )
             if not args.skip_kill:
                 setup = replace(base, mix=mixes[0])
                 fleet.reset()

@@ -82,6 +82,7 @@ class SimState:
         return {
             "requests": [dict(r) for r in self.requests] if with_requests else [],
             "in_flight": dict(sch.in_flight),
+            "running": dict(runner.running),
             "max_in_flight": dict(sch.max_in_flight),
             "max_models_in_flight": sch.max_models_in_flight,
             "loads": dict(runner.loads),

@@ -179,6 +179,7 @@ class _Host:
         "forced_switches",
         "admitted",
         "last_work",
+        "unload",
     )
 
     def __init__(self, backend: Backend, index: int) -> None:
@@ -192,6 +193,8 @@ class _Host:
         self.forced_switches = 0
         self.admitted = 0
         self.last_work: dict[str, float] = {}  # model -> its last job start or end here
+        # Idle models loaded here that a new place replaced: to unload (``take_unloads``).
+        self.unload: dict[str, None] = {}
 
     @property
     def name(self) -> str:
@@ -448,6 +451,8 @@ class FleetScheduler:
             placed_at=view.placed_at,
         )
         host.view = normalized
+        for name in [name for name in host.unload if not self._resident(host, name)]:
+            del host.unload[name]
         return self._pump(now)
 
     def expire(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
@@ -515,6 +520,25 @@ class FleetScheduler:
         if job is None or job.host is None:
             return None
         return job.host.backend
+
+    def take_unloads(self, name: str) -> list[str]:
+        """Models that new places on backend ``name`` replaced, to unload there now.
+
+        Each was resident there (``_resident``), idle, and chosen to make way when a model
+        that was not loaded took a place (the idle models no job waits for first, then the
+        least recently used). A model is returned once, and never while it has a place
+        (running jobs) there.
+        """
+        host = self._by_name[name]
+        models = [
+            model
+            for model in host.unload
+            if model not in host.active
+            and model not in host.view.others
+            and self._resident(host, model)
+        ]
+        host.unload.clear()
+        return models
 
     def next_deadline(self) -> float | None:
         """The earliest time at which ``expire`` or a pending switch could change anything."""
@@ -874,6 +898,8 @@ class FleetScheduler:
         resumed = not forced and (
             lane.name in self._held(host, now) or lane.name in host.view.others
         )
+        self._replace(host, lane)
+        host.unload.pop(lane.name, None)
         host.active[lane.name] = lane
         if resumed:
             return  # a held model takes its place back: the same slice goes on
@@ -881,6 +907,30 @@ class FleetScheduler:
         host.activations += 1
         if forced:
             host.forced_switches += 1
+
+    def _resident(self, host: _Host, model: str) -> bool:
+        """Whether ``model`` is loaded on ``host`` as far as the gate knows: per the last
+        ``/api/ps``, or it had a job there within ``switch_after`` (loaded since the last
+        reading, maybe; Ollama keeps a model loaded after its jobs)."""
+        return model in host.view.loaded or model in host.last_work
+
+    def _replace(self, host: _Host, lane: _Lane) -> None:
+        """Note the idle models resident on ``host`` that must make way for ``lane`` to be
+        loaded there beside the rest: models no job waits for first, then the least
+        recently used. (``lane`` itself may be resident per a stale ``/api/ps`` reading;
+        what ran there since counts too.)"""
+        resident = set(host.view.loaded) | set(host.last_work)
+        busy = set(host.active) | host.others_active()  # other gates' jobs run there too
+        kept = resident | busy
+        idle = sorted(
+            (name for name in resident if name not in busy and name != lane.name),
+            key=lambda name: (name in self._queued, host.last_work.get(name, float("-inf"))),
+        )
+        for name in idle:
+            if len(kept) < host.backend.max_models and host.fits(lane.name, kept):
+                break
+            kept.discard(name)
+            host.unload[name] = None
 
     # Bookkeeping
 

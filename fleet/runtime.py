@@ -19,6 +19,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 from flask import Flask, g, has_request_context
 from gevent.greenlet import Greenlet
 
@@ -192,8 +193,15 @@ class Fleet:
             )
             for backend in backends
         }
+        self.unload_on_switch = settings.unload_on_switch
         self._clock = clock
         self._pollers: dict[str, Greenlet] = {}
+        self._unloading = {backend.name: gevent.lock.Semaphore() for backend in backends}
+        # Unloads go through a pool of their own with the polls' short timeout.
+        self._control = {
+            backend.name: Upstream(backend.url, timeout=POLL_TIMEOUT, concurrency=2)
+            for backend in backends
+        }
         self._wake = {backend.name: gevent.event.Event() for backend in backends}
         self._want_tags: set[str] = set()
         self._want_ps: set[str] = set()
@@ -216,8 +224,38 @@ class Fleet:
         for poller in self._pollers.values():
             poller.kill(block=False)
         self._pollers.clear()
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self._control.values()]:
             pool.close()
+
+    def unload_replaced(self, name: str) -> None:
+        """With GATE_UNLOAD_ON_SWITCH: unload (``keep_alive: 0``) the idle models that a new
+        place on backend ``name`` replaced, before that place's job is sent there.
+
+        Every job sent to the backend meanwhile waits for the unloads to be answered, so
+        none reaches it before them (else Ollama would pick what to evict itself). An
+        unload that fails is logged and left to Ollama's own eviction: the job goes on.
+        """
+        if not self.unload_on_switch:
+            return
+        with self._unloading[name]:
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        for model in self.scheduler.take_unloads(name):
+            body = json.dumps({"model": model, "keep_alive": 0}).encode()
+            headers = {**POLL_HEADERS, "Content-Type": "application/json"}
+            try:
+                resp = self._control[name].open("POST", "/api/generate", headers, body)
+                try:
+                    for _ in resp.records(None):
+                        pass
+                finally:
+                    resp.release()
+            except (GateError, OSError) as exc:
+                logger.info("fleet: unloading %s on %s failed: %s", model, name, exc)
+                continue
+            logger.info("fleet: unloaded %s on %s to make way (%s)", model, name, resp.status)
+            self.refresh_ps(name)
 
     def refresh_ps(self, name: str) -> None:
         """Read the backend's /api/ps soon (a job there ended: a model may have loaded)."""
@@ -468,6 +506,7 @@ class FleetUpstream:
             model = _copy_source(body)  # a copy goes where its source is
         if placed:
             name = g.gate_backend
+            fleet.unload_replaced(name)
         else:
             holders = fleet.catalogue.holders(model) if model else []
             name = holders[0] if holders else fleet.light_backend()
@@ -490,6 +529,7 @@ class FleetUpstream:
             except ClientGone:
                 raise ClientDisconnected("client left while its job waited") from None
             name = g.gate_backend = backend.name
+            fleet.unload_replaced(name)
             try:
                 resp = fleet.pools[name].open(method, target, headers, body)
             except (UpstreamTimeout, UpstreamUnavailable) as again:

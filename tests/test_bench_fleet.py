@@ -52,6 +52,7 @@ def test_quick_fleet_bench_writes_every_figure(tmp_path: Path) -> None:
 
     bound = mix["lower_bound"]
     assert bound["seconds"] > bound["work_over_slots"] > 0
+    assert bound["seconds"] >= bound["naive_seconds"]
     assert bound["min_loads"] == setup["models"]
 
     for name in STRATEGIES:
@@ -61,6 +62,12 @@ def test_quick_fleet_bench_writes_every_figure(tmp_path: Path) -> None:
         assert sum(run["outcomes"].values()) == run["jobs"]
         assert run["hung"] == 0
         assert run["makespan"] > 0 and run["ttft_p99"] >= run["ttft_p50"] > 0
+        # The fakes' readings during the flood: each backend loaded something, and no
+        # more slots were busy than it offers.
+        line = run["timeline"]["backends"]
+        assert set(line) == {"a", "b", "c"}
+        for row in line.values():
+            assert row["places"] and 0 <= row["busy_slot_s"] <= row["offered_slot_s"] + 1e-6
 
     gate = mix["runs"]["gate"]
     assert gate["crashes"] == 0

@@ -457,3 +457,66 @@ def test_a_job_whose_backend_sent_no_headers_in_time_is_placed_again_once(
     assert len(_generations(pair["slow"])) + len(_generations(pair["fast"])) == 4
     for server in pair.values():
         server.configure(stall=0)
+
+
+def _unloads(server: FakeOllama) -> list[tuple[str, float]]:
+    """The keep_alive: 0 requests that reached ``server``: (model, when)."""
+    return [
+        (r["model"], r["time"])
+        for r in server.stats()["requests"]
+        if isinstance(r["json"], dict) and r["json"].get("keep_alive") == 0
+    ]
+
+
+def test_a_new_place_unloads_the_idle_model_it_replaces_never_a_running_one(
+    gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    one = FakeOllama(token_interval=0.01, models="qwen2.5=2GB,phi3=2GB,llama3.2=2GB").start()
+    two = FakeOllama(token_interval=0.01, models="nomic-embed-text").start()
+    try:
+        path = backends_file(tmp_path, {"one": one, "two": two}, one="max_models = 2")
+        gate = gate_factory(
+            "http://127.0.0.1:9",
+            {
+                "GATE_BACKENDS_FILE": path,
+                "GATE_UNLOAD_ON_SWITCH": "1",
+                "GATE_SWITCH_AFTER": "0",  # an idle model keeps no place
+            },
+        )
+
+        def loaded() -> list[str]:
+            rows = {row["name"]: row for row in _status(gate)["backends"]}  # type: ignore[union-attr]
+            return sorted(rows["one"]["loaded"])  # type: ignore[arg-type]
+
+        assert requests.post(gate.url + "/api/generate", json=_gen("qwen2.5"), timeout=30).ok
+        wait_for(lambda: loaded() == ["qwen2.5:latest"])
+        with ThreadPoolExecutor(1) as pool:
+            # phi3 streams for a while beside the idle qwen2.5 (two places: nothing replaced)
+            running = pool.submit(
+                requests.post,
+                gate.url + "/api/generate",
+                json={"model": "phi3", "prompt": "hi"},
+                headers={"X-Fake-Tokens": "100", "X-Fake-Token-Interval": "0.05"},
+                timeout=60,
+            )
+            wait_for(lambda: one.stats()["in_flight"].get("phi3:latest") == 1)
+            wait_for(lambda: sorted(loaded()) == ["phi3:latest", "qwen2.5:latest"])
+            assert _unloads(one) == []
+            # llama3.2 needs a place: the idle qwen2.5 makes way, never the running phi3
+            resp = requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30)
+            assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == "one"
+            assert one.stats()["in_flight"].get("phi3:latest") == 1  # still streaming
+            streamed = running.result()
+        lines = [json.loads(line) for line in streamed.text.splitlines()]
+        assert streamed.status_code == 200 and lines[-1]["done"] is True
+        unloads = _unloads(one)
+        assert [model for model, _ in unloads] == ["qwen2.5:latest"]
+        (llama,) = [r for r in client_requests(one) if r["model"] == "llama3.2:latest"]
+        assert unloads[0][1] < llama["time"]  # sent before the job that took its place
+        stats = one.stats()
+        assert stats["unloads"] == {"qwen2.5:latest": 1}
+        assert stats["evictions"] == {}  # Ollama had nothing left to evict
+        assert _unloads(two) == []
+    finally:
+        one.stop()
+        two.stop()

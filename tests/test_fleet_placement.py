@@ -468,6 +468,42 @@ def test_a_switch_drains_only_the_backends_that_can_run_the_waiting_model() -> N
     assert snap["backends"][0]["draining_for"] is None
 
 
+def test_a_new_place_names_the_idle_model_it_replaces_for_unloading_once() -> None:
+    s = FleetScheduler([backend("a"), backend("b", models=("x",))])
+    s.observe("a", View(loaded={"old": GB}), 0.0)
+    assert s.take_unloads("a") == []
+    assert s.submit(1, "new", "c", 0.0) is RUNNING  # one place on a: old makes way
+    assert where(s, 1) == "a"
+    assert s.take_unloads("a") == ["old:latest"]
+    assert s.take_unloads("a") == []  # once
+    assert s.take_unloads("b") == []
+
+
+def test_the_model_to_unload_is_the_idle_one_no_job_waits_for_then_the_least_recent() -> None:
+    s = FleetScheduler([backend("a", max_models=3)], switch_after=1.0)
+    s.observe("a", View(loaded={"busy": GB, "recent": GB, "stale": GB}), 0.0)
+    assert s.submit(1, "busy", "x", 0.0) is RUNNING
+    assert s.submit(2, "recent", "x", 0.0) is RUNNING
+    assert s.finish(2, 1.0) == []
+    assert s.submit(3, "new", "y", 1.5) is RUNNING  # no hold left: one place must go
+    assert s.take_unloads("a") == ["stale:latest"]  # never busy, which runs
+
+
+def test_no_unload_once_the_backend_no_longer_reports_the_model_loaded() -> None:
+    s = FleetScheduler([backend("a"), backend("b", models=("x",))])
+    s.observe("a", View(loaded={"old": GB}), 0.0)
+    assert s.submit(1, "new", "c", 0.0) is RUNNING
+    s.observe("a", View(loaded={"new": GB}), 0.5)  # Ollama evicted it by itself
+    assert s.take_unloads("a") == []
+
+
+def test_a_model_with_room_to_load_replaces_nothing() -> None:
+    s = FleetScheduler([backend("a", max_models=2, vram=8 * GB), backend("b", models=("x",))])
+    s.observe("a", View(installed={"old": 4 * GB, "new": 4 * GB}, loaded={"old": 4 * GB}), 0.0)
+    assert s.submit(1, "new", "c", 0.0) is RUNNING
+    assert s.take_unloads("a") == []
+
+
 # Replacements: a loaded model that keeps getting work is not replaced at once
 
 
@@ -692,6 +728,8 @@ class FleetMachine(RuleBasedStateMachine):
             self.last_work[where.name, job.model] = self.now
             loads.append((where.name, job.model))
         self.check()
+        for name in {name for name, _ in loads}:
+            self.unload(name)
         if self.residency:
             for name, model in loads:
                 self.load(name, model)
@@ -782,6 +820,19 @@ class FleetMachine(RuleBasedStateMachine):
         after = self.s.snapshot(self.now)["totals"]["rejected"].get("model_unavailable", 0)
         assert after == before + len(dropped)
         self.apply(started)
+
+    def unload(self, name: str) -> None:
+        """The gate unloads what new places on ``name`` replaced, before their jobs reach
+        it: never a model running there, only one loaded or run there, each once."""
+        models = self.s.take_unloads(name)
+        assert len(set(models)) == len(models)
+        running = {job.model for job in self.running.values() if job.backend == name}
+        for model in models:
+            assert model not in running, ("unload of a running model", name, model)
+            known = model in self.loaded[name] or (name, model) in self.last_work
+            assert known, ("unload of a model never there", name, model)
+            event("an unload")
+            self.loaded[name].pop(model, None)
 
     @rule(data=st.data())
     def heal(self, data: st.DataObject) -> None:
