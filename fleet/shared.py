@@ -322,7 +322,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
 
     def _sync(self) -> None:
         """Renew this process's grants, count again those Redis lost, read the others."""
-        running = [(g.rid, g.backend, g.model, g.size) for g in self._held.values()]
+        passed = list(self._held.values())
+        running = [(g.rid, g.backend, g.model, g.size) for g in passed]
         drains = self.fleet_scheduler.draining(self._clock())
         if drains != self._drains:
             if drains:
@@ -335,15 +336,15 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             self.owner, running, self._names, waiting=bool(self._waiters), drains=drains
         )
         self._next_renew = self._clock() + self.lease / 3
-        held = {g.rid: g for g in self._held.values()}
+        held = {g.rid for g in self._held.values()}
         for rid in synced.counted:
-            grant = held.get(rid)
-            if grant is None:
+            if rid not in held:
                 gevent.spawn(self._release, rid)  # it ended while the script ran
-                continue
-            if grant.counted:
-                logger.warning("fleet: running job %s had lost its grant's lease", rid)
-            grant.counted = True
+        counted = set(synced.counted)
+        for grant in passed:
+            if grant.counted and grant.rid in counted:
+                logger.warning("fleet: running job %s had lost its grant's lease", grant.rid)
+            grant.counted = True  # Redis holds every grant it was sent
         for name, seen in synced.seen.items():
             self._set_others(name, seen)
 
@@ -360,10 +361,9 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         for rid in list(self._orphans):
             self.grants.release(rid, self.owner)
             self._orphans.discard(rid)
-        self._down_since = None
+        # Every job that runs is counted before any job takes a grant again.
         self._sync()
-        for grant in self._held.values():
-            grant.counted = True
+        self._down_since = None
         logger.warning(
             "fleet: Redis answers again; backends' slots are shared again "
             "(jobs of this process counted there: %s running)",

@@ -586,3 +586,34 @@ def test_a_switch_due_on_one_gate_drains_the_backends_another_gate_keeps_busy(
     for gate in (one, two):
         assert "Traceback" not in gate.logs()
     assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+
+
+def test_a_backend_killed_under_two_gates_leaks_no_grant(
+    fakes: Fakes, gates: Factory, redis_url: str, tmp_path: Path
+) -> None:
+    env = fleet_env(tmp_path, fakes, redis_url, "max_models = 2\nmodel_concurrency = 2\n")
+    one, two = gates("http://127.0.0.1:9", env), gates("http://127.0.0.1:9", env)
+    for gate in (one, two):
+        assert generate(gate, "m1", FAST).status_code == 200  # each has read the catalogue
+    for fake in fakes.values():
+        fake.configure(token_interval=0.05, tokens=20)  # 1 s streams
+    body = {"model": "m1", "prompt": "hi"}
+    with ThreadPoolExecutor(16) as pool:
+        futures = [
+            pool.submit(requests.post, gate.url + "/api/generate", json=body, timeout=60)
+            for gate in (one, two) * 8
+        ]
+        wait_until("streams run on b", lambda: len(client_requests(fakes["b"])) >= 2)
+        fakes["b"].kill()
+        answers = [future.result() for future in futures]
+    for resp in answers:
+        assert resp.status_code in (200, 502)
+        if resp.headers.get("X-Gate-Backend") == "b":
+            assert '"error"' in resp.text.strip().splitlines()[-1]  # it broke mid-stream
+    assert sum(resp.headers.get("X-Gate-Backend") == "a" for resp in answers) >= 8
+    assert fakes["a"].stats()["max_in_flight"]["m1:latest"] <= 2
+    for gate in (one, two):
+        wait_until("nothing held", lambda gate=gate: status(gate)["queue"]["running"] == 0)
+        assert status(gate)["queue"]["waiting"] == 0
+    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    fakes["b"].start()
