@@ -26,8 +26,10 @@ run: install
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 ## test: install what the tests need (venv, redis-server, nginx, chromium, ollama-js), lint, run the suite
+## in parallel (TEST_WORKERS pytest-xdist workers: most tests wait on sockets, not on the CPU)
+TEST_WORKERS ?= 4
 test: dev-install system-deps js-deps lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## demo: the gate in front of two simulated Ollama backends, with some load, on GATE_BIND (default 127.0.0.1:8000)
 demo: dev-install

@@ -8,6 +8,7 @@ way `make run` starts it, on a free loopback port.
 from __future__ import annotations
 
 import os
+import unittest
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +27,38 @@ from tests.support import Gate, hypothesis_profile, start_gate
 settings.register_profile("ci", deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(hypothesis_profile(os.environ))
+
+
+# The suite runs in parallel under pytest-xdist (`make test`: -n 4 --dist loadgroup): each
+# test is a unit of work a free worker takes, except that the tests of a module with a
+# module-scoped fixture form one group that one worker runs, building the fixture once.
+# Long tests (hypothesis state machines, Chromium, the bench and demo subprocesses, the
+# fleet's backends going down and up) are started first, so that none of them starts last
+# and keeps the run going while the other workers idle.
+LONG_FILES = frozenset(
+    {
+        "test_status_browser.py",
+        "test_status_fleet_browser.py",
+        "test_bench_fleet.py",
+        "test_demo.py",
+        "test_fleet_gate.py",
+    }
+)
+
+
+def _long(item: pytest.Item) -> bool:
+    cls = getattr(item, "cls", None)
+    machine = isinstance(cls, type) and issubclass(cls, unittest.TestCase)  # hypothesis' stateful
+    return machine or item.path.name in LONG_FILES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope == "module" for chain in defs for d in chain):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda item: not _long(item))  # stable: the order within each part stays
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, PortTaken, free_port, listens_on
 
 SITE_CONF = ROOT / "deploy" / "nginx.conf"
 
@@ -105,7 +104,17 @@ def main_conf(prefix: Path, site: Path) -> str:
 
 
 def start_nginx(upstream: str, workdir: Path, timeout: float = 10, edits: Edits = ()) -> Nginx:
-    """Start nginx with the shipped site file in front of ``upstream`` and wait until it listens."""
+    """Start nginx with the shipped site file in front of ``upstream`` and wait until it listens;
+    on another port if another process took the free one first."""
+    for _ in range(3):
+        try:
+            return _start_nginx(upstream, workdir, timeout, edits)
+        except PortTaken:
+            continue
+    raise RuntimeError("nginx found no free port in 3 tries")
+
+
+def _start_nginx(upstream: str, workdir: Path, timeout: float, edits: Edits) -> Nginx:
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         raise RuntimeError("nginx is not installed: run `make system-deps`")
@@ -127,15 +136,17 @@ def start_nginx(upstream: str, workdir: Path, timeout: float = 10, edits: Edits 
     server = Nginx(port, proc, prefix)
     deadline = time.monotonic() + timeout
     while True:
+        stderr = (prefix / "stderr.log").read_text(errors="replace")
+        if "Address already in use" in stderr + server.logs():
+            server.stop()
+            raise PortTaken(server.url)
         if proc.poll() is not None:
-            stderr = (prefix / "stderr.log").read_text(errors="replace")
             raise RuntimeError(f"nginx exited with {proc.returncode}:\n{stderr}\n{server.logs()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        # Listening, and not some other process that holds the port.
+        if listens_on(proc.pid, port):
             return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                logs = server.logs()
-                raise RuntimeError(f"nginx did not listen in {timeout}s:\n{logs}") from None
-            time.sleep(0.05)
+        if time.monotonic() > deadline:
+            server.stop()
+            logs = server.logs()
+            raise RuntimeError(f"nginx did not listen in {timeout}s:\n{logs}") from None
+        time.sleep(0.05)

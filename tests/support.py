@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -54,10 +55,64 @@ def example_count(full: int) -> int:
     return max(10, full // DEV_SHARE)
 
 
+# Under pytest-xdist each worker (gw0, gw1, ...) takes its ports from its own slice below
+# the kernel's ephemeral range (32768-60999 on Linux), so that no two workers are handed the
+# same port between ``free_port`` and the bind of the process it is meant for, and no
+# socket the kernel numbers itself (a fake Ollama's, a client's) takes one meanwhile.
+PORT_SLICE = 2000
+PORT_BASE = 10000
+_given: set[int] = set()
+
+
+def _xdist_worker() -> int | None:
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on now: the kernel's choice, or under pytest-xdist
+    one of this worker's own slice that it has not handed out before."""
+    worker = _xdist_worker()
+    if worker is None or PORT_BASE + (worker + 1) * PORT_SLICE > 32768:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return int(sock.getsockname()[1])
+    first = PORT_BASE + worker * PORT_SLICE
+    ports = list(range(first, first + PORT_SLICE))
+    random.shuffle(ports)
+    if len(_given) > PORT_SLICE // 2:
+        _given.clear()  # those handed out long ago are free again, or found taken below
+    for port in ports:
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))  # no SO_REUSEADDR: a port in TIME_WAIT fails too
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise AssertionError(f"no free port left in {first}-{first + PORT_SLICE - 1}")
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on 127.0.0.1:``port`` (and not
+    some other process that took the port first)."""
+    wanted = f"0100007F:{port:04X}"
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return True
+    return False
 
 
 @dataclass
@@ -147,10 +202,30 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+class PortTaken(Exception):
+    """The gate's port was taken by another process between ``free_port`` and its bind."""
+
+
 def start_gate(
     upstream: str, log_dir: Path, env: Mapping[str, str] | None = None, *, wait: bool = True
 ) -> Gate:
-    """Start gunicorn with the gevent worker as `make run` does and wait until it answers."""
+    """Start gunicorn with the gevent worker as `make run` does and wait until it answers.
+
+    Should another process take the free port first (several test workers share the
+    host), the gate is started again on another port."""
+    for _ in range(3):
+        gate = _launch_gate(upstream, log_dir, env)
+        if not wait:
+            return gate
+        try:
+            wait_until_serving(gate)
+            return gate
+        except PortTaken:
+            gate.stop()
+    raise AssertionError(f"no free port for the gate after 3 tries:\n{gate.logs()}")
+
+
+def _launch_gate(upstream: str, log_dir: Path, env: Mapping[str, str] | None) -> Gate:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GATE_", "OLLAMA_"))}
     full_env.update(BASE_ENV)
@@ -168,15 +243,16 @@ def start_gate(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: Gate.stop kills it whole
         )
-    gate = Gate(f"http://127.0.0.1:{port}", port, proc, log, full_env)
-    if wait:
-        wait_until_serving(gate)
-    return gate
+    return Gate(f"http://127.0.0.1:{port}", port, proc, log, full_env)
 
 
 def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
+    """Wait until the gate's own worker answers; raise PortTaken when another process
+    holds its port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if "Connection in use: " in gate.logs():  # gunicorn's bind failed
+            raise PortTaken(gate.url)
         if gate.proc.poll() is not None:
             raise AssertionError(f"gate exited with {gate.proc.returncode}:\n{gate.logs()}")
         try:
@@ -185,10 +261,12 @@ def wait_until_serving(gate: Gate, timeout: float = 20) -> None:
             # worker takes to boot: a probe given up on would reach the app later as a
             # request whose client left, and count in its metrics as one.
             remaining = max(1.0, deadline - time.monotonic())
-            requests.get(gate.url + "/api/version", timeout=(2, remaining))
-            return
+            if listens_on(gate.proc.pid, gate.port):
+                requests.get(gate.url + "/api/version", timeout=(2, remaining))
+                return
         except (requests.ConnectionError, requests.Timeout):  # not yet, or a busy machine
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     gate.stop()
     raise AssertionError(f"gate did not start in {timeout}s:\n{gate.logs()}")
 

@@ -1,14 +1,33 @@
-"""The test harness itself: gates stop at once, and the hypothesis profiles."""
+"""The test harness itself: gates stop at once, ports of parallel workers, and the hypothesis
+profiles."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import settings
 
+import tests.nginx_support
+import tests.redis_support
+import tests.support
 from fakeollama import FakeOllama
-from tests.support import Gate, alive, example_count, hypothesis_profile
+from tests.nginx_support import start_nginx
+from tests.redis_support import start_redis
+from tests.support import (
+    PORT_BASE,
+    PORT_SLICE,
+    Gate,
+    alive,
+    example_count,
+    free_port,
+    hypothesis_profile,
+    listens_on,
+    start_gate,
+)
 
 
 def test_a_gate_stops_at_once_with_its_workers(
@@ -46,3 +65,63 @@ def test_ci_runs_every_example_and_local_runs_a_fifth(profile: str, count: int) 
         assert example_count(20) == (20 if profile == "ci" else 10)
     finally:
         settings.load_profile(loaded)
+
+
+@pytest.mark.parametrize("worker", ["gw0", "gw3"])
+def test_each_xdist_worker_hands_out_ports_of_its_own_slice(
+    worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setattr(tests.support, "_given", set())
+    first = PORT_BASE + int(worker[2:]) * PORT_SLICE
+    ports = [free_port() for _ in range(50)]
+    assert all(first <= port < first + PORT_SLICE for port in ports)
+    assert len(set(ports)) == 50  # none handed out twice
+
+
+def taken_first(port: int) -> Iterator[int]:
+    """Ports as free_port hands them: ``port`` (which some other process holds) first."""
+    yield port
+    while True:
+        yield free_port()
+
+
+def test_a_gate_whose_port_another_gate_took_starts_on_another(
+    gate: Gate, fake: FakeOllama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ports = taken_first(gate.port)  # the session's gate answers there: it must not pass for ours
+    monkeypatch.setattr(tests.support, "free_port", lambda: next(ports))
+    ours = start_gate(fake.url, tmp_path)
+    try:
+        assert ours.port != gate.port
+        assert listens_on(ours.proc.pid, ours.port) and not listens_on(gate.proc.pid, ours.port)
+        assert requests.get(ours.url + "/api/version", timeout=10).ok
+        assert len(list(tmp_path.glob("gate-*.log"))) == 2  # the first try, stopped
+    finally:
+        ours.stop()
+
+
+def test_redis_and_nginx_whose_port_was_taken_start_on_another(
+    gate: Gate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = taken_first(taken)
+        monkeypatch.setattr(tests.redis_support, "free_port", lambda: next(ports))
+        server = start_redis(tmp_path / "redis")
+        try:
+            assert server.port != taken and listens_on(server.proc.pid, server.port)
+            with server.client() as client:
+                assert client.ping()
+        finally:
+            server.stop()
+        ports = taken_first(taken)
+        monkeypatch.setattr(tests.nginx_support, "free_port", lambda: next(ports))
+        nginx = start_nginx(f"127.0.0.1:{gate.port}", tmp_path / "nginx")
+        try:
+            assert nginx.port != taken and listens_on(nginx.proc.pid, nginx.port)
+            assert requests.get(nginx.url + "/api/version", timeout=10).ok
+        finally:
+            nginx.stop()
