@@ -617,3 +617,26 @@ def test_a_backend_killed_under_two_gates_leaks_no_grant(
         assert status(gate)["queue"]["waiting"] == 0
     assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
     fakes["b"].start()
+
+
+def test_a_flushed_redis_counts_the_running_jobs_again(
+    fakes: Fakes, gates: Factory, redis_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = fleet_env(tmp_path, fakes, redis_url, "max_models = 1\nmodel_concurrency = 1\n")
+    gate = gates("http://127.0.0.1:9", env)
+    assert generate(gate, "m1", FAST).status_code == 200
+    slow = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "40"}  # 4 s
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(generate, gate, "m1", slow)
+        wait_until("it runs", lambda: sum(map(len, shared_usage(redis_url, ["a", "b"]).values())))
+        redis_server.flush()
+        # The next renewal (a third of the 2 s lease) counts it there again.
+        wait_until(
+            "counted again",
+            lambda: sum(map(len, shared_usage(redis_url, ["a", "b"]).values())) == 1,
+        )
+        assert held.result().status_code == 200
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}})
+    with redis.Redis.from_url(redis_url) as client:
+        assert int(client.hget(KEY_PREFIX + "stats", "counted_again") or 0) == 1
+    assert "had lost its grant's lease" in gate.logs()
