@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Generator, Iterator
 
@@ -91,6 +92,23 @@ class Relay:
             and "json" in (resp.header("content-type") or "")
         )
         self._gen: Generator[bytes, None, None] = self._run()
+        self.corked = False
+
+    def _cork(self, on: bool) -> None:
+        """Hold back (``on``) or let out the client socket's partial segments (TCP_CORK).
+
+        The head and the first piece of the answer then reach the client in one segment,
+        which wakes it once, not twice. Uncorked as soon as gunicorn has written them, and
+        in any case in ``close``. A socket that is not TCP (a unix socket) is left as it is.
+        """
+        sock = self.watch.sock
+        if sock is None or not hasattr(socket, "TCP_CORK"):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+        except OSError:  # not TCP, or already closed
+            return
+        self.corked = on
 
     def __iter__(self) -> Iterator[bytes]:
         return self._gen
@@ -101,6 +119,9 @@ class Relay:
         chunks = self.resp.records(sep)
         kept: list[bytes] = []
         kept_size = 0
+        # gunicorn writes the response head and the first piece of the body in two sends:
+        # corked, they leave together as one segment (see _cork).
+        self._cork(True)
         try:
             while True:
                 try:
@@ -127,6 +148,8 @@ class Relay:
                     kept.append(chunk)
                     kept_size += len(chunk)
                 yield chunk
+                if self.corked:
+                    self._cork(False)  # the head and the first piece are written: out they go
             self.finished = True
             if kept:
                 call.count_usage(b"".join(kept))
@@ -142,6 +165,8 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        if self.corked:
+            self._cork(False)
         try:
             self._gen.close()
         except ValueError:  # "generator already executing": close() called from within _run
