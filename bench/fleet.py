@@ -91,6 +91,8 @@ LABELS = {
     "round_robin": "round-robin",
     "loaded_first": "loaded-first, no slots",
 }
+# The gate runs of each --unload choice.
+GATES = {"off": ("gate",), "on": ("gate_unload",), "both": ("gate", "gate_unload")}
 # Seconds between two readings of the fakes' loaded models and running jobs (the timeline).
 SAMPLE_EVERY = 0.1
 
@@ -728,7 +730,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 def report(
     base: Setup,
     results: dict[str, dict[str, Any]],
-    killed: dict[str, Any] | None,
+    kills: Sequence[dict[str, Any]],
     info: dict[str, str],
     elapsed: float,
 ) -> str:
@@ -744,15 +746,17 @@ def report(
     ]
     for mix, result in results.items():
         lines += mix_report(mix, result)
-    if killed is not None:
+    for killed in kills:
         kill = killed["killed"]
         lines += [
             "",
-            f"Through the gate, {killed['setup_mix']} mix, backend {kill['backend']} killed at "
+            f"Through the {LABELS[killed['gate']]}, {killed['setup_mix']} mix, backend "
+            f"{kill['backend']} killed at "
             f"{_fmt(kill['at'], ' s')} ({kill['jobs_done_before']} jobs done; it had "
             f"{kill['loaded_on_it']} loaded): {killed['ok']} ok, {killed['failed']} failed "
             f"{killed['outcomes']}, {killed['hung']} hung, makespan {killed['makespan']:.2f} s, "
-            f"loads {killed['loads']}, crashes {killed['crashes']}.",
+            f"loads {killed['loads']} (evictions {killed['evictions']}, unloads "
+            f"{killed['unloads']}), crashes {killed['crashes']}.",
             f"In flight at the kill: {killed['in_flight_at_kill']}.",
             f"Sent after the kill: {killed['sent_after_kill']}.",
             f"Held after the flood: {killed['held_after']}.",
@@ -940,24 +944,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     children = Children()
     fleet = Fleet(base)
     results: dict[str, dict[str, Any]] = {}
-    killed: dict[str, Any] | None = None
+    kills: dict[str, dict[str, Any]] = {}
     try:
         with harness.interruptible():
             fleet.start()
             log("fakes: " + ", ".join(f"{n} {f.url}" for n, f in fleet.fakes.items()))
             for name in mixes:
                 peers = () if args.gate_only else STRATEGIES[2:]
-                gates = {"off": ("gate",), "on": ("gate_unload",), "both": STRATEGIES[:2]}
                 results[name] = compare(
-                    replace(base, mix=name), fleet, children, log, peers, gates[args.unload]
+                    replace(base, mix=name), fleet, children, log, peers, GATES[args.unload]
                 )
             if not args.skip_kill:
                 setup = replace(base, mix=mixes[0])
-                fleet.reset()
-                gate = GateRun(children, fleet)
-                log(f"{setup.mix} mix: through the gate {gate.url}, backend a killed")
-                killed = kill_run(setup, fleet, gate, "a")
-                gate.stop()
+                for name in GATES[args.unload]:
+                    if not fleet.fakes["a"].running:
+                        fleet.fakes["a"].start()  # killed by the run before
+                    fleet.reset()
+                    gate = GateRun(children, fleet, unload=name == "gate_unload")
+                    log(f"{setup.mix} mix: through the gate {gate.url}, backend a killed")
+                    kills[name] = kill_run(setup, fleet, gate, "a") | {"gate": name}
+                    gate.stop()
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -965,9 +971,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         children.stop_all()
         fleet.stop()
     info = harness.machine()
-    print(report(base, results, killed, info, time.monotonic() - started))
+    killed = next(iter(kills.values()), None)  # the first gate's: GATE_UNLOAD_ON_SWITCH as asked
+    print(report(base, results, list(kills.values()), info, time.monotonic() - started))
     if args.json:
-        harness.write_json(args.json, machine=info, mixes=results, killed=killed)
+        extra = {"killed_unload": kills["gate_unload"]} if len(kills) > 1 else {}
+        harness.write_json(args.json, machine=info, mixes=results, killed=killed, **extra)
     return 0
 
 
