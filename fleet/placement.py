@@ -40,6 +40,10 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   none held). A
   copy keeps its place while jobs of its model wait, and gives it up when they are done
   (hysteresis: it opens at a deep queue and closes at an empty one).
+* Running caps (an API key's ``max_running``), as in ``Scheduler`` and with its
+  ``ClientCounts``: a client's jobs on every backend count together; at its cap its
+  waiting jobs take no turn, and win their model no place, copy, reservation or switch,
+  and count for no queue depth, until one of its jobs ends.
 * A job whose backend failed before it answered goes back to its place in the queue
   (``retry``), never to be placed on that backend again.
 * Failover: a waiting job whose model no healthy backend could run (every backend that
@@ -63,6 +67,8 @@ from workqueue.core import (
     PRIORITIES,
     REASONS,
     Admission,
+    ClientCount,
+    ClientCounts,
     ClientSnapshot,
     LaneQueue,
     LaneSnapshot,
@@ -157,12 +163,6 @@ class _Job:
     started: float | None = None
     host: _Host | None = None
     avoid: frozenset[str] = frozenset()  # backends that failed this job
-
-
-@dataclass(slots=True)
-class _ClientCount:
-    waiting: int = 0
-    running: int = 0
 
 
 class _Host:
@@ -300,13 +300,13 @@ class FleetScheduler:
         self._lanes: OrderedDict[str, _Lane] = OrderedDict()  # model lanes, least recent first
         self._admin = _Lane(ADMIN_LANE, admin=True)
         self._queued: dict[str, _Lane] = {}  # model lanes with waiting jobs
-        self._clients: dict[str, _ClientCount] = {}
+        self._clients = ClientCounts()
         self._now = float("-inf")
         self._seq = 0
         self._admitted = 0
         self._rejected = dict.fromkeys(REASONS, 0)
         self._avg_seconds: float | None = None
-        self._classes = [_ClientCount() for _ in PRIORITIES]  # waiting, running per class
+        self._classes = [ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
     @classmethod
     def from_settings(cls, settings: Any, backends: Sequence[Backend]) -> FleetScheduler:
@@ -337,12 +337,15 @@ class FleetScheduler:
         *,
         admin: bool = False,
         max_waiting: int | None = None,
+        max_running: int | None = None,
         priority: str = DEFAULT_PRIORITY,
     ) -> Admission:
         """Add a job of class ``priority``: it runs at once or waits, or ClientShareFull /
         QueueFull is raised.
 
-        ``max_waiting`` is the client's own share, as in ``Scheduler.submit``.
+        ``max_waiting`` is the client's own share and ``max_running`` its cap on jobs
+        running at once, all backends, models and the admin lane together, as in
+        ``Scheduler.submit``.
         """
         rank = priority_rank(priority)
         now = self._advance(now)
@@ -354,11 +357,14 @@ class FleetScheduler:
         lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
         job = _Job(job_id, model, client, lane, now, self._seq, rank)
+        # Ahead of nobody: only where no job that may run waits in its lane already.
+        may_start = self._clients.recap(client, max_running) and self._oldest_ready(lane) is None
         if admin:
-            if not lane.queue and len(lane.running) < self.admin_concurrency:
+            if may_start and len(lane.running) < self.admin_concurrency:
                 self._start(job, None, now)
+                self._clients[client].max_running = max_running
                 return Admission.RUNNING
-        elif not lane.queue:
+        elif may_start:
             ranks: list[float | None] = [None] * len(PRIORITIES)
             ranks[rank] = now
             reserved = self._reserved(lane, (self._due(ranks), job.seq))
@@ -368,6 +374,7 @@ class FleetScheduler:
                 if lane.name not in host.active:
                     self._activate(lane, host, now, forced=forced)
                 self._start(job, host, now)
+                self._clients[client].max_running = max_running
                 return Admission.RUNNING
         share = self.queue_max_per_client if max_waiting is None else max_waiting
         count = self._clients.get(client)
@@ -382,6 +389,7 @@ class FleetScheduler:
             estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
             raise QueueFull(retry_after=estimate)
         self._enqueue(job, now)
+        self._clients[client].max_running = max_running
         return Admission.WAITING
 
     def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
@@ -682,7 +690,7 @@ class FleetScheduler:
             return None  # it takes the room at the next pump, no switch needed
         placed_at = host.view.placed_at
         slice_start = host.slice_start if placed_at is None else max(host.slice_start, placed_at)
-        return lane, self._due(_arrivals(lane), slice_start)
+        return lane, self._due(lane.queue.arrivals(self._clients.may_run), slice_start)
 
     def _due(self, arrivals: list[float | None], slice_start: float | None = None) -> float:
         """When a model whose oldest jobs per class arrived at ``arrivals`` may force a
@@ -693,8 +701,23 @@ class FleetScheduler:
         return switch_due(arrivals, slice_start, self.switch_after, self.priority_aging)
 
     def _order(self, lane: _Lane) -> tuple[float, int]:
-        """Waiting models go in this order: whose switch falls due first, then oldest job."""
-        return (self._due(_arrivals(lane)), _oldest_seq(lane))
+        """Waiting models go in this order: whose switch falls due first, then oldest job.
+
+        Jobs of clients at their running cap count for neither (a lane of only such jobs
+        goes last)."""
+        oldest = self._oldest_ready(lane)
+        seq = oldest.seq if oldest is not None else 1 << 62
+        return (self._due(lane.queue.arrivals(self._clients.may_run)), seq)
+
+    def _oldest_ready(self, lane: _Lane) -> _Job | None:
+        """``lane``'s oldest waiting job whose client is below its running cap."""
+        job: _Job | None = lane.queue.oldest_ready(None, self._clients.may_run)
+        return job
+
+    def _waits_for(self, model: str) -> bool:
+        """Whether a job that may run (its client below its cap) waits for ``model``."""
+        lane = self._queued.get(model)
+        return lane is not None and self._oldest_ready(lane) is not None
 
     def _oldest_unplaced(self, host: _Host) -> _Lane | None:
         best: _Lane | None = None
@@ -703,7 +726,7 @@ class FleetScheduler:
                 continue
             if self._placed_on(lane):
                 continue
-            job = lane.oldest()
+            job = self._oldest_ready(lane)
             if job is not None and self._open(host, lane, job.avoid):
                 best = lane
         return best
@@ -758,8 +781,9 @@ class FleetScheduler:
                 continue
             if self._placed_on(other):
                 continue
-            oldest = other.oldest()
-            assert oldest is not None
+            oldest = self._oldest_ready(other)
+            if oldest is None:
+                continue  # only jobs of clients at their running cap: they reserve nothing
             reserved.update(
                 host.name for host in self._hosts if self._open(host, other, oldest.avoid)
             )
@@ -780,10 +804,10 @@ class FleetScheduler:
         without a place that an older job should get. ``targets`` are the models each
         backend drains for, as found before the places that just freed were given up.
         """
-        job = lane.oldest()
+        job = self._oldest_ready(lane)
         avoid = job.avoid if job is not None else frozenset()
         placed = self._placed_on(lane)
-        depth = len(lane.queue) + (1 if new_job else 0)
+        depth = lane.queue.count_ready(self._clients.may_run) + (1 if new_job else 0)
         running_slots = sum(self._slots(host, lane.name) for host in placed)
         best: tuple[tuple[float, ...], _Host, bool] | None = None
         for host in self._hosts:
@@ -811,7 +835,9 @@ class FleetScheduler:
                     if depth < self.copy_depth * running_slots:
                         continue
                     if tier == TIER_EVICT and any(
-                        name in self._queued for name in host.view.loaded if name not in host.active
+                        self._waits_for(name)
+                        for name in host.view.loaded
+                        if name not in host.active
                     ):
                         continue
                 forced = target is lane
@@ -845,6 +871,9 @@ class FleetScheduler:
         """Give one waiting model a new place, oldest first; False if none can have one."""
         reserved: set[str] = set()
         for lane in sorted(self._queued.values(), key=self._order):
+            oldest = self._oldest_ready(lane)
+            if oldest is None:
+                continue  # only jobs of clients at their running cap: no place, no reserve
             choice = self._choose(lane, now, reserved, targets)
             if choice is not None:
                 host, forced = choice
@@ -856,8 +885,6 @@ class FleetScheduler:
             if not self._placed_on(lane):
                 # Younger models take no new place where this one could run; a backend
                 # draining for a switch gives its next place to its target anyway.
-                oldest = lane.oldest()
-                assert oldest is not None
                 reserved.update(
                     host.name
                     for host in self._hosts
@@ -878,7 +905,10 @@ class FleetScheduler:
         slots = self._slots(host, lane.name)
         while lane.queue and host.busy_of(lane.name) < slots:
             job: _Job | None = lane.queue.pick(
-                now, self.priority_aging, eligible=lambda job: host.name not in job.avoid
+                now,
+                self.priority_aging,
+                self._clients.may_run,
+                eligible=lambda job: host.name not in job.avoid,
             )
             if job is None:
                 return
@@ -889,7 +919,9 @@ class FleetScheduler:
     def _fill_admin(self, now: float, started: list[Hashable]) -> None:
         lane = self._admin
         while lane.queue and len(lane.running) < self.admin_concurrency:
-            job: _Job = lane.queue.pick(now, self.priority_aging)
+            job: _Job | None = lane.queue.pick(now, self.priority_aging, self._clients.may_run)
+            if job is None:
+                return
             self._dequeue(job, now, take=True)
             self._start(job, None, now)
             started.append(job.key)
@@ -954,17 +986,6 @@ class FleetScheduler:
     def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
         forget_idle(self._lanes, now, keep=keep)
 
-    def _client(self, client: str) -> _ClientCount:
-        count = self._clients.get(client)
-        if count is None:
-            count = self._clients[client] = _ClientCount()
-        return count
-
-    def _drop_client_if_idle(self, client: str) -> None:
-        count = self._clients[client]
-        if not count.waiting and not count.running:
-            del self._clients[client]
-
     def _enqueue(self, job: _Job, now: float) -> None:
         lane = job.lane
         self._jobs[job.key] = job
@@ -972,7 +993,7 @@ class FleetScheduler:
         lane.queue.add(job, now)
         if not lane.admin:
             self._queued[lane.name] = lane
-        self._client(job.client).waiting += 1
+        self._clients.of(job.client).waiting += 1
         self._classes[job.priority].waiting += 1
 
     def _restore_order(self, job: _Job, now: float) -> None:
@@ -995,7 +1016,7 @@ class FleetScheduler:
             self._queued.pop(lane.name, None)
         self._clients[job.client].waiting -= 1
         self._classes[job.priority].waiting -= 1
-        self._drop_client_if_idle(job.client)
+        self._clients.drop_if_idle(job.client)
 
     def _start(self, job: _Job, host: _Host | None, now: float) -> None:
         job.started = now
@@ -1008,7 +1029,7 @@ class FleetScheduler:
             self._worked(host, job.lane.name, now)
         job.lane.admitted += 1
         self._admitted += 1
-        self._client(job.client).running += 1
+        self._clients.of(job.client).running += 1
         self._classes[job.priority].running += 1
 
     def _stop(self, job: _Job, now: float, *, count: bool = True) -> None:
@@ -1027,7 +1048,7 @@ class FleetScheduler:
         job.host = None
         self._clients[job.client].running -= 1
         self._classes[job.priority].running -= 1
-        self._drop_client_if_idle(job.client)
+        self._clients.drop_if_idle(job.client)
         if count:
             held = now - job.started
             lane.touched = now
@@ -1101,14 +1122,3 @@ class FleetScheduler:
             "forced_switches": host.forced_switches,
             "admitted": host.admitted,
         }
-
-
-def _arrivals(lane: _Lane) -> list[float | None]:
-    """When ``lane``'s oldest waiting job of each class arrived (None: none waits)."""
-    firsts = [lane.queue.oldest_of(rank) for rank in range(len(PRIORITIES))]
-    return [job.submitted if job is not None else None for job in firsts]
-
-
-def _oldest_seq(lane: _Lane) -> int:
-    job = lane.oldest()
-    return job.seq if job is not None else 1 << 62

@@ -29,8 +29,8 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from proxy.upstream import Upstream, UpstreamResponse, describe
 from settings import Settings
-from workqueue.admission import CapsOf
-from workqueue.core import QueueSnapshot
+from workqueue.admission import Admitter, CapsOf
+from workqueue.core import JobSlot, QueueSnapshot
 from workqueue.gate import ClientGone, Slot, WorkQueue, _Waiter, wait_or_gone
 from workqueue.shared import is_shared
 
@@ -102,7 +102,7 @@ class FleetWorkQueue(WorkQueue):
             snap["backends"] = rows
         return snap
 
-    def backend_of(self, slot: Slot) -> Backend | None:
+    def backend_of(self, slot: JobSlot) -> Backend | None:
         return self.fleet_scheduler.backend_of(slot.job_id)
 
     def observe(self, name: str, view: Any) -> None:
@@ -393,13 +393,12 @@ class Fleet:
         return rows
 
 
-class FleetAdmitter:
+class FleetAdmitter(Admitter):
     """The admission hook over a fleet (pipeline.Admit): catalogue first, then the queue."""
 
     def __init__(self, fleet: Fleet, caps_of: CapsOf | None = None) -> None:
+        super().__init__(fleet.queue, caps_of)
         self.fleet = fleet
-        self.queue = fleet.queue
-        self.caps_of = caps_of
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         fleet = self.fleet
@@ -421,27 +420,15 @@ class FleetAdmitter:
                 raise UpstreamUnavailable("upstream unreachable: no backend has answered yet")
         else:
             return None
-        try:
-            slot = self.queue.acquire(
-                model,
-                call.client,
-                admin=admin,
-                client_gone=client_gone,
-                # A key's max_waiting; its max_running is refused with several backends
-                # (limiter.extension), which the fleet's placement does not enforce.
-                max_waiting=self.caps_of(call.client)[0] if self.caps_of is not None else None,
-                priority=call.priority,
-            )
-        except ClientGone:
-            raise ClientDisconnected("client left while its job waited") from None
-        call.waited = slot.waited
-        backend = self.queue.backend_of(slot)
+        # The key's caps hold across the fleet: max_running counts its jobs on every backend.
+        slot = self.acquire(call, model, admin, client_gone)
+        backend = fleet.queue.backend_of(slot)
         if has_request_context():
             g.gate_fleet_slot = (slot, client_gone)
             g.gate_backend = backend.name if backend is not None else None
 
         def release() -> None:
-            placed = self.queue.backend_of(slot)
+            placed = fleet.queue.backend_of(slot)
             slot.release()
             if placed is not None:
                 fleet.refresh_ps(placed.name)
@@ -451,9 +438,6 @@ class FleetAdmitter:
                     fleet.refresh_tags(backend.name)
 
         return release
-
-    def close(self) -> None:
-        self.queue.close()
 
 
 def _copy_source(body: bytes) -> str | None:

@@ -115,8 +115,11 @@ class GateLimiter:
 
     def __init__(self, settings: Settings) -> None:
         self.keys_file = settings.api_keys_file
-        # Several backends: the fleet's placement enforces no max_running (refused below).
-        self.fleet = len(settings.backends()) > 1
+        # Several backends shared through Redis: each gate process places its own jobs,
+        # so none could hold a key to its max_running (refused below).
+        self.shared_fleet = len(settings.backends()) > 1 and not settings.storage_uri.startswith(
+            "memory://"
+        )
         self.keyring: Keyring | None = load_keys(self.keys_file) if self.keys_file else None
         self.defaults: dict[EndpointClass, str] = {
             cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
@@ -162,10 +165,11 @@ class GateLimiter:
 
     def _check_caps(self, keyring: Keyring) -> None:
         capped = [key.name for key in keyring.keys if key.max_running is not None]
-        if self.fleet and capped:
+        if self.shared_fleet and capped:
             raise SettingsError(
                 f"{self.keys_file} [keys.{capped[0]}] max_running: not enforced with several "
-                "backends (GATE_BACKENDS_FILE or a GATE_UPSTREAM list); remove it there"
+                "backends shared through Redis (GATE_STORAGE_URI), where each gate process "
+                "counts its own jobs only; remove it there, or use memory:// storage"
             )
 
     def _check_key_limits(self, keyring: Keyring) -> None:

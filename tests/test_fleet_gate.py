@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,7 @@ import pytest
 import requests
 
 from fakeollama import FakeOllama
+from limiter.mint import new_secret, stanza
 from tests.support import Gate, client_requests
 
 Fakes = dict[str, FakeOllama]
@@ -520,3 +523,111 @@ def test_a_new_place_unloads_the_idle_model_it_replaces_never_a_running_one(
     finally:
         one.stop()
         two.stop()
+
+
+CAP_SECRETS = {name: new_secret() for name in ("batch", "alice")}
+SLOW = {"X-Fake-Token-Interval": "0.15", "X-Fake-Tokens": "10"}  # about 1.5 s each
+
+
+def unanswered(fake: FakeOllama, client: str) -> set[int]:
+    """``client``'s requests (by their prompt) that reached ``fake`` and have no answer yet.
+
+    A record's status is set before the fake sends the answer, so the gate holds the job's
+    slot for at least as long as its record is unanswered."""
+    return {
+        number
+        for number, record in enumerate(client_requests(fake))
+        if record["status"] is None
+        and str((record["json"] or {}).get("prompt", "")).startswith(client)
+    }
+
+
+class RunningPeak:
+    """While open, samples the most jobs of one client seen running at once: by the gate's
+    status.json, and at the fakes, without ever counting one too many (a job at the
+    first fake counts only if it is still unanswered after the second was read)."""
+
+    def __init__(self, gate: Gate, fakes: list[FakeOllama], client: str) -> None:
+        self.gate, self.fakes, self.client = gate, fakes, client
+        self.at_gate = self.at_fakes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> RunningPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        first, second = self.fakes
+        while not self._stop.is_set():
+            try:
+                row = _status(self.gate)["clients"].get(self.client, {})  # type: ignore[attr-defined]
+                seen = unanswered(first, self.client)
+                now = len(unanswered(second, self.client))
+                now += len(seen & unanswered(first, self.client))
+            except requests.RequestException:
+                continue  # the gate stops when the test failed: its error tells
+            self.at_gate = max(self.at_gate, row.get("running", 0))
+            self.at_fakes = max(self.at_fakes, now)
+
+
+def test_a_keys_running_cap_holds_across_backends_and_a_reload_changes_it(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    alice = stanza("alice", CAP_SECRETS["alice"])
+    keys.write_text(stanza("batch", CAP_SECRETS["batch"], max_running=1) + alice)
+    # Two models, each on its own backend, with two slots there: a slot is free for
+    # alice on each while batch runs one job.
+    two = {name: fakes[name] for name in ("big", "solo")}
+    path = backends_file(
+        tmp_path,
+        two,
+        big='models = ["llama3.2"]\nmodel_concurrency = 2',
+        solo='models = ["phi3"]\nmodel_concurrency = 2',
+    )
+    gate = gate_factory(
+        "http://127.0.0.1:9",
+        {"GATE_BACKENDS_FILE": path, "GATE_API_KEYS_FILE": str(keys)},
+    )
+    models = {"llama3.2": "big", "phi3": "solo"}
+
+    def send(name: str, model: str, number: int, headers: dict[str, str]) -> requests.Response:
+        body = {"model": model, "prompt": f"{name} {number}", "stream": False}
+        auth = {**headers, "Authorization": f"Bearer {CAP_SECRETS[name]}"}
+        return requests.post(gate.url + "/api/generate", json=body, headers=auth, timeout=60)
+
+    def batch() -> dict[str, int]:
+        rows: dict[str, dict[str, int]] = _status(gate)["clients"]  # type: ignore[assignment]
+        return {k: v for k, v in rows.get("batch", {}).items() if k in ("running", "waiting")}
+
+    with ThreadPoolExecutor(8) as pool, RunningPeak(gate, list(two.values()), "batch") as peak:
+        flood = [pool.submit(send, "batch", model, n, SLOW) for n in range(2) for model in models]
+        wait_for(lambda: batch() == {"running": 1, "waiting": 3})
+        # alice's jobs take the free slots on both backends while batch's wait.
+        for n, (model, backend) in enumerate(models.items()):
+            resp = send("alice", model, n, {"X-Fake-Tokens": "1"})
+            assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == backend
+        arrived = sum(len(client_requests(fake)) for fake in two.values()) - 2
+        assert arrived < 4  # batch's flood was still queued at the gate (jobs of 1.5 s)
+        answers = [future.result() for future in flood]
+    assert (peak.at_gate, peak.at_fakes) == (1, 1)  # one batch job at a time, anywhere
+    assert [resp.status_code for resp in answers] == [200] * 4
+    assert {resp.headers["X-Gate-Backend"] for resp in answers} == {"big", "solo"}
+
+    # A reload raises batch's cap to 2: its next jobs run two at a time, never three.
+    keys.write_text(stanza("batch", CAP_SECRETS["batch"], max_running=2) + alice)
+    gate.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded: 2 keys" in gate.logs())
+    with ThreadPoolExecutor(8) as pool, RunningPeak(gate, list(two.values()), "batch") as peak:
+        flood = [
+            pool.submit(send, "batch", model, n, SLOW) for n in range(2, 4) for model in models
+        ]
+        wait_for(lambda: batch() == {"running": 2, "waiting": 2})
+        answers = [future.result() for future in flood]
+    assert [resp.status_code for resp in answers] == [200] * 4
+    assert peak.at_gate == 2 and peak.at_fakes <= 2

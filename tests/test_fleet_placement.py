@@ -3,6 +3,7 @@ then random runs over random fleets."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -15,11 +16,13 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+import tests.test_key_caps as key_caps_tests
 import tests.test_workqueue_core as core_tests
 from errors import ClientShareFull, QueueFull
 from fleet.config import Backend
 from fleet.placement import FleetScheduler, View
 from tests.support import example_count
+from tests.test_key_caps import CapsMachine
 from tests.test_workqueue_core import SchedulerMachine
 from workqueue import Admission, Scheduler
 
@@ -123,8 +126,11 @@ class SideBySide(RuleBasedStateMachine):
         timeout=st.sampled_from([3.0, 30.0]),
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
         aging=st.sampled_from([1.5, 60.0]),
+        caps=st.tuples(st.sampled_from([None, 1, 2]), st.sampled_from([None, 1])),
     )
     def setup(self, **kwargs: Any) -> None:
+        # Clients' running caps (an API key's max_running); z has none.
+        self.caps: dict[str, int | None] = {"x": kwargs["caps"][0], "y": kwargs["caps"][1]}
         args = {
             "concurrency": kwargs["concurrency"],
             "overrides": {"c": 2},
@@ -159,8 +165,11 @@ class SideBySide(RuleBasedStateMachine):
     )
     def submit(self, model: str, client: str, admin: bool, priority: str) -> None:
         job_id = next(self.ids)
+        cap = self.caps.get(client)
         kind, _ = self.both(
-            lambda s: s.submit(job_id, model, client, self.now, admin=admin, priority=priority)
+            lambda s: s.submit(
+                job_id, model, client, self.now, admin=admin, max_running=cap, priority=priority
+            )
         )
         if kind == "ok":
             self.live.add(job_id)
@@ -660,6 +669,10 @@ def fleets(draw: st.DrawFn) -> list[Backend]:
 class FleetMachine(RuleBasedStateMachine):
     """Random fleets, health flips and failures: the bounds hold and nothing starves."""
 
+    # Clients' running caps (an API key's max_running): none here, FleetCapsMachine sets
+    # some; ``at_cap`` says when each client was last seen at its cap.
+    caps: dict[str, int | None] = dict.fromkeys(CLIENTS)
+
     @initialize(
         backends=fleets(),
         switch_after=st.sampled_from([0.0, 1.0, 2.5]),
@@ -702,6 +715,7 @@ class FleetMachine(RuleBasedStateMachine):
         self.waiting: dict[Hashable, Job] = {}
         self.running: dict[Hashable, Job] = {}
         self.failed: dict[Hashable, set[str]] = {}
+        self.at_cap: dict[str, float] = dict.fromkeys(CLIENTS, -math.inf)
 
     def could_run(self, model: str, name: str) -> bool:
         backend = self.backends[name]
@@ -754,7 +768,21 @@ class FleetMachine(RuleBasedStateMachine):
             for model in self.loaded[name]
         )
 
+    def capped(self, client: str) -> bool:
+        """Whether ``client`` runs as many jobs as its cap allows (it may start none)."""
+        cap = self.caps[client]
+        return cap is not None and sum(j.client == client for j in self.running.values()) >= cap
+
+    def note_caps(self) -> None:
+        for client in CLIENTS:
+            if self.capped(client):
+                self.at_cap[client] = self.now
+
     def check(self) -> None:
+        self.note_caps()
+        for client, cap in self.caps.items():
+            running = sum(job.client == client for job in self.running.values())
+            assert cap is None or running <= cap, ("above its running cap", client, running)
         for name, backend in self.backends.items():
             here = [job for job in self.running.values() if job.backend == name]
             models = {job.model for job in here}
@@ -774,7 +802,9 @@ class FleetMachine(RuleBasedStateMachine):
             if not any(self.could_run(model, name) for name in self.backends):
                 continue  # the gate answers 404 before queueing
             try:
-                admission = self.s.submit(job_id, model, client, self.now)
+                admission = self.s.submit(
+                    job_id, model, client, self.now, max_running=self.caps[client]
+                )
             except (QueueFull, ClientShareFull):
                 event("turned away")
                 continue
@@ -789,6 +819,7 @@ class FleetMachine(RuleBasedStateMachine):
             return
         job_id = data.draw(st.sampled_from(sorted(self.running, key=str)))
         job = self.running[job_id]
+        self.note_caps()
         self.healthy[job.backend] = False
         self.apply(self.s.observe(job.backend, self.view(job.backend), self.now))
         self.failed.setdefault(job_id, set()).add(job.backend)
@@ -846,6 +877,7 @@ class FleetMachine(RuleBasedStateMachine):
         return View(healthy=self.healthy[name], installed=self.installed[name], loaded=loaded)
 
     def finish(self, job_id: Hashable) -> None:
+        self.note_caps()
         job = self.running.pop(job_id)
         self.last_work[job.backend, job.model] = self.now
         self.apply(self.s.finish(job_id, self.now))
@@ -875,12 +907,15 @@ class FleetMachine(RuleBasedStateMachine):
 
         Jobs last at most job_max, so the oldest waiting job gets a place within
         switch_after + job_max of arriving, plus one job_max per model ahead of it on
-        the backends that could run it: the bound below is generous but finite.
+        the backends that could run it: the bound below is generous but finite. A job
+        of a client at its running cap waits for its client's own jobs: its wait counts
+        from when the client was last at its cap.
         """
         runnable = [
-            job
+            Job(job.model, job.client, max(job.submitted, self.at_cap[job.client]))
             for job_id, job in self.waiting.items()
-            if any(
+            if not self.capped(job.client)
+            and any(
                 self.healthy[name]
                 and self.could_run(job.model, name)
                 and name not in self.failed.get(job_id, set())
@@ -904,6 +939,8 @@ class FleetMachine(RuleBasedStateMachine):
             return
         busy = {job.backend for job in self.running.values()}
         for job in self.waiting.values():
+            if self.capped(job.client):
+                continue  # it waits for its own client's jobs, holding nothing
             if any(
                 j.model == job.model and j_id in self.failed for j_id, j in self.waiting.items()
             ):
@@ -919,12 +956,15 @@ class FleetMachine(RuleBasedStateMachine):
                 elif self.healthy[name] and name not in busy:
                     assert not self.could_run(job.model, name), ("idle backend", name, job)
 
-    def teardown(self) -> None:
-        if not hasattr(self, "s"):
-            return
+    def heal_all(self) -> None:
         for name in self.backends:
             self.healthy[name] = True
             self.apply(self.s.observe(name, self.view(name), self.now))
+
+    def teardown(self) -> None:
+        if not hasattr(self, "s"):
+            return
+        self.heal_all()
         while self.waiting or self.running:
             if self.running:
                 self.finish(min(self.running, key=str))
@@ -941,3 +981,131 @@ FleetMachine.TestCase.settings = settings(
     max_examples=example_count(300), stateful_step_count=50, deadline=None
 )
 test_fleet_bounds_hold_in_random_runs = FleetMachine.TestCase
+
+
+# A key's running cap (max_running) across the fleet
+
+CAP_RULE_TESTS = [
+    key_caps_tests.test_a_capped_clients_extra_jobs_wait_without_holding_a_slot,
+    key_caps_tests.test_a_capped_client_neither_wins_a_model_place_nor_forces_a_switch,
+    key_caps_tests.test_a_model_whose_jobs_waited_for_a_cap_takes_a_free_place_without_a_switch,
+    functools.partial(key_caps_tests.test_turns_pass_over_a_capped_client_and_keep_its_place, 1),
+    functools.partial(key_caps_tests.test_turns_pass_over_a_capped_client_and_keep_its_place, 2),
+]
+
+
+@pytest.mark.parametrize("test", CAP_RULE_TESTS)
+def test_each_cap_rule_holds_for_a_fleet_of_one(
+    test: Callable[[], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(key_caps_tests, "Scheduler", fleet_of_one)
+    test()
+
+
+class CapsOfOneMachine(CapsMachine):
+    """The running caps' state machine (tests/test_key_caps.py) on a fleet of one."""
+
+    make = staticmethod(fleet_of_one)
+
+
+CapsOfOneMachine.TestCase.settings = settings(
+    max_examples=example_count(150), stateful_step_count=40, deadline=None
+)
+test_caps_hold_for_a_fleet_of_one = CapsOfOneMachine.TestCase
+
+
+def test_a_capped_keys_jobs_wait_on_every_backend_and_take_no_slot_there() -> None:
+    s = FleetScheduler([backend("a", slots=2), backend("b", slots=2)])
+    assert s.submit("b1", "m", "batch", 0.0, max_running=1) is RUNNING
+    # batch's jobs for m and for n wait, although both backends have free slots ...
+    assert s.submit("b2", "m", "batch", 0.0, max_running=1) is WAITING
+    assert s.submit("b3", "n", "batch", 0.0, max_running=1) is WAITING
+    assert s.tick(0.0) == []  # ... and open no copy or place anywhere
+    # ... and take none from another key: alice's jobs run at once, on both backends.
+    assert s.submit("a1", "m", "alice", 0.0) is RUNNING
+    assert s.submit("a2", "n", "alice", 0.0) is RUNNING
+    m_at, n_at = where(s, "b1"), where(s, "a2")
+    assert {m_at, n_at} == {"a", "b"} and where(s, "a1") == m_at
+    assert s.snapshot(0.0)["clients"]["batch"] == {"waiting": 2, "running": 1}
+    assert s.finish("a1", 1.0) == []  # a slot frees, but batch is at its cap
+    # batch's job ends: its next one runs (m, where m ran: affinity) ...
+    assert s.finish("b1", 2.0) == ["b2"]
+    assert where(s, "b2") == m_at
+    # ... and after it, its job for n, on the other backend, where n runs.
+    assert s.finish("b2", 3.0) == ["b3"]
+    assert where(s, "b3") == n_at
+    assert s.snapshot(3.0)["clients"]["batch"] == {"waiting": 0, "running": 1}
+
+
+def test_a_capped_key_neither_wins_a_backend_nor_forces_a_switch_on_a_fleet() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], switch_after=1.0)
+    assert s.submit("b1", "m", "batch", 0.0, max_running=1) is RUNNING
+    assert s.submit("x1", "n", "x", 0.0) is RUNNING  # both backends hold a model now
+    assert s.submit("b2", "p", "batch", 0.0, max_running=1) is WAITING
+    # Long past switch_after, yet nothing is due: batch's waiting job may not run anyway.
+    assert s.pending_switch(100.0) is None
+    assert s.tick(100.0) == []
+    assert s.submit("y1", "q", "y", 100.0) is WAITING  # q waits for a place, ahead of p
+    assert s.pending_switch(101.0) == ("q:latest", ["m:latest", "n:latest"])
+    assert s.finish("x1", 101.0) == ["y1"]  # the place goes to q, not to batch's p
+    assert s.finish("b1", 102.0) == ["b2"]  # batch's job ended: p takes the place it left
+
+
+class FleetCapsMachine(FleetMachine):
+    """Random fleets with capped clients: caps hold, a capped client's waiting jobs take
+    no slot, place or switch from others, nothing starves, and every job runs in the end."""
+
+    @initialize(caps=st.tuples(st.integers(1, 2), st.sampled_from([1, 3, None])))
+    def cap(self, caps: tuple[int, int | None]) -> None:
+        self.caps = {"x": caps[0], "y": caps[1], "z": None}
+
+    @invariant()
+    def no_slot_of_a_running_model_idles_for_a_job_that_may_run(self) -> None:
+        """Where a model runs, its free slots go to its waiting jobs whose client is below
+        its cap, unless the backend drains for a switch; and a backend drains only for a
+        model with such a job."""
+        if not hasattr(self, "s"):
+            return
+        rows = {row["name"]: row for row in self.s.snapshot(self.now)["backends"]}
+        for name, row in rows.items():
+            target = row["draining_for"]
+            if target is not None:
+                assert any(
+                    job.model == target and not self.capped(job.client)
+                    for job in self.waiting.values()
+                ), ("drains for capped jobs only", name, target)
+        for job_id, job in self.waiting.items():
+            if self.capped(job.client):
+                event("a capped client's job waits")
+                continue
+            for name, row in rows.items():
+                here = sum(
+                    other.model == job.model and other.backend == name
+                    for other in self.running.values()
+                )
+                if not here or not self.healthy[name] or name in self.failed.get(job_id, ()):
+                    continue
+                slots = self.backends[name].model_concurrency
+                assert here == slots or row["draining_for"] is not None, ("slot idle", name, job)
+
+    def teardown(self) -> None:
+        """Every job waiting at the end runs once the backends are up: none is left behind."""
+        if not hasattr(self, "s"):
+            return
+        self.heal_all()
+        self.drop_unavailable()
+        for _ in range(10_000):
+            if not self.waiting and not self.running:
+                break
+            assert self.running, ("jobs wait, none runs", self.waiting)
+            self.advance(self.job_max)
+        assert not self.waiting and not self.running
+        assert self.s.idle()
+        snap = self.s.snapshot(self.now)
+        assert snap["totals"]["rejected"]["queue_timeout"] == 0
+
+
+FleetCapsMachine.TestCase.settings = settings(
+    max_examples=example_count(300), stateful_step_count=50, deadline=None
+)
+test_fleet_caps_hold_in_random_runs = FleetCapsMachine.TestCase

@@ -172,6 +172,17 @@ def test_a_capped_client_neither_wins_a_model_place_nor_forces_a_switch() -> Non
     assert s.snapshot(101.0)["clients"]["alice"] == {"waiting": 1, "running": 0}
 
 
+def test_a_model_whose_jobs_waited_for_a_cap_takes_a_free_place_without_a_switch() -> None:
+    s = Scheduler(max_active_models=2, switch_after=0.0)
+    assert s.submit("b1", "m", "batch", 0.0, max_running=1) is Admission.RUNNING
+    assert s.submit("b2", "n", "batch", 0.0, max_running=1) is Admission.WAITING
+    assert s.submit("a1", "m", "alice", 0.0) is Admission.WAITING  # m's one slot is taken
+    assert s.pending_switch(5.0) is None  # n would find a place free: nothing drains
+    # batch's job ends: m's own next job first (affinity), and n takes the free place.
+    assert s.finish("b1", 5.0) == ["a1", "b2"]
+    assert s.snapshot(5.0)["totals"]["forced_switches"] == 0
+
+
 @pytest.mark.parametrize("cap", [1, 2])
 def test_turns_pass_over_a_capped_client_and_keep_its_place(cap: int) -> None:
     s = Scheduler(concurrency=1)
@@ -191,6 +202,8 @@ def test_turns_pass_over_a_capped_client_and_keep_its_place(cap: int) -> None:
 class CapsMachine(RuleBasedStateMachine):
     """Random jobs of capped and uncapped clients: caps hold, and no slot idles for them."""
 
+    make: Any = Scheduler  # what decides (tests/test_fleet_placement.py: a fleet of one)
+
     @initialize(
         caps=st.tuples(st.integers(1, 2), st.integers(1, 3)),
         concurrency=st.integers(1, 3),
@@ -209,7 +222,7 @@ class CapsMachine(RuleBasedStateMachine):
         self.caps: dict[str, int | None] = {"c1": caps[0], "c2": caps[1], "c3": None}
         self.slots = concurrency
         self.max_active = max_active
-        self.s = Scheduler(
+        self.s = self.make(
             concurrency=concurrency,
             max_active_models=max_active,
             queue_max=40,
@@ -404,6 +417,8 @@ def test_the_lua_scripts_cap_running_jobs_as_core_does(
                 expected_snap["totals"]["active_models"]
             )
             assert snap["clients"] == expected_snap["clients"], (n, events)
+            for field in ("activations", "forced_switches"):
+                assert snap["totals"][field] == expected_snap["totals"][field], (n, events)
 
 
 def test_a_keys_running_cap_under_gunicorn(
@@ -463,7 +478,9 @@ def test_bad_caps_name_file_line_and_field(line: str, says: str) -> None:
     assert f"[keys.a]: {says}" in str(info.value)
 
 
-def test_minted_caps_and_a_running_cap_refused_with_several_backends(tmp_path: Path) -> None:
+def test_minted_caps_are_the_keys_caps_and_refused_only_with_a_shared_fleet(
+    tmp_path: Path,
+) -> None:
     from limiter.extension import GateLimiter
     from settings import Settings, SettingsError
 
@@ -476,5 +493,12 @@ def test_minted_caps_and_a_running_cap_refused_with_several_backends(tmp_path: P
     assert GateLimiter(one).caps_of("b") == (100, 2)
     assert GateLimiter(one).caps_of("nobody") == (None, None)
     several = one.replace(upstream="http://127.0.0.1:1,http://127.0.0.1:2")
+    assert GateLimiter(several).caps_of("b") == (100, 2)  # the fleet's placement caps it too
+    # With Redis, each gate process places its own jobs: none could cap the key's.
+    shared = several.replace(storage_uri="redis://127.0.0.1:6379/0")
     with pytest.raises(SettingsError, match=r"\[keys.b\] max_running: not enforced with several"):
-        GateLimiter(several)
+        GateLimiter(shared)
+    assert GateLimiter(one.replace(storage_uri="redis://127.0.0.1:6379/0")).caps_of("b") == (
+        100,
+        2,
+    )

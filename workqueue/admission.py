@@ -10,7 +10,7 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from settings import Settings
 
-from .core import JobQueue
+from .core import JobQueue, JobSlot
 from .gate import ClientGone, WorkQueue
 from .shared import SharedWorkQueue, is_shared
 
@@ -42,6 +42,11 @@ class Admitter:
             model, admin = call.model, False
         else:
             return None
+        return self.acquire(call, model, admin, client_gone).release
+
+    def acquire(self, call: Call, model: str, admin: bool, client_gone: ClientLeft) -> JobSlot:
+        """Block until ``call``'s job may run, within its client's caps (``caps_of``: its
+        API key's max_waiting and max_running); note its wait in ``call.waited``."""
         max_waiting, max_running = (
             self.caps_of(call.client) if self.caps_of is not None else (None, None)
         )
@@ -58,7 +63,7 @@ class Admitter:
         except ClientGone:
             raise ClientDisconnected("client left while its job waited") from None
         call.waited = slot.waited
-        return slot.release
+        return slot
 
     def close(self) -> None:
         """On SIGTERM (graceful.py): waiting and new jobs get 503, running ones finish."""

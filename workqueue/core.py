@@ -17,7 +17,7 @@ Rules (DESIGN.md, "Scheduling rules"), as implemented here:
 * A client with a running cap (its API key's ``max_running``) at its cap takes no turn:
   its waiting jobs stay where they are while other clients' jobs run, and they neither
   hold a slot, age ahead of others, nor win a model a place or a switch until one of its
-  jobs ends.
+  jobs ends. A model of theirs that then finds a place free takes it, no switch needed.
 * Within a model (and in the admin lane) a higher priority class goes first
   (PRIORITIES: interactive, normal, batch), and within a class clients take turns
   round-robin. A job that has been its client's next job of its class for ``aging``
@@ -349,6 +349,20 @@ class LaneQueue:
                         best = job
         return best
 
+    def arrivals(self, ready: Callable[[str], bool] | None = None) -> list[float | None]:
+        """When the oldest waiting job of each class (highest first) whose client is
+        ``ready`` arrived, None for a class with none: ``switch_due``'s ``oldest``."""
+        firsts = [self.oldest_ready(rank, ready) for rank in range(len(PRIORITIES))]
+        return [job.submitted if job is not None else None for job in firsts]
+
+    def count_ready(self, ready: Callable[[str], bool] | None = None) -> int:
+        """Waiting jobs whose client is ``ready`` (all of them without ``ready``)."""
+        if ready is None:
+            return len(self.jobs)
+        return sum(
+            len(line) for lines in self.turns for client, line in lines.items() if ready(client)
+        )
+
     def clients(self) -> int:
         """Clients with a job waiting here."""
         return len({client for turns in self.turns for client in turns})
@@ -482,7 +496,9 @@ class _Job:
 
 
 @dataclass(slots=True)
-class _ClientCount:
+class ClientCount:
+    """A client's (or a priority class's) jobs waiting and running, and its running cap."""
+
     waiting: int = 0
     running: int = 0
     max_running: int | None = None  # the latest cap its jobs came with (None: no cap)
@@ -490,6 +506,37 @@ class _ClientCount:
     def may_run(self) -> bool:
         """Whether one more of its jobs may start."""
         return self.max_running is None or self.running < self.max_running
+
+
+class ClientCounts(dict[str, ClientCount]):
+    """Each client with jobs waiting or running, and its running cap: the one rule of a
+    key's ``max_running``, kept alike by ``Scheduler`` and the fleet's ``FleetScheduler``."""
+
+    def of(self, client: str) -> ClientCount:
+        count = self.get(client)
+        if count is None:
+            count = self[client] = ClientCount()
+        return count
+
+    def may_run(self, client: str) -> bool:
+        """Whether one more job of ``client`` may start (a ``ready`` for LaneQueue)."""
+        count = self.get(client)
+        return count is None or count.may_run()
+
+    def recap(self, client: str, max_running: int | None) -> bool:
+        """A new job of ``client`` came with ``max_running``: it is the client's cap from
+        now on (so a key's changed cap applies from its next job); return whether one
+        more of its jobs may start. The caller sets the cap on a client it adds after."""
+        count = self.get(client)
+        running = 0 if count is None else count.running
+        if count is not None:
+            count.max_running = max_running
+        return max_running is None or running < max_running
+
+    def drop_if_idle(self, client: str) -> None:
+        count = self[client]
+        if not count.waiting and not count.running:
+            del self[client]
 
 
 class _IdleLane(Protocol):
@@ -559,7 +606,7 @@ class Scheduler:
         self._admin = _Lane(ADMIN_LANE, admin_concurrency, admin=True)
         self._active: dict[str, _Lane] = {}  # model lanes holding a place
         self._queued: dict[str, _Lane] = {}  # model lanes with waiting jobs
-        self._clients: dict[str, _ClientCount] = {}
+        self._clients = ClientCounts()
         self._now = float("-inf")
         self._slice_start = float("-inf")  # when a model last took a place
         self._seq = 0
@@ -568,7 +615,7 @@ class Scheduler:
         self._avg_seconds: float | None = None
         self._activations = 0
         self._forced_switches = 0
-        self._classes = [_ClientCount() for _ in PRIORITIES]  # waiting, running per class
+        self._classes = [ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
     @classmethod
     def from_settings(cls, settings: Any) -> Scheduler:
@@ -617,11 +664,7 @@ class Scheduler:
         lane = self._admin if admin else self._lane(model, now)
         self._seq += 1
         job = _Job(job_id, model, client, lane, now, self._seq, rank)
-        count = self._clients.get(client)
-        if count is not None:
-            count.max_running = max_running
-        running = count.running if count is not None else 0
-        if (max_running is None or running < max_running) and self._can_start(lane, now):
+        if self._clients.recap(client, max_running) and self._can_start(lane, now):
             if not admin and lane.name not in self._active:
                 self._activate(lane, now, forced=False)
             self._start(job, now)
@@ -802,7 +845,7 @@ class Scheduler:
 
     def _can_start(self, lane: _Lane, now: float) -> bool:
         """Whether a new job for ``lane`` may run at once, ahead of nobody."""
-        if lane.queue.oldest_ready(None, self._may_run) is not None:
+        if lane.queue.oldest_ready(None, self._clients.may_run) is not None:
             return False  # others of this lane wait already: take a turn behind them
         if lane.admin:
             return len(lane.running) < lane.slots
@@ -838,16 +881,12 @@ class Scheduler:
         class, clients in turn within a class. A client at its running cap is passed over
         and keeps its place in the round."""
         while lane.queue and len(lane.running) < lane.slots:
-            job: _Job | None = lane.queue.pick(now, self.priority_aging, self._may_run)
+            job: _Job | None = lane.queue.pick(now, self.priority_aging, self._clients.may_run)
             if job is None:
                 return
             self._dequeue(job, now, take=True)
             self._start(job, now)
             started.append(job.key)
-
-    def _may_run(self, client: str) -> bool:
-        count = self._clients.get(client)
-        return count is None or count.may_run()
 
     def _next_model(self) -> _Lane | None:
         """The model without a place whose switch falls due first (ties: oldest job);
@@ -857,7 +896,7 @@ class Scheduler:
         for name, lane in self._queued.items():
             if name in self._active:
                 continue
-            oldest = lane.queue.oldest_ready(None, self._may_run)
+            oldest = lane.queue.oldest_ready(None, self._clients.may_run)
             if oldest is None:
                 continue
             key = (self._due(lane), oldest.seq)
@@ -867,23 +906,29 @@ class Scheduler:
 
     def _due(self, lane: _Lane) -> float:
         """When ``lane`` may force a switch: see switch_due."""
-        ready = self._may_run
-        firsts = [lane.queue.oldest_ready(rank, ready) for rank in range(len(PRIORITIES))]
         return switch_due(
-            [job.submitted if job is not None else None for job in firsts],
+            lane.queue.arrivals(self._clients.may_run),
             self._slice_start,
             self.switch_after,
             self.priority_aging,
         )
 
+    def _switch_candidate(self) -> _Lane | None:
+        """The waiting model a switch would be for: the next model without a place, while
+        no place is free. A model that finds a place free takes it at the next pump, no
+        switch needed (only one whose jobs waited for their clients' running caps can)."""
+        if len(self._active) < self.max_active_models:
+            return None
+        return self._next_model()
+
     def _switch_due(self) -> float | None:
         """When the next waiting model without a place may force a switch."""
-        lane = self._next_model()
+        lane = self._switch_candidate()
         return None if lane is None else self._due(lane)
 
     def _switch_target(self, now: float) -> _Lane | None:
         """The model a switch is due for at ``now``, if any."""
-        lane = self._next_model()
+        lane = self._switch_candidate()
         if lane is None or self._due(lane) > now:
             return None
         return lane
@@ -915,17 +960,6 @@ class Scheduler:
     def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
         forget_idle(self._lanes, now, keep=keep)
 
-    def _client(self, client: str) -> _ClientCount:
-        count = self._clients.get(client)
-        if count is None:
-            count = self._clients[client] = _ClientCount()
-        return count
-
-    def _drop_client_if_idle(self, client: str) -> None:
-        count = self._clients[client]
-        if not count.waiting and not count.running:
-            del self._clients[client]
-
     def _enqueue(self, job: _Job) -> None:
         lane = job.lane
         self._jobs[job.key] = job
@@ -933,7 +967,7 @@ class Scheduler:
         lane.queue.add(job, job.submitted)
         if not lane.admin:
             self._queued[lane.name] = lane
-        self._client(job.client).waiting += 1
+        self._clients.of(job.client).waiting += 1
         self._classes[job.priority].waiting += 1
 
     def _dequeue(self, job: _Job, now: float, *, take: bool = False) -> None:
@@ -949,7 +983,7 @@ class Scheduler:
             self._queued.pop(lane.name, None)
         self._clients[job.client].waiting -= 1
         self._classes[job.priority].waiting -= 1
-        self._drop_client_if_idle(job.client)
+        self._clients.drop_if_idle(job.client)
 
     def _start(self, job: _Job, now: float) -> None:
         job.started = now
@@ -957,7 +991,7 @@ class Scheduler:
         job.lane.running[job.key] = job
         job.lane.admitted += 1
         self._admitted += 1
-        self._client(job.client).running += 1
+        self._clients.of(job.client).running += 1
         self._classes[job.priority].running += 1
 
     def _stop(self, job: _Job, now: float) -> None:
@@ -967,7 +1001,7 @@ class Scheduler:
         del lane.running[job.key]
         self._clients[job.client].running -= 1
         self._classes[job.priority].running -= 1
-        self._drop_client_if_idle(job.client)
+        self._clients.drop_if_idle(job.client)
         held = now - job.started
         lane.touched = now
         lane.avg_seconds = ewma(lane.avg_seconds, held)

@@ -202,11 +202,15 @@ class WorkQueue:
         job_id = next(self._ids)
         submitted = self._clock()
         try:
-            caps = {"max_waiting": max_waiting}
-            if max_running is not None:  # a fleet's scheduler takes no running cap
-                caps["max_running"] = max_running
             admission = self._scheduler.submit(
-                job_id, model, client, submitted, admin=admin, priority=priority, **caps
+                job_id,
+                model,
+                client,
+                submitted,
+                admin=admin,
+                max_waiting=max_waiting,
+                max_running=max_running,
+                priority=priority,
             )
         except GateError as exc:
             logger.info(

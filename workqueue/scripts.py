@@ -143,6 +143,8 @@ local function next_model()
 end
 
 local function switch_target()
+  -- A free place needs no switch (core.Scheduler._switch_due).
+  if redis.call('SCARD', P .. 'active') < MAX_ACTIVE then return nil end
   local lane, d = next_model()
   if lane and d <= now then return lane end
   return nil
