@@ -15,7 +15,13 @@ pause) over and over, in two scenarios: ``free`` (concurrency 100000: every job 
 once, so the figure is the cost of admitting and releasing) and ``queued`` (concurrency
 ``--slots``: most jobs wait for a slot and are woken when one frees).
 
-    python bench/shared_queue.py [--seconds 5] [--clients 32] [--slots 4] [--rounds 2]
+With ``--fleet`` the gates stand in front of two fake Ollamas (each ``--models m1``,
+one GATE_BACKENDS_FILE naming both, ``model_concurrency`` the scenario's): ``memory`` is
+then the fleet's in-process placement, ``redis`` and ``redis x2`` the fleet's shared
+slots (one grant and one release script per job, fleet/shared.py); ``direct`` is still
+one fake alone.
+
+    python bench/shared_queue.py [--seconds 5] [--clients 32] [--slots 4] [--rounds 2] [--fleet]
 """
 
 from __future__ import annotations
@@ -121,6 +127,22 @@ async def load(
     }
 
 
+def fleet_models(fleet: bool) -> list[str]:
+    return ["--models", "m1"] if fleet else []
+
+
+def backends_file(urls: list[str], slots: str) -> str:
+    """A GATE_BACKENDS_FILE naming the fakes ``a``, ``b``, … with ``slots`` each."""
+    path = Path(tempfile.mkdtemp(prefix="bench-fleet-")) / "backends.toml"
+    path.write_text(
+        "".join(
+            f'[backends.{chr(97 + i)}]\nurl = "{url}"\nmodel_concurrency = {slots}\n\n'
+            for i, url in enumerate(urls)
+        )
+    )
+    return str(path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0)
@@ -128,6 +150,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--fleet", action="store_true", help="two backends (the fleet's modes)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -135,7 +158,12 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         with interruptible():
-            fake = start_fake(children, "--token-interval", "0")
+            fake = start_fake(children, "--token-interval", "0", *fleet_models(args.fleet))
+            second = (
+                start_fake(children, "--token-interval", "0", "--models", "m1")
+                if args.fleet
+                else ""
+            )
             redis_url = start_redis(children)
             configs = [
                 ("memory", {"GATE_STORAGE_URI": "memory://"}),
@@ -143,9 +171,11 @@ def main() -> int:
                 ("redis x2", {"GATE_STORAGE_URI": redis_url, "GATE_WORKERS": "2"}),
             ]
             for scenario, slots in (("free", "100000"), ("queued", str(args.slots))):
+                extra = {"GATE_MODEL_CONCURRENCY": slots}
+                if args.fleet:
+                    extra["GATE_BACKENDS_FILE"] = backends_file([fake, second], slots)
                 gates = {
-                    name: start_gate(children, fake, {**env, "GATE_MODEL_CONCURRENCY": slots})
-                    for name, env in configs
+                    name: start_gate(children, fake, {**env, **extra}) for name, env in configs
                 }
                 for rnd in range(args.rounds):
                     targets = [("direct", fake, [])]
@@ -173,6 +203,7 @@ def main() -> int:
         children.stop_all()
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "fleet": args.fleet,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}",
         "python": platform.python_version(),

@@ -54,6 +54,8 @@ NOTHING: tuple[dict[str, int], str | None, float | None] = ({}, None, None)
 #: A new place on a backend read again within this many seconds of the last reading is
 #: the same one (the round trip moves it a little at every sync).
 PLACED_SLACK = 0.05
+#: A job that begins to wait has the view read again unless it is this fresh (seconds).
+MIN_SYNC = 0.05
 
 
 class _Grant:
@@ -106,6 +108,7 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         self._pump: Greenlet | None = None
         self._poke = gevent.event.Event()
         self._next_renew = 0.0
+        self._last_sync = float("-inf")
         self._drains: dict[str, str] = {}  # backend -> the model this process drains it for
 
     @property
@@ -314,9 +317,13 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                 gevent.sleep(0.1)
 
     def _wait_for_wakeup(self) -> None:
+        """Wait for a release by another gate (its push onto this process's wake list),
+        TICK at most; a job that just began to wait cuts it short, unless the view is
+        fresher than MIN_SYNC (under load jobs begin to wait all the time)."""
         if self._poke.is_set():
             self._poke.clear()
-            return
+            if self._clock() - self._last_sync >= MIN_SYNC:
+                return
         key = self.grants.wake_key(self.owner)
         self._blocking.blmpop(WAKE_BLOCK, 1, key, direction="LEFT", count=1000)
 
@@ -335,7 +342,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         synced = self.grants.sync(
             self.owner, running, self._names, waiting=bool(self._waiters), drains=drains
         )
-        self._next_renew = self._clock() + self.lease / 3
+        self._last_sync = self._clock()
+        self._next_renew = self._last_sync + self.lease / 3
         held = {g.rid for g in self._held.values()}
         for rid in synced.counted:
             if rid not in held:
