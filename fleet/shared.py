@@ -298,7 +298,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             self._pump = gevent.spawn(self._run_pump)
 
     def _run_pump(self) -> None:
-        while not self._closed:
+        # After close, the jobs still running keep their grants renewed until they end.
+        while not self._closed or self._held:
             try:
                 if self.fallback:
                     self._probe()

@@ -640,3 +640,29 @@ def test_a_flushed_redis_counts_the_running_jobs_again(
     with redis.Redis.from_url(redis_url) as client:
         assert int(client.hget(KEY_PREFIX + "stats", "counted_again") or 0) == 1
     assert "had lost its grant's lease" in gate.logs()
+
+
+def test_a_gate_shutting_down_keeps_its_running_jobs_grants(
+    fakes: Fakes, gates: Factory, redis_url: str, tmp_path: Path
+) -> None:
+    env = fleet_env(tmp_path, fakes, redis_url, "max_models = 1\nmodel_concurrency = 1\n")
+    one, two = gates("http://127.0.0.1:9", env), gates("http://127.0.0.1:9", env)
+    assert generate(two, "m1", FAST).status_code == 200  # two has read the catalogue
+    long = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "30"}  # 3 s: longer than a lease
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(generate, one, model, long) for model in ("m1", "m2")]
+        wait_until(
+            "one runs on both",
+            lambda: sum(map(len, shared_usage(redis_url, ["a", "b"]).values())) == 2,
+        )
+        one.proc.send_signal(signal.SIGTERM)  # graceful: its running jobs finish
+        assert generate(two, "m1", FAST).status_code == 200
+        assert [f.result().status_code for f in held] == [200, 200]
+    one.proc.wait(10)
+    # Two's job waited for one of them to end: their grants outlived their lease.
+    for fake in fakes.values():
+        stats = fake.stats()
+        assert stats["max_models_in_flight"] == 1, stats["max_in_flight"]
+        assert all(n == 1 for n in stats["max_in_flight"].values()), stats["max_in_flight"]
+    with redis.Redis.from_url(redis_url) as client:
+        assert int(client.hget(KEY_PREFIX + "stats", "reaped") or 0) == 0
