@@ -521,6 +521,25 @@ def test_a_killed_gates_slot_comes_back_within_the_lease(
     one.proc.wait(5)
 
 
+def test_a_gate_shutting_down_keeps_its_running_jobs_slots(
+    fake: FakeOllama, gates: Factory, redis_url: str
+) -> None:
+    env = shared_env(redis_url, GATE_QUEUE_LEASE="2", GATE_QUEUE_TIMEOUT="30")
+    one, two = gates(fake.url, env), gates(fake.url, env)
+    long = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "30"}  # 3 s: longer than a lease
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(generate, one, "m1", prompt="held", headers=long)
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
+        one.proc.send_signal(signal.SIGTERM)  # graceful: its running job finishes
+        status, _, _ = generate(two, "m1", prompt="next", headers={"X-Fake-Tokens": "1"})
+        assert status == 200
+        assert held.result()[0] == 200
+    one.proc.wait(10)
+    # The next job waited for the held one to end: its slot outlived its lease.
+    assert fake.stats()["max_in_flight"]["m1:latest"] == 1
+    assert status_json(two)["totals"]["reaped"] == 0
+
+
 def test_a_paused_redis_falls_back_and_recovers(
     fake: FakeOllama, gates: Factory, redis_url: str, redis_server: RedisServer
 ) -> None:

@@ -462,7 +462,8 @@ class SharedWorkQueue:
             self._pump = gevent.spawn(self._run_pump)
 
     def _run_pump(self) -> None:
-        while not self._closed:
+        # After close, the jobs still running keep their leases renewed until they end.
+        while not self._closed or self._running:
             try:
                 if self.fallback:
                     self._probe()
