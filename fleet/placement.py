@@ -59,24 +59,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from endpoints import normalize_model
-from errors import ClientShareFull, QueueFull
 from workqueue.core import (
-    ADMIN_LANE,
     DEFAULT_AGING,
     DEFAULT_PRIORITY,
     PRIORITIES,
     REASONS,
     Admission,
-    ClientCount,
-    ClientCounts,
-    ClientSnapshot,
+    JobBook,
     LaneQueue,
     LaneSnapshot,
     QueueSnapshot,
-    estimate_wait,
-    ewma,
-    forget_idle,
-    priority_rank,
     switch_due,
 )
 
@@ -242,12 +234,19 @@ class _Host:
         return sum(self.size_of(other) for other in set(others)) + self.size_of(model) <= vram
 
 
-class FleetScheduler:
+class FleetScheduler(JobBook):
     """Decides which jobs run on which backend, from events stamped with the caller's ``now``.
 
     Job ids are any hashable the caller picks, unique among live jobs. Methods that can
     start waiting jobs return their ids; ``backend_of`` says where each one runs.
     """
+
+    # The book's jobs and lanes are this scheduler's own.
+    _jobs: dict[Hashable, _Job]
+    _waiting: OrderedDict[Hashable, _Job]
+    _lanes: OrderedDict[str, _Lane]
+    _queued: dict[str, _Lane]
+    _admin: _Lane
 
     def __init__(
         self,
@@ -264,49 +263,26 @@ class FleetScheduler:
     ) -> None:
         if not backends:
             raise ValueError("a fleet needs at least one backend")
-        for name, value in (
-            ("queue_max", queue_max),
-            ("queue_max_per_client", queue_max_per_client),
-            ("admin_concurrency", admin_concurrency),
-            ("copy_depth", copy_depth),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be 1 or more, not {value!r}")
+        if copy_depth < 1:
+            raise ValueError(f"copy_depth must be 1 or more, not {copy_depth!r}")
         for backend in backends:
             if backend.max_models < 1 or backend.model_concurrency < 1:
                 raise ValueError(f"backend {backend.name!r}: max_models and slots must be 1+")
         if len({backend.name for backend in backends}) != len(backends):
             raise ValueError("backend names must be distinct")
-        if not queue_timeout > 0:
-            raise ValueError(f"queue_timeout must be above 0, not {queue_timeout!r}")
-        if not switch_after >= 0:
-            raise ValueError(f"switch_after must be 0 or more, not {switch_after!r}")
-        if not priority_aging > 0:
-            raise ValueError(f"priority_aging must be above 0, not {priority_aging!r}")
-        self.priority_aging = float(priority_aging)
+        super().__init__(
+            queue_max=queue_max,
+            queue_max_per_client=queue_max_per_client,
+            queue_timeout=queue_timeout,
+            switch_after=switch_after,
+            admin_concurrency=admin_concurrency,
+            priority_aging=priority_aging,
+        )
         self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
-        self.queue_max = queue_max
-        self.queue_max_per_client = queue_max_per_client
-        self.queue_timeout = float(queue_timeout)
-        self.switch_after = float(switch_after)
-        self.admin_concurrency = admin_concurrency
         self.copy_depth = copy_depth
         self.concurrency = max(backend.model_concurrency for backend in backends)
-
         self._hosts = [_Host(backend, index) for index, backend in enumerate(backends)]
         self._by_name = {host.name: host for host in self._hosts}
-        self._jobs: dict[Hashable, _Job] = {}
-        self._waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # all lanes, oldest first
-        self._lanes: OrderedDict[str, _Lane] = OrderedDict()  # model lanes, least recent first
-        self._admin = _Lane(ADMIN_LANE, admin=True)
-        self._queued: dict[str, _Lane] = {}  # model lanes with waiting jobs
-        self._clients = ClientCounts()
-        self._now = float("-inf")
-        self._seq = 0
-        self._admitted = 0
-        self._rejected = dict.fromkeys(REASONS, 0)
-        self._avg_seconds: float | None = None
-        self._classes = [ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
     @classmethod
     def from_settings(cls, settings: Any, backends: Sequence[Backend]) -> FleetScheduler:
@@ -347,71 +323,28 @@ class FleetScheduler:
         running at once, all backends, models and the admin lane together, as in
         ``Scheduler.submit``.
         """
-        rank = priority_rank(priority)
-        now = self._advance(now)
-        if job_id in self._jobs:
-            raise ValueError(f"job {job_id!r} is already queued or running")
-        model = normalize_model(model)
-        if not model and not admin:
-            raise ValueError("a model job needs a model name")
-        lane = self._admin if admin else self._lane(model, now)
-        self._seq += 1
-        job = _Job(job_id, model, client, lane, now, self._seq, rank)
+        job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
+        lane, now = job.lane, job.submitted
         # Ahead of nobody: only where no job that may run waits in its lane already.
         may_start = self._clients.recap(client, max_running) and self._oldest_ready(lane) is None
         if admin:
             if may_start and len(lane.running) < self.admin_concurrency:
-                self._start(job, None, now)
+                self._start(job, now)
                 self._clients[client].max_running = max_running
                 return Admission.RUNNING
         elif may_start:
             ranks: list[float | None] = [None] * len(PRIORITIES)
-            ranks[rank] = now
+            ranks[job.priority] = now
             reserved = self._reserved(lane, (self._due(ranks), job.seq))
             choice = self._choose(lane, now, reserved, new_job=True)
             if choice is not None:
                 host, forced = choice
                 if lane.name not in host.active:
                     self._activate(lane, host, now, forced=forced)
-                self._start(job, host, now)
+                self._start(job, now, host)
                 self._clients[client].max_running = max_running
                 return Admission.RUNNING
-        share = self.queue_max_per_client if max_waiting is None else max_waiting
-        count = self._clients.get(client)
-        if count is not None and count.waiting >= share:
-            self._reject(lane, "client_queue_full")
-            raise ClientShareFull(
-                f"too many waiting requests from this client (limit {share})",
-                retry_after=self._lane_estimate(lane),
-            )
-        if len(self._waiting) >= self.queue_max:
-            self._reject(lane, "queue_full")
-            estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
-            raise QueueFull(retry_after=estimate)
-        self._enqueue(job, now)
-        self._clients[client].max_running = max_running
-        return Admission.WAITING
-
-    def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
-        """A running job ended (any way at all); free its slot and return the jobs started.
-
-        Unknown ids are ignored, so a release may be repeated; a job still waiting is
-        cancelled instead.
-        """
-        now = self._advance(now)
-        job = self._jobs.get(job_id)
-        if job is None:
-            return []
-        if job.started is None:
-            self._dequeue(job, now)
-            self._reject(job.lane, "cancelled")
-        else:
-            self._stop(job, now)
-        return self._pump(now)
-
-    def cancel(self, job_id: Hashable, now: float) -> list[Hashable]:
-        """A job's client left: drop it from the queue (or free its slot); return jobs started."""
-        return self.finish(job_id, now)
+        return self._wait(job, max_waiting, max_running)
 
     def retry(self, job_id: Hashable, now: float, *, avoid: bool = True) -> list[Hashable]:
         """A running job's backend failed before answering: the job waits again in its place.
@@ -463,19 +396,6 @@ class FleetScheduler:
             del host.unload[name]
         return self._pump(now)
 
-    def expire(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
-        """Drop jobs that waited ``queue_timeout``; return (those jobs, the jobs started)."""
-        now = self._advance(now)
-        expired: list[Hashable] = []
-        while self._waiting:
-            job = next(iter(self._waiting.values()))
-            if job.submitted + self.queue_timeout > now:
-                break
-            self._dequeue(job, now)
-            self._reject(job.lane, "queue_timeout")
-            expired.append(job.key)
-        return expired, self._pump(now)
-
     def drop_unavailable(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
         """Drop waiting jobs that no healthy backend could run; return (those jobs, the
         jobs started).
@@ -502,15 +422,6 @@ class FleetScheduler:
                 self._reject(job.lane, UNAVAILABLE)
                 dropped.append(job.key)
         return dropped, self._pump(now) if dropped else []
-
-    def cancel_waiting(self, now: float) -> list[Hashable]:
-        """Drop every waiting job and start none (shutting down); return the jobs dropped."""
-        now = self._advance(now)
-        dropped = list(self._waiting)
-        for job in list(self._waiting.values()):
-            self._dequeue(job, now)
-            self._reject(job.lane, "cancelled")
-        return dropped
 
     def tick(self, now: float) -> list[Hashable]:
         """Re-apply the rules at ``now``; return the jobs started.
@@ -578,17 +489,6 @@ class FleetScheduler:
         models = {name for host, lane in draining if lane is target for name in host.active}
         return target.name, sorted(models)
 
-    def idle(self) -> bool:
-        """Whether nothing runs and nothing waits."""
-        return not self._jobs
-
-    def job_state(self, job_id: Hashable) -> Admission | None:
-        """Whether a job is running or waiting, or None if the scheduler does not know it."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            return None
-        return Admission.WAITING if job.started is None else Admission.RUNNING
-
     def retry_after(self, now: float, model: str | None = None, *, admin: bool = False) -> float:
         """Seconds a turned-away client should wait (as ``Scheduler.retry_after``)."""
         if admin:
@@ -616,14 +516,10 @@ class FleetScheduler:
             name: self._lane_snapshot(lane, now, name in active, name in draining)
             for name, lane in sorted(self._lanes.items())
         }
-        clients: dict[str, ClientSnapshot] = {
-            name: {"waiting": count.waiting, "running": count.running}
-            for name, count in sorted(self._clients.items())
-        }
         return {
             "models": models,
             "admin": self._lane_snapshot(self._admin, now, False, False),
-            "clients": clients,
+            "clients": self._client_rows(),
             "totals": {
                 "running": sum(count.running for count in self._clients.values()),
                 "waiting": len(self._waiting),
@@ -645,10 +541,7 @@ class FleetScheduler:
                 "waited": self._wait_of(target, now) if target is not None else 0.0,
                 "draining": sorted(draining),
             },
-            "priorities": {
-                name: {"waiting": count.waiting, "running": count.running}
-                for name, count in zip(PRIORITIES, self._classes, strict=True)
-            },
+            "priorities": self._class_rows(),
             "retry_after": self.retry_after(now),
             "closed": False,
             "shared": False,
@@ -913,7 +806,7 @@ class FleetScheduler:
             if job is None:
                 return
             self._dequeue(job, now, take=True)
-            self._start(job, host, now)
+            self._start(job, now, host)
             started.append(job.key)
 
     def _fill_admin(self, now: float, started: list[Hashable]) -> None:
@@ -923,7 +816,7 @@ class FleetScheduler:
             if job is None:
                 return
             self._dequeue(job, now, take=True)
-            self._start(job, None, now)
+            self._start(job, now)
             started.append(job.key)
 
     def _activate(self, lane: _Lane, host: _Host, now: float, *, forced: bool) -> None:
@@ -969,32 +862,8 @@ class FleetScheduler:
     def _active_models(self) -> set[str]:
         return {name for host in self._hosts for name in host.active}
 
-    def _advance(self, now: float) -> float:
-        if now > self._now:
-            self._now = float(now)
-        return self._now
-
-    def _lane(self, model: str, now: float) -> _Lane:
-        lane = self._lanes.get(model)
-        if lane is None:
-            lane = self._lanes[model] = _Lane(model)
-            self._evict_idle(now, keep=lane)
-        self._lanes.move_to_end(model)
-        lane.touched = now
-        return lane
-
-    def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
-        forget_idle(self._lanes, now, keep=keep)
-
-    def _enqueue(self, job: _Job, now: float) -> None:
-        lane = job.lane
-        self._jobs[job.key] = job
-        self._waiting[job.key] = job
-        lane.queue.add(job, now)
-        if not lane.admin:
-            self._queued[lane.name] = lane
-        self._clients.of(job.client).waiting += 1
-        self._classes[job.priority].waiting += 1
+    def _new_lane(self, model: str, *, admin: bool = False) -> _Lane:
+        return _Lane(model, admin=admin)
 
     def _restore_order(self, job: _Job, now: float) -> None:
         """Put a job that waits again back at its arrival place, its client's turn next."""
@@ -1003,57 +872,26 @@ class FleetScheduler:
         self._waiting.update((other.key, other) for other in items)
         job.lane.queue.reorder(job, now)
 
-    def _dequeue(self, job: _Job, now: float, *, take: bool = False) -> None:
-        """Take a waiting job out (``take``: to start it, its client's turn passes)."""
-        lane = job.lane
-        del self._jobs[job.key]
-        del self._waiting[job.key]
-        if take:
-            lane.queue.take(job, now)
-        else:
-            lane.queue.remove(job, now)
-        if not lane.queue:
-            self._queued.pop(lane.name, None)
-        self._clients[job.client].waiting -= 1
-        self._classes[job.priority].waiting -= 1
-        self._clients.drop_if_idle(job.client)
-
-    def _start(self, job: _Job, host: _Host | None, now: float) -> None:
-        job.started = now
+    def _start(self, job: _Job, now: float, host: _Host | None = None) -> None:
+        """Start ``job`` on ``host`` (None: the admin lane's, on no backend)."""
         job.host = host
-        self._jobs[job.key] = job
-        job.lane.running[job.key] = job
         if host is not None:
             host.running.setdefault(job.lane.name, {})[job.key] = job
             host.admitted += 1
             self._worked(host, job.lane.name, now)
-        job.lane.admitted += 1
-        self._admitted += 1
-        self._clients.of(job.client).running += 1
-        self._classes[job.priority].running += 1
+        super()._start(job, now)
 
     def _stop(self, job: _Job, now: float, *, count: bool = True) -> None:
-        assert job.started is not None
-        lane = job.lane
-        del self._jobs[job.key]
-        del lane.running[job.key]
         host = job.host
         if host is not None:
-            jobs = host.running[lane.name]
+            jobs = host.running[job.lane.name]
             del jobs[job.key]
             if not jobs:
-                del host.running[lane.name]
+                del host.running[job.lane.name]
             if count:
-                self._worked(host, lane.name, now)
+                self._worked(host, job.lane.name, now)
         job.host = None
-        self._clients[job.client].running -= 1
-        self._classes[job.priority].running -= 1
-        self._clients.drop_if_idle(job.client)
-        if count:
-            held = now - job.started
-            lane.touched = now
-            lane.avg_seconds = ewma(lane.avg_seconds, held)
-            self._avg_seconds = ewma(self._avg_seconds, held)
+        super()._stop(job, now, count=count)
 
     def _worked(self, host: _Host, model: str, now: float) -> None:
         """Note that ``model`` had work on ``host`` at ``now``; forget holds run out."""
@@ -1061,10 +899,6 @@ class FleetScheduler:
         for name in [name for name, when in host.last_work.items() if when <= stale]:
             del host.last_work[name]
         host.last_work[model] = now
-
-    def _reject(self, lane: _Lane, reason: str) -> None:
-        lane.rejected[reason] = lane.rejected.get(reason, 0) + 1
-        self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
     # Estimates and reports
 
@@ -1080,13 +914,6 @@ class FleetScheduler:
         return self._estimate(
             lane.avg_seconds or self._avg_seconds, len(lane.queue), self._lane_slots(lane)
         )
-
-    def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
-        return estimate_wait(avg, waiting, slots, self.queue_timeout)
-
-    def _wait_of(self, lane: _Lane, now: float) -> float:
-        oldest = lane.oldest()
-        return float(now - oldest.submitted) if oldest is not None else 0.0
 
     def _lane_snapshot(self, lane: _Lane, now: float, active: bool, draining: bool) -> LaneSnapshot:
         return {

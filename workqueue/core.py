@@ -555,29 +555,25 @@ def forget_idle(lanes: OrderedDict[str, Any], now: float, *, keep: _IdleLane | N
             del lanes[name]
 
 
-class Scheduler:
-    """Decides which jobs run, from events stamped with the caller's monotonic ``now``.
-
-    Job ids are any hashable the caller picks, unique among live jobs. Methods that can
-    start waiting jobs return their ids; the caller wakes those jobs.
-    """
+class JobBook:
+    """What ``Scheduler`` and the fleet's ``FleetScheduler`` keep alike: jobs by id, the
+    waiting ones in arrival order, model lanes, counts per client (with their running
+    caps) and per class, rejections and the hold-time average; and the events that touch
+    only those (a job ends, leaves or times out). A subclass places jobs: ``_pump``
+    starts what its rules allow, ``_new_lane`` makes a model's lane, ``_lane_estimate``
+    and ``retry_after`` tell a turned-away client how long to wait."""
 
     def __init__(
         self,
         *,
-        concurrency: int = 1,
-        overrides: Mapping[str, int] | None = None,
-        max_active_models: int = 1,
-        queue_max: int = 512,
-        queue_max_per_client: int = 32,
-        queue_timeout: float = 300.0,
-        switch_after: float = 10.0,
-        admin_concurrency: int = 1,
-        priority_aging: float = DEFAULT_AGING,
+        queue_max: int,
+        queue_max_per_client: int,
+        queue_timeout: float,
+        switch_after: float,
+        admin_concurrency: int,
+        priority_aging: float,
     ) -> None:
         for name, value in (
-            ("concurrency", concurrency),
-            ("max_active_models", max_active_models),
             ("queue_max", queue_max),
             ("queue_max_per_client", queue_max_per_client),
             ("admin_concurrency", admin_concurrency),
@@ -590,9 +586,6 @@ class Scheduler:
             raise ValueError(f"switch_after must be 0 or more, not {switch_after!r}")
         if not priority_aging > 0:
             raise ValueError(f"priority_aging must be above 0, not {priority_aging!r}")
-        self.concurrency = concurrency
-        self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
-        self.max_active_models = max_active_models
         self.queue_max = queue_max
         self.queue_max_per_client = queue_max_per_client
         self.queue_timeout = float(queue_timeout)
@@ -600,91 +593,36 @@ class Scheduler:
         self.admin_concurrency = admin_concurrency
         self.priority_aging = float(priority_aging)
 
-        self._jobs: dict[Hashable, _Job] = {}
-        self._waiting: OrderedDict[Hashable, _Job] = OrderedDict()  # all lanes, oldest first
-        self._lanes: OrderedDict[str, _Lane] = OrderedDict()  # model lanes, least recent first
-        self._admin = _Lane(ADMIN_LANE, admin_concurrency, admin=True)
-        self._active: dict[str, _Lane] = {}  # model lanes holding a place
-        self._queued: dict[str, _Lane] = {}  # model lanes with waiting jobs
+        self._jobs: dict[Hashable, Any] = {}
+        self._waiting: OrderedDict[Hashable, Any] = OrderedDict()  # all lanes, oldest first
+        self._lanes: OrderedDict[str, Any] = OrderedDict()  # model lanes, least recent first
+        self._queued: dict[str, Any] = {}  # model lanes with waiting jobs
+        self._admin = self._new_lane(ADMIN_LANE, admin=True)
         self._clients = ClientCounts()
         self._now = float("-inf")
-        self._slice_start = float("-inf")  # when a model last took a place
         self._seq = 0
         self._admitted = 0
-        self._rejected = dict.fromkeys(REASONS, 0)
+        self._rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._avg_seconds: float | None = None
-        self._activations = 0
-        self._forced_switches = 0
         self._classes = [ClientCount() for _ in PRIORITIES]  # waiting, running per class
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> Scheduler:
-        """A scheduler configured from the gate's ``Settings``."""
-        return cls(
-            concurrency=settings.model_concurrency,
-            overrides=settings.model_concurrency_overrides,
-            max_active_models=settings.max_active_models,
-            queue_max=settings.queue_max,
-            queue_max_per_client=settings.queue_max_per_client,
-            queue_timeout=settings.queue_timeout,
-            switch_after=settings.switch_after,
-            admin_concurrency=settings.admin_concurrency,
-            priority_aging=settings.priority_aging,
-        )
+    # What a subclass decides
+
+    def _pump(self, now: float) -> list[Hashable]:
+        """Start every job the rules allow at ``now``; return their ids in start order."""
+        raise NotImplementedError
+
+    def _new_lane(self, model: str, *, admin: bool = False) -> Any:
+        """A lane for ``model`` (or the admin lane)."""
+        raise NotImplementedError
+
+    def _lane_estimate(self, lane: Any) -> float:
+        raise NotImplementedError
+
+    def retry_after(self, now: float, model: str | None = None, *, admin: bool = False) -> float:
+        raise NotImplementedError
 
     # Events
-
-    def submit(
-        self,
-        job_id: Hashable,
-        model: str,
-        client: str,
-        now: float,
-        *,
-        admin: bool = False,
-        max_waiting: int | None = None,
-        max_running: int | None = None,
-        priority: str = DEFAULT_PRIORITY,
-    ) -> Admission:
-        """Add a job of class ``priority``: it runs at once or waits, or ClientShareFull /
-        QueueFull is raised.
-
-        The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
-        is checked before the total, so a client flooding the queue is told so (429)
-        rather than shown a busy server (503). ``max_running`` caps the client's jobs
-        running at once, all lanes together; each job brings its client's current cap.
-        """
-        rank = priority_rank(priority)
-        now = self._advance(now)
-        if job_id in self._jobs:
-            raise ValueError(f"job {job_id!r} is already queued or running")
-        model = normalize_model(model)
-        if not model and not admin:
-            raise ValueError("a model job needs a model name")
-        lane = self._admin if admin else self._lane(model, now)
-        self._seq += 1
-        job = _Job(job_id, model, client, lane, now, self._seq, rank)
-        if self._clients.recap(client, max_running) and self._can_start(lane, now):
-            if not admin and lane.name not in self._active:
-                self._activate(lane, now, forced=False)
-            self._start(job, now)
-            self._clients[client].max_running = max_running
-            return Admission.RUNNING
-        share = self.queue_max_per_client if max_waiting is None else max_waiting
-        count = self._clients.get(client)
-        if count is not None and count.waiting >= share:
-            self._reject(lane, "client_queue_full")
-            raise ClientShareFull(
-                f"too many waiting requests from this client (limit {share})",
-                retry_after=self._lane_estimate(lane),
-            )
-        if len(self._waiting) >= self.queue_max:
-            self._reject(lane, "queue_full")
-            estimate = self._lane_estimate(lane) if admin else self.retry_after(now)
-            raise QueueFull(retry_after=estimate)
-        self._enqueue(job)
-        self._clients[client].max_running = max_running
-        return Admission.WAITING
 
     def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
         """A running job ended (any way at all); free its slot and return the jobs started.
@@ -734,6 +672,260 @@ class Scheduler:
                 self._reject(job.lane, reason)
         return dropped
 
+    # Queries
+
+    def idle(self) -> bool:
+        """Whether nothing runs and nothing waits."""
+        return not self._jobs
+
+    def job_state(self, job_id: Hashable) -> Admission | None:
+        """Whether a job is running or waiting, or None if the scheduler does not know it."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        return Admission.WAITING if job.started is None else Admission.RUNNING
+
+    # Admission
+
+    def _new_job(
+        self,
+        make: Callable[..., Any],
+        job_id: Hashable,
+        model: str,
+        client: str,
+        now: float,
+        *,
+        admin: bool,
+        priority: str,
+    ) -> Any:
+        """A new job of class ``priority`` (``make``: the subclass's job type), in its lane;
+        its ``submitted`` is ``now`` kept monotonic."""
+        rank = priority_rank(priority)
+        now = self._advance(now)
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id!r} is already queued or running")
+        model = normalize_model(model)
+        if not model and not admin:
+            raise ValueError("a model job needs a model name")
+        lane = self._admin if admin else self._lane(model, now)
+        self._seq += 1
+        return make(job_id, model, client, lane, now, self._seq, rank)
+
+    def _wait(self, job: Any, max_waiting: int | None, max_running: int | None) -> Admission:
+        """Queue ``job``, which may not start at once, or raise ClientShareFull / QueueFull.
+
+        The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
+        is checked before the total, so a client flooding the queue is told so (429)
+        rather than shown a busy server (503).
+        """
+        lane, client = job.lane, job.client
+        share = self.queue_max_per_client if max_waiting is None else max_waiting
+        count = self._clients.get(client)
+        if count is not None and count.waiting >= share:
+            self._reject(lane, "client_queue_full")
+            raise ClientShareFull(
+                f"too many waiting requests from this client (limit {share})",
+                retry_after=self._lane_estimate(lane),
+            )
+        if len(self._waiting) >= self.queue_max:
+            self._reject(lane, "queue_full")
+            estimate = self._lane_estimate(lane) if lane.admin else self.retry_after(job.submitted)
+            raise QueueFull(retry_after=estimate)
+        self._enqueue(job, job.submitted)
+        self._clients[client].max_running = max_running
+        return Admission.WAITING
+
+    # Bookkeeping
+
+    def _advance(self, now: float) -> float:
+        """Keep time monotonic even if a caller's clock steps back a little."""
+        if now > self._now:
+            self._now = float(now)
+        return self._now
+
+    def _lane(self, model: str, now: float) -> Any:
+        lane = self._lanes.get(model)
+        if lane is None:
+            lane = self._lanes[model] = self._new_lane(model)
+            self._evict_idle(now, keep=lane)
+        self._lanes.move_to_end(model)
+        lane.touched = now
+        return lane
+
+    def _evict_idle(self, now: float, *, keep: _IdleLane | None = None) -> None:
+        forget_idle(self._lanes, now, keep=keep)
+
+    def _enqueue(self, job: Any, now: float) -> None:
+        lane = job.lane
+        self._jobs[job.key] = job
+        self._waiting[job.key] = job
+        lane.queue.add(job, now)
+        if not lane.admin:
+            self._queued[lane.name] = lane
+        self._clients.of(job.client).waiting += 1
+        self._classes[job.priority].waiting += 1
+
+    def _dequeue(self, job: Any, now: float, *, take: bool = False) -> None:
+        """Take a waiting job out (``take``: to start it, its client's turn passes)."""
+        lane = job.lane
+        del self._jobs[job.key]
+        del self._waiting[job.key]
+        if take:
+            lane.queue.take(job, now)
+        else:
+            lane.queue.remove(job, now)
+        if not lane.queue:
+            self._queued.pop(lane.name, None)
+        self._clients[job.client].waiting -= 1
+        self._classes[job.priority].waiting -= 1
+        self._clients.drop_if_idle(job.client)
+
+    def _start(self, job: Any, now: float) -> None:
+        job.started = now
+        self._jobs[job.key] = job
+        job.lane.running[job.key] = job
+        job.lane.admitted += 1
+        self._admitted += 1
+        self._clients.of(job.client).running += 1
+        self._classes[job.priority].running += 1
+
+    def _stop(self, job: Any, now: float, *, count: bool = True) -> None:
+        """A running job ends (``count``: its hold time counts for the estimates)."""
+        assert job.started is not None
+        lane = job.lane
+        del self._jobs[job.key]
+        del lane.running[job.key]
+        self._clients[job.client].running -= 1
+        self._classes[job.priority].running -= 1
+        self._clients.drop_if_idle(job.client)
+        if count:
+            held = now - job.started
+            lane.touched = now
+            lane.avg_seconds = ewma(lane.avg_seconds, held)
+            self._avg_seconds = ewma(self._avg_seconds, held)
+
+    def _reject(self, lane: Any, reason: str) -> None:
+        lane.rejected[reason] = lane.rejected.get(reason, 0) + 1
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    # Estimates and reports
+
+    def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
+        return estimate_wait(avg, waiting, slots, self.queue_timeout)
+
+    def _wait_of(self, lane: Any, now: float) -> float:
+        oldest = lane.oldest()
+        return float(now - oldest.submitted) if oldest is not None else 0.0
+
+    def _client_rows(self) -> dict[str, ClientSnapshot]:
+        return {
+            name: {"waiting": count.waiting, "running": count.running}
+            for name, count in sorted(self._clients.items())
+        }
+
+    def _class_rows(self) -> dict[str, ClassSnapshot]:
+        return {
+            name: {"waiting": count.waiting, "running": count.running}
+            for name, count in zip(PRIORITIES, self._classes, strict=True)
+        }
+
+
+class Scheduler(JobBook):
+    """Decides which jobs run, from events stamped with the caller's monotonic ``now``.
+
+    Job ids are any hashable the caller picks, unique among live jobs. Methods that can
+    start waiting jobs return their ids; the caller wakes those jobs.
+    """
+
+    # The book's jobs and lanes are this scheduler's own.
+    _jobs: dict[Hashable, _Job]
+    _waiting: OrderedDict[Hashable, _Job]
+    _lanes: OrderedDict[str, _Lane]
+    _queued: dict[str, _Lane]
+    _admin: _Lane
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 1,
+        overrides: Mapping[str, int] | None = None,
+        max_active_models: int = 1,
+        queue_max: int = 512,
+        queue_max_per_client: int = 32,
+        queue_timeout: float = 300.0,
+        switch_after: float = 10.0,
+        admin_concurrency: int = 1,
+        priority_aging: float = DEFAULT_AGING,
+    ) -> None:
+        for name, value in (
+            ("concurrency", concurrency),
+            ("max_active_models", max_active_models),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be 1 or more, not {value!r}")
+        self.concurrency = concurrency
+        self.overrides = {normalize_model(model): n for model, n in (overrides or {}).items()}
+        self.max_active_models = max_active_models
+        super().__init__(
+            queue_max=queue_max,
+            queue_max_per_client=queue_max_per_client,
+            queue_timeout=queue_timeout,
+            switch_after=switch_after,
+            admin_concurrency=admin_concurrency,
+            priority_aging=priority_aging,
+        )
+        self._active: dict[str, _Lane] = {}  # model lanes holding a place
+        self._slice_start = float("-inf")  # when a model last took a place
+        self._activations = 0
+        self._forced_switches = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Scheduler:
+        """A scheduler configured from the gate's ``Settings``."""
+        return cls(
+            concurrency=settings.model_concurrency,
+            overrides=settings.model_concurrency_overrides,
+            max_active_models=settings.max_active_models,
+            queue_max=settings.queue_max,
+            queue_max_per_client=settings.queue_max_per_client,
+            queue_timeout=settings.queue_timeout,
+            switch_after=settings.switch_after,
+            admin_concurrency=settings.admin_concurrency,
+            priority_aging=settings.priority_aging,
+        )
+
+    # Events
+
+    def submit(
+        self,
+        job_id: Hashable,
+        model: str,
+        client: str,
+        now: float,
+        *,
+        admin: bool = False,
+        max_waiting: int | None = None,
+        max_running: int | None = None,
+        priority: str = DEFAULT_PRIORITY,
+    ) -> Admission:
+        """Add a job of class ``priority``: it runs at once or waits, or ClientShareFull /
+        QueueFull is raised.
+
+        The client's share (``max_waiting`` when given, else ``queue_max_per_client``)
+        is checked before the total, so a client flooding the queue is told so (429)
+        rather than shown a busy server (503). ``max_running`` caps the client's jobs
+        running at once, all lanes together; each job brings its client's current cap.
+        """
+        job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
+        lane, now = job.lane, job.submitted
+        if self._clients.recap(client, max_running) and self._can_start(lane, now):
+            if not admin and lane.name not in self._active:
+                self._activate(lane, now, forced=False)
+            self._start(job, now)
+            self._clients[client].max_running = max_running
+            return Admission.RUNNING
+        return self._wait(job, max_waiting, max_running)
+
     def tick(self, now: float) -> list[Hashable]:
         """Re-apply the rules at ``now``; return the jobs started.
 
@@ -761,17 +953,6 @@ class Scheduler:
         if target is None:
             return None
         return target.name, sorted(self._active)
-
-    def idle(self) -> bool:
-        """Whether nothing runs and nothing waits."""
-        return not self._jobs
-
-    def job_state(self, job_id: Hashable) -> Admission | None:
-        """Whether a job is running or waiting, or None if the scheduler does not know it."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            return None
-        return Admission.WAITING if job.started is None else Admission.RUNNING
 
     def retry_after(self, now: float, model: str | None = None, *, admin: bool = False) -> float:
         """Seconds a turned-away client should wait before trying again.
@@ -801,10 +982,7 @@ class Scheduler:
             name: self._lane_snapshot(lane, now, target is not None)
             for name, lane in sorted(self._lanes.items())
         }
-        clients: dict[str, ClientSnapshot] = {
-            name: {"waiting": count.waiting, "running": count.running}
-            for name, count in sorted(self._clients.items())
-        }
+        clients = self._client_rows()
         running = sum(count.running for count in self._clients.values())
         return {
             "models": models,
@@ -831,10 +1009,7 @@ class Scheduler:
                 "waited": self._wait_of(target, now) if target is not None else 0.0,
                 "draining": draining,
             },
-            "priorities": {
-                name: {"waiting": count.waiting, "running": count.running}
-                for name, count in zip(PRIORITIES, self._classes, strict=True)
-            },
+            "priorities": self._class_rows(),
             "retry_after": self.retry_after(now),
             "closed": False,
             "shared": False,
@@ -942,86 +1117,15 @@ class Scheduler:
 
     # Bookkeeping
 
-    def _advance(self, now: float) -> float:
-        """Keep time monotonic even if a caller's clock steps back a little."""
-        if now > self._now:
-            self._now = float(now)
-        return self._now
-
-    def _lane(self, model: str, now: float) -> _Lane:
-        lane = self._lanes.get(model)
-        if lane is None:
-            lane = self._lanes[model] = _Lane(model, self.overrides.get(model, self.concurrency))
-            self._evict_idle(now, keep=lane)
-        self._lanes.move_to_end(model)
-        lane.touched = now
-        return lane
-
-    def _evict_idle(self, now: float, *, keep: _Lane | None = None) -> None:
-        forget_idle(self._lanes, now, keep=keep)
-
-    def _enqueue(self, job: _Job) -> None:
-        lane = job.lane
-        self._jobs[job.key] = job
-        self._waiting[job.key] = job
-        lane.queue.add(job, job.submitted)
-        if not lane.admin:
-            self._queued[lane.name] = lane
-        self._clients.of(job.client).waiting += 1
-        self._classes[job.priority].waiting += 1
-
-    def _dequeue(self, job: _Job, now: float, *, take: bool = False) -> None:
-        """Take a waiting job out (``take``: to start it, its client's turn passes)."""
-        lane = job.lane
-        del self._jobs[job.key]
-        del self._waiting[job.key]
-        if take:
-            lane.queue.take(job, now)
-        else:
-            lane.queue.remove(job, now)
-        if not lane.queue:
-            self._queued.pop(lane.name, None)
-        self._clients[job.client].waiting -= 1
-        self._classes[job.priority].waiting -= 1
-        self._clients.drop_if_idle(job.client)
-
-    def _start(self, job: _Job, now: float) -> None:
-        job.started = now
-        self._jobs[job.key] = job
-        job.lane.running[job.key] = job
-        job.lane.admitted += 1
-        self._admitted += 1
-        self._clients.of(job.client).running += 1
-        self._classes[job.priority].running += 1
-
-    def _stop(self, job: _Job, now: float) -> None:
-        assert job.started is not None
-        lane = job.lane
-        del self._jobs[job.key]
-        del lane.running[job.key]
-        self._clients[job.client].running -= 1
-        self._classes[job.priority].running -= 1
-        self._clients.drop_if_idle(job.client)
-        held = now - job.started
-        lane.touched = now
-        lane.avg_seconds = ewma(lane.avg_seconds, held)
-        self._avg_seconds = ewma(self._avg_seconds, held)
-
-    def _reject(self, lane: _Lane, reason: str) -> None:
-        lane.rejected[reason] += 1
-        self._rejected[reason] += 1
+    def _new_lane(self, model: str, *, admin: bool = False) -> _Lane:
+        if admin:
+            return _Lane(model, self.admin_concurrency, admin=True)
+        return _Lane(model, self.overrides.get(model, self.concurrency))
 
     # Estimates and reports
 
     def _lane_estimate(self, lane: _Lane) -> float:
         return self._estimate(lane.avg_seconds or self._avg_seconds, len(lane.queue), lane.slots)
-
-    def _estimate(self, avg: float | None, waiting: int, slots: int) -> float:
-        return estimate_wait(avg, waiting, slots, self.queue_timeout)
-
-    def _wait_of(self, lane: _Lane, now: float) -> float:
-        oldest = lane.oldest()
-        return float(now - oldest.submitted) if oldest is not None else 0.0
 
     def _lane_snapshot(self, lane: _Lane, now: float, draining: bool) -> LaneSnapshot:
         active = not lane.admin and lane.name in self._active
