@@ -289,6 +289,11 @@ class SharedFleetWorkQueue(FleetWorkQueue):
 
     # The pump: other gates' jobs, lease renewal, wake-ups, probing
 
+    def _dispatch(self, now: float, started: Any, expired: Any) -> None:
+        super()._dispatch(now, started, expired)
+        if self._drains and self.fleet_scheduler.draining(now) != self._drains:
+            self._poke.set()  # a switch happened (or is off): end the drains at once
+
     def _poke_timer(self) -> None:
         super()._poke_timer()
         self._poke.set()  # a job waits: read the others now
@@ -309,7 +314,12 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                 else:
                     self._poke.wait(max(0.0, self._next_renew - self._clock()))
                     self._poke.clear()
-                    if self._waiters or self._held or self._clock() >= self._next_renew:
+                    if (
+                        self._waiters
+                        or self._held
+                        or self._drains
+                        or self._clock() >= self._next_renew
+                    ):
                         self._sync()
             except redis.RedisError as exc:
                 self._went_down(exc)
