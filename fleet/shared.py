@@ -35,10 +35,11 @@ import redis
 from gevent.greenlet import Greenlet
 
 from endpoints import normalize_model
+from errors import QueueTimeout
 from pipeline import ClientGone as ClientLeft
 from settings import Settings
 from workqueue.core import DEFAULT_PRIORITY, QueueSnapshot
-from workqueue.gate import Slot
+from workqueue.gate import ClientGone, Slot, wait_or_gone
 from workqueue.scripts import DEFAULT_LEASE
 from workqueue.shared import PROBE_EVERY, STORAGE_TIMEOUT, TICK, WAKE_BLOCK, redis_client
 
@@ -54,6 +55,9 @@ NOTHING: tuple[dict[str, int], str | None, float | None] = ({}, None, None)
 #: A new place on a backend read again within this many seconds of the last reading is
 #: the same one (the round trip moves it a little at every sync).
 PLACED_SLACK = 0.05
+#: The admin lane's grants are kept as those of this backend, under this model.
+ADMIN_LANE = "\0admin"
+ADMIN_MODEL = "admin"
 #: A job that begins to wait has the view read again unless it is this fresh (seconds).
 MIN_SYNC = 0.05
 
@@ -100,6 +104,10 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         self.prefix = prefix
         self.probe_every = min(PROBE_EVERY, self.lease / 3)
         self._names = [backend.name for backend in scheduler.backends]
+        # The admin lane's grants, as those of a backend no configuration can name.
+        self._admin_lane = Backend(
+            ADMIN_LANE, "", max_models=1, model_concurrency=scheduler.admin_concurrency
+        )
         self._by_name = {backend.name: backend for backend in scheduler.backends}
         self._held: dict[Hashable, _Grant] = {}  # local job id -> its grant
         self._orphans: set[str] = set()  # grants given back while Redis was out of reach
@@ -174,10 +182,11 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             max_running=max_running,
             priority=priority,
         )
-        if admin:
-            return slot  # the admin lane is this process's own
         try:
-            self._take_grant(slot, client_gone)
+            if admin:
+                self._take_admin_grant(slot, client_gone, submitted)
+            else:
+                self._take_grant(slot, client_gone)
         except BaseException:
             slot.release()
             raise
@@ -242,6 +251,39 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                 gevent.sleep(TICK)
             self._set_others(backend.name, seen)
             super().retry(slot, client_gone, avoid=False)
+
+    def _take_admin_grant(
+        self, slot: Slot, client_gone: ClientLeft | None, submitted: float
+    ) -> None:
+        """A pull, push or create that this process's admin lane lets start takes one of
+        GATE_ADMIN_CONCURRENCY grants shared by every gate; while none is free it keeps
+        its place here and asks again every TICK (blocks), until GATE_QUEUE_TIMEOUT."""
+        rid = f"{self.owner}:{slot.job_id}"
+        lane = self._admin_lane
+        while True:
+            if self.fallback:
+                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, False)
+                return
+            try:
+                ok, _ = self.grants.grant(
+                    rid, lane, ADMIN_MODEL, self.owner, slots=lane.model_concurrency
+                )
+            except redis.RedisError as exc:
+                self._went_down(exc)
+                continue
+            if ok:
+                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, True)
+                return
+            left = submitted + self.fleet_scheduler.queue_timeout - self._clock()
+            if left <= 0:
+                raise QueueTimeout(
+                    f"no slot became free within {self.fleet_scheduler.queue_timeout:g} s; "
+                    "try again later",
+                    retry_after=self.retry_after(admin=True),
+                )
+            wait_or_gone(gevent.event.Event(), client_gone, min(TICK, left))
+            if client_gone is not None and client_gone.is_set():
+                raise ClientGone()
 
     def _finish(self, job_id: Hashable) -> None:
         # Give the grant back before the local slot frees: the job this lets start here

@@ -666,3 +666,34 @@ def test_a_gate_shutting_down_keeps_its_running_jobs_grants(
         assert all(n == 1 for n in stats["max_in_flight"].values()), stats["max_in_flight"]
     with redis.Redis.from_url(redis_url) as client:
         assert int(client.hget(KEY_PREFIX + "stats", "reaped") or 0) == 0
+
+
+def test_the_admin_lane_is_shared_by_the_gates(
+    fakes: Fakes, gates: Factory, redis_url: str, tmp_path: Path
+) -> None:
+    env = fleet_env(tmp_path, fakes, redis_url, "", GATE_ADMIN_CONCURRENCY="1")
+    one, two = gates("http://127.0.0.1:9", env), gates("http://127.0.0.1:9", env)
+    for gate in (one, two):
+        assert generate(gate, "m1", FAST).status_code == 200  # each has read the catalogue
+
+    def pulls() -> int:
+        return sum(
+            record["path"] == "/api/pull" for f in fakes.values() for record in client_requests(f)
+        )
+
+    slow = {"X-Fake-Token-Interval": "0.5"}  # six progress lines: 3 s
+    with requests.post(
+        one.url + "/api/pull", json={"model": "m3"}, headers=slow, stream=True, timeout=60
+    ) as first:
+        lines = first.iter_lines()
+        assert b"pulling manifest" in next(lines)  # one's pull runs
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(
+                requests.post, two.url + "/api/pull", json={"model": "m4"}, timeout=60
+            )
+            wait_until("two's pull waits", lambda: status(two)["queue"]["admin"]["running"] == 1)
+            assert pulls() == 1  # the one admin slot is one's
+            assert b"success" in b"".join(lines)
+            assert second.result().status_code == 200
+    assert pulls() == 2
+    assert shared_usage(redis_url, ["\0admin"]) == {"\0admin": {}}
