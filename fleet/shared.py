@@ -9,7 +9,10 @@ this gate's queue and is placed again when a slot frees anywhere. Other gates' j
 the placement as each backend's ``View.others``, read by one greenlet per process (the
 pump) every TICK seconds while jobs wait and every third of a lease otherwise, or at once
 when another gate gives a grant back (it pushes onto this process's wake list). The same
-call renews this process's leases, so a dead process's grants lapse.
+call renews this process's leases, so a dead process's grants lapse, and drains the
+backends where this process's placement has a switch due (no grants for other models
+there until it happened). The admin lane takes grants too, of a backend no configuration
+can name.
 
 When Redis fails or answers slower than STORAGE_TIMEOUT, the process places on its own
 view alone (others' jobs forgotten: this process's own slots, as the single-backend

@@ -4,8 +4,9 @@ Each gate places its own jobs (``FleetScheduler``); before a job starts on a bac
 takes a *grant* for that (backend, model) here. The grant script admits it only while the
 backend runs fewer than the model's slots of it, fewer than ``max_models`` distinct models
 (or the model already among them), and, where the backend has a ``vram`` budget, while
-the sizes of its distinct models fit. Every grant has a lease, renewed by its gate's
-sync; a gate that dies stops renewing, and the next script anywhere drops its grants.
+the sizes of its distinct models fit; and while no gate drains the backend for another
+model (a switch due there). Every grant has a lease, renewed by its gate's sync; a gate
+that dies stops renewing, and the next script anywhere drops its grants.
 
 Time is Redis's own (``TIME``); tests may pass ``now_ms``. docs/SHARED_QUEUE.md ("Several
 backends") describes the keys and scripts. No gevent here: tests drive it directly.
