@@ -203,7 +203,7 @@ class LightLane:
         return length
 
     def _read_json(self, environ: WSGIEnvironment, length: int, call: Call) -> bytes | None:
-        """Read a light POST's body and note its model on ``call``; None: Flask must answer.
+        """Read a POST's body and note its model on ``call``; None: Flask must answer.
 
         Flask reads the body again (the same bytes, or the same read error) whenever the
         lane hands the request over, so its answer is the one it would give anyway.
