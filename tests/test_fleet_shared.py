@@ -459,6 +459,15 @@ def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 20) ->
         time.sleep(0.05)
 
 
+def both_busy(fakes: Fakes, redis_url: str, models: set[str]) -> bool:
+    """Each backend runs one of ``models`` (at the fake, so with its grant), and Redis holds
+    those two grants only (the jobs before them gave theirs back)."""
+    running = [model for f in fakes.values() for model, n in f.stats()["in_flight"].items() if n]
+    usage = shared_usage(redis_url, list(fakes))
+    held = [model for on in usage.values() for model, n in on.items() for _ in range(n)]
+    return sorted(running) == sorted(models) == sorted(held)
+
+
 def test_two_gates_never_exceed_a_backends_slots_nor_its_models(
     fakes: Fakes, gates: Factory, redis_url: str, tmp_path: Path
 ) -> None:
@@ -502,11 +511,7 @@ def test_a_killed_gates_slots_lapse_after_the_lease_and_the_other_proceeds(
         held = [pool.submit(generate, one, model, long) for model in ("m1", "m2")]
         # One gate holds both backends' only place: m1 on one, m2 on the other.
         wait_until(
-            "one runs on both",
-            lambda: (
-                sorted(m for usage in shared_usage(redis_url, ["a", "b"]).values() for m in usage)
-                == ["m1:latest", "m2:latest"]
-            ),
+            "one runs on both", lambda: both_busy(fakes, redis_url, {"m1:latest", "m2:latest"})
         )
         for pid in one.worker_pids():
             os.kill(pid, signal.SIGKILL)
@@ -628,7 +633,14 @@ def test_a_flushed_redis_counts_the_running_jobs_again(
     slow = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "40"}  # 4 s
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(generate, gate, "m1", slow)
-        wait_until("it runs", lambda: sum(map(len, shared_usage(redis_url, ["a", "b"]).values())))
+        # It reached a backend (so it holds its grant), and the first job's grant is gone.
+        wait_until(
+            "it runs",
+            lambda: (
+                any(f.stats()["in_flight"].get("m1:latest") for f in fakes.values())
+                and sum(map(len, shared_usage(redis_url, ["a", "b"]).values())) == 1
+            ),
+        )
         redis_server.flush()
         # The next renewal (a third of the 2 s lease) counts it there again.
         wait_until(
@@ -652,8 +664,7 @@ def test_a_gate_shutting_down_keeps_its_running_jobs_grants(
     with ThreadPoolExecutor(2) as pool:
         held = [pool.submit(generate, one, model, long) for model in ("m1", "m2")]
         wait_until(
-            "one runs on both",
-            lambda: sum(map(len, shared_usage(redis_url, ["a", "b"]).values())) == 2,
+            "one runs on both", lambda: both_busy(fakes, redis_url, {"m1:latest", "m2:latest"})
         )
         one.proc.send_signal(signal.SIGTERM)  # graceful: its running jobs finish
         assert generate(two, "m1", FAST).status_code == 200
