@@ -434,8 +434,16 @@ def test_a_job_whose_backend_sent_no_headers_in_time_is_placed_again_once(
     gate = gate_factory(
         "http://127.0.0.1:9", {"GATE_BACKENDS_FILE": path, "GATE_UPSTREAM_TIMEOUT": "1"}
     )
+
     # Both backends are empty: the job goes to the first one, which holds every model
-    # request (its health probe still answers) past the gate's header timeout.
+    # request (its health probe still answers) past the gate's header timeout. Once the
+    # gate has read both backends' models, that is: on a busy machine the first request
+    # may come before it has read the slow one's, and go to the fast one at once.
+    def both_read() -> bool:
+        rows = _status(gate)["backends"]
+        return all(row["installed"] == 1 for row in rows)  # type: ignore[union-attr, index]
+
+    wait_for(both_read)
     pair["slow"].configure(stall=30)
     resp = requests.post(
         gate.url + "/api/generate", json={"model": "phi3", "prompt": "hi"}, timeout=30
