@@ -93,13 +93,16 @@ class Relay:
         )
         self._gen: Generator[bytes, None, None] = self._run()
         self.corked = False
+        # Without a Content-Length gunicorn sends the answer chunked, and writes its last
+        # (empty) chunk after the body, before it calls close(): see _run.
+        self.chunked = resp.header("content-length") is None
 
     def _cork(self, on: bool) -> None:
         """Hold back (``on``) or let out the client socket's partial segments (TCP_CORK).
 
         The head and the first piece of the answer then reach the client in one segment,
-        which wakes it once, not twice. Uncorked as soon as gunicorn has written them, and
-        in any case in ``close``. A socket that is not TCP (a unix socket) is left as it is.
+        which wakes it once, not twice; so do the last records of a chunked answer and
+        its last chunk. A socket that is not TCP (a unix socket) is left as it is.
         """
         sock = self.watch.sock
         if sock is None or not hasattr(socket, "TCP_CORK"):
@@ -120,7 +123,8 @@ class Relay:
         kept: list[bytes] = []
         kept_size = 0
         # gunicorn writes the response head and the first piece of the body in two sends:
-        # corked, they leave together as one segment (see _cork).
+        # corked, they leave together as one segment (see _cork); the cork stays on until
+        # gunicorn asks for the next piece, or until close() for the end of a chunked answer.
         self._cork(True)
         try:
             while True:
@@ -147,8 +151,13 @@ class Relay:
                 elif self.keep_body and kept_size + len(chunk) <= USAGE_BODY_MAX:
                     kept.append(chunk)
                     kept_size += len(chunk)
+                # Once the upstream's answer is all in, what is left of a chunked one leaves
+                # without a wait: held back with gunicorn's last chunk until close().
+                hold = self.chunked and self.resp.complete
+                if hold and not self.corked:
+                    self._cork(True)
                 yield chunk
-                if self.corked:
+                if self.corked and not hold:
                     self._cork(False)  # the head and the first piece are written: out they go
             self.finished = True
             if kept:
@@ -158,18 +167,26 @@ class Relay:
             call.outcome = "client_gone"
             raise
         finally:
-            self.close()
+            self._finish()
 
     def close(self) -> None:
-        """Release everything this response holds; idempotent."""
+        """Release everything this response holds; idempotent.
+
+        The server calls it once the answer is written, its last chunk included: what
+        the cork held back leaves now.
+        """
+        if self.corked:
+            self._cork(False)
+        self._finish()
+
+    def _finish(self) -> None:
+        """End the call: free the upstream connection and the slot, count it; once."""
         if self.closed:
             return
         self.closed = True
-        if self.corked:
-            self._cork(False)
         try:
             self._gen.close()
-        except ValueError:  # "generator already executing": close() called from within _run
+        except ValueError:  # "generator already executing": called from within _run
             pass
         if not self.finished and self.call.outcome == "ok":
             self.call.outcome = "client_gone"  # never iterated to the end by the server

@@ -86,3 +86,17 @@ def test_an_answer_that_ends_early_is_uncorked(app: Flask, client_socket: socket
     assert corked(client_socket)
     answer.close()  # gunicorn closes it: the client left, or a write failed
     assert not corked(client_socket)
+
+
+def test_the_end_of_a_chunked_answer_waits_for_its_last_chunk(
+    app: Flask, client_socket: socket.socket, fake: FakeOllama
+) -> None:
+    # gunicorn writes a chunked answer's last (empty) chunk after the body and then calls
+    # close(): an answer whose rest is all in leaves with that chunk, in one segment.
+    answer = relay(app, client_socket, "POST", "/api/generate", b'{"model": "m1", "prompt": "x"}')
+    fake.wait_for(lambda s: s["completed"] == 1)  # the whole answer is on its way
+    records = list(answer)
+    assert records[-1].startswith(b'{"model"') and b'"done":true' in records[-1]
+    assert corked(client_socket)  # gunicorn's last chunk is still to come
+    answer.close()
+    assert not corked(client_socket)
