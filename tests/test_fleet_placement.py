@@ -7,6 +7,7 @@ import functools
 import inspect
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -711,6 +712,7 @@ class FleetMachine(RuleBasedStateMachine):
         for name in self.backends:
             self.s.observe(name, View(installed=self.installed[name]), 0.0)
         self.switch_after, self.job_max = switch_after, job_max
+        self.copy_depth = copy_depth
         self.now = 0.0
         self.ids = itertools.count()
         self.waiting: dict[Hashable, Job] = {}
@@ -726,8 +728,12 @@ class FleetMachine(RuleBasedStateMachine):
             and (backend.vram is None or SIZES[model] <= backend.vram)
         )
 
-    def apply(self, started: list[Hashable]) -> None:
+    def apply(self, started: list[Hashable], *, ended: bool = False) -> None:
+        """Check the jobs ``started`` (``ended``: after a job ended, whose place may go on
+        with its model's next job or be given up, so copies are not checked then)."""
         loads = []
+        waiting = Counter(job.model for job in self.waiting.values())
+        places = {(job.backend, job.model) for job in self.running.values()}
         for job_id in started:
             job = self.waiting.pop(job_id)
             where = self.s.backend_of(job_id)
@@ -735,6 +741,10 @@ class FleetMachine(RuleBasedStateMachine):
             assert self.healthy[where.name], "placed on an unhealthy backend"
             assert self.could_run(job.model, where.name), "placed where it may not run"
             assert where.name not in self.failed.get(job_id, set()), "back where it failed"
+            if not ended:
+                self.copies_bounded(job.model, where.name, waiting, places)
+            waiting[job.model] -= 1
+            places.add((where.name, job.model))
             if any(other.model == job.model for other in self.running.values()):
                 if all(other.backend != where.name for other in self.running.values()):
                     event("a second backend for a model")
@@ -748,6 +758,24 @@ class FleetMachine(RuleBasedStateMachine):
         if self.residency:
             for name, model in loads:
                 self.load(name, model)
+
+    def copies_bounded(
+        self, model: str, name: str, waiting: Counter[str], places: set[tuple[str, str]]
+    ) -> None:
+        """A model running on a healthy backend takes a new place on another (a copy) only
+        where it is loaded already, or for a queue of at least copy_depth jobs per slot it
+        has: copies are bounded by the queue, not opened for every waiting job."""
+        if (name, model) in places:
+            return
+        placed = [b for b, m in places if m == model and self.healthy[b]]
+        if not placed:
+            return
+        event("a copy opened")
+        view = self.s._by_name[name].view  # noqa: SLF001 - what the core thinks is loaded
+        if model in view.loaded:
+            return
+        slots = sum(self.backends[b].model_concurrency for b in placed)
+        assert waiting[model] >= self.copy_depth * slots, ("copy for a short queue", model, name)
 
     def load(self, name: str, model: str) -> None:
         loaded = self.loaded[name]
@@ -881,7 +909,7 @@ class FleetMachine(RuleBasedStateMachine):
         self.note_caps()
         job = self.running.pop(job_id)
         self.last_work[job.backend, job.model] = self.now
-        self.apply(self.s.finish(job_id, self.now))
+        self.apply(self.s.finish(job_id, self.now), ended=True)
 
     @rule(step=st.sampled_from([0.5, 1.0, 3.0]))
     def advance(self, step: float) -> None:
