@@ -63,10 +63,9 @@ from workqueue.core import (
     DEFAULT_AGING,
     DEFAULT_PRIORITY,
     PRIORITIES,
-    REASONS,
     Admission,
     JobBook,
-    LaneQueue,
+    Lane,
     LaneSnapshot,
     QueueSnapshot,
     switch_due,
@@ -110,36 +109,14 @@ class View:
     placed_at: float | None = None
 
 
-class _Lane:
-    """One model's queue across the fleet (or the admin lane's)."""
+class _Lane(Lane):
+    """One model's queue across the fleet (or the admin lane's): its slots are per backend."""
 
-    __slots__ = (
-        "name",
-        "admin",
-        "running",
-        "queue",
-        "admitted",
-        "rejected",
-        "avg_seconds",
-        "touched",
-    )
-
-    def __init__(self, name: str, *, admin: bool = False) -> None:
-        self.name = name
-        self.admin = admin
-        self.running: dict[Hashable, _Job] = {}
-        self.queue = LaneQueue()  # by arrival, class and client (workqueue.core)
-        self.admitted = 0
-        self.rejected = dict.fromkeys(REASONS, 0)
-        self.avg_seconds: float | None = None
-        self.touched = float("-inf")  # when a job of this lane last came or went
+    __slots__ = ()
 
     def oldest(self) -> _Job | None:
         job: _Job | None = self.queue.oldest()
         return job
-
-    def busy(self) -> bool:
-        return bool(self.running or self.queue)
 
 
 @dataclass(eq=False, slots=True)

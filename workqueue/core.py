@@ -448,12 +448,12 @@ class LaneQueue:
         return None
 
 
-class _Lane:
-    """One model's slots and queue (or the admin lane's)."""
+class Lane:
+    """One model's queue and counters (or the admin lane's): what both schedulers keep of
+    a lane (``Scheduler`` adds its slots; the fleet's are per backend)."""
 
     __slots__ = (
         "name",
-        "slots",
         "admin",
         "running",
         "queue",
@@ -463,23 +463,36 @@ class _Lane:
         "touched",
     )
 
-    def __init__(self, name: str, slots: int, *, admin: bool = False) -> None:
+    def __init__(self, name: str, *, admin: bool = False) -> None:
         self.name = name
-        self.slots = slots
         self.admin = admin
-        self.running: dict[Hashable, _Job] = {}
+        self.running: dict[Hashable, Any] = {}  # its jobs running, by id
         self.queue = LaneQueue()
         self.admitted = 0
         self.rejected = dict.fromkeys(REASONS, 0)
         self.avg_seconds: float | None = None
         self.touched = float("-inf")  # when a job of this lane last came or went
 
-    def oldest(self) -> _Job | None:
-        job: _Job | None = self.queue.oldest()
-        return job
+    def oldest(self) -> Any:
+        """Its job waiting longest (None when none waits)."""
+        return self.queue.oldest()
 
     def busy(self) -> bool:
         return bool(self.running or self.queue)
+
+
+class _Lane(Lane):
+    """One model's slots and queue (or the admin lane's)."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, name: str, slots: int, *, admin: bool = False) -> None:
+        super().__init__(name, admin=admin)
+        self.slots = slots
+
+    def oldest(self) -> _Job | None:
+        job: _Job | None = self.queue.oldest()
+        return job
 
 
 @dataclass(eq=False, slots=True)
