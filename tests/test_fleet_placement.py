@@ -1020,6 +1020,7 @@ CAP_RULE_TESTS = [
     key_caps_tests.test_a_capped_clients_extra_jobs_wait_without_holding_a_slot,
     key_caps_tests.test_a_capped_client_neither_wins_a_model_place_nor_forces_a_switch,
     key_caps_tests.test_a_model_whose_jobs_waited_for_a_cap_takes_a_free_place_without_a_switch,
+    key_caps_tests.test_a_job_that_brings_its_client_to_its_cap_calls_off_the_switch_its_others_made_due,
     functools.partial(key_caps_tests.test_turns_pass_over_a_capped_client_and_keep_its_place, 1),
     functools.partial(key_caps_tests.test_turns_pass_over_a_capped_client_and_keep_its_place, 2),
 ]

@@ -183,6 +183,19 @@ def test_a_model_whose_jobs_waited_for_a_cap_takes_a_free_place_without_a_switch
     assert s.snapshot(5.0)["totals"]["forced_switches"] == 0
 
 
+def test_a_job_that_brings_its_client_to_its_cap_calls_off_the_switch_its_others_made_due() -> None:
+    s = Scheduler(concurrency=2, switch_after=0.0)
+    assert s.submit("b1", "m", "batch", 0.0, max_running=2) is Admission.RUNNING
+    assert s.submit("b2", "n", "batch", 0.0, max_running=2) is Admission.WAITING
+    assert s.pending_switch(0.0) == ("n:latest", ["m:latest"])  # m drains for batch's n
+    assert s.submit("a1", "m", "alice", 0.0) is Admission.WAITING
+    # batch's admin job runs at once: batch is at its cap, its n job waits for it, and m
+    # need not drain any more: the next tick gives alice m's free slot.
+    assert s.submit("b3", "admin", "batch", 0.0, admin=True, max_running=2) is Admission.RUNNING
+    assert s.pending_switch(0.0) is None
+    assert s.tick(0.0) == ["a1"]
+
+
 @pytest.mark.parametrize("cap", [1, 2])
 def test_turns_pass_over_a_capped_client_and_keep_its_place(cap: int) -> None:
     s = Scheduler(concurrency=1)
@@ -267,6 +280,8 @@ class CapsMachine(RuleBasedStateMachine):
             self.jobs[job] = ("admin" if admin else f"{model}:latest", client)
             if admission is Admission.RUNNING:
                 self.running.add(job)
+                if self.caps[client] is not None:  # as the work queue does (gate.py)
+                    self.started(self.s.tick(self.now))
 
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:

@@ -928,6 +928,9 @@ class Scheduler(JobBook):
         is checked before the total, so a client flooding the queue is told so (429)
         rather than shown a busy server (503). ``max_running`` caps the client's jobs
         running at once, all lanes together; each job brings its client's current cap.
+        A capped client's job that starts at once may bring it to its cap, so that its
+        other jobs no longer make a switch due: the caller then calls ``tick`` to start
+        the jobs that switch held back.
         """
         job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
         lane, now = job.lane, job.submitted

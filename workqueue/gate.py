@@ -223,6 +223,10 @@ class WorkQueue:
             raise
         if admission is Admission.RUNNING:
             logger.debug("work queue: job %s for %s from %s runs at once", job_id, model, client)
+            if max_running is not None:
+                # Its client may be at its cap now, and a switch its other jobs made due
+                # be off: the slots that held back are others' (core.Scheduler.submit).
+                self._dispatch(submitted, self._scheduler.tick(submitted), ())
             return Slot(self, job_id, model, client, admin, 0.0)
 
         waiter = self._waiters[job_id] = _Waiter(model, admin)
