@@ -52,6 +52,11 @@ def _long(item: pytest.Item) -> bool:
     return machine or item.path.name in LONG_FILES
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist declares the marker too; declared here, a run without it (-p no:xdist) works.
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
