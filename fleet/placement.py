@@ -41,9 +41,10 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   copy keeps its place while jobs of its model wait, and gives it up when they are done
   (hysteresis: it opens at a deep queue and closes at an empty one).
 * Running caps (an API key's ``max_running``), as in ``Scheduler`` and with its
-  ``ClientCounts``: a client's jobs on every backend count together; at its cap its
-  waiting jobs take no turn, and win their model no place, copy, reservation or switch,
-  and count for no queue depth, until one of its jobs ends.
+  ``ClientCounts``: a client's jobs on every backend count together, and in shared mode
+  with its jobs in other gates (``elsewhere``); at its cap its waiting jobs take no turn,
+  and win their model no place, copy, reservation or switch, and count for no queue
+  depth, until one of its jobs ends.
 * A job whose backend failed before it answered goes back to its place in the queue
   (``retry``), never to be placed on that backend again.
 * Failover: a waiting job whose model no healthy backend could run (every backend that
@@ -336,6 +337,7 @@ class FleetScheduler(JobBook):
         if job is None or job.started is None or job.host is None:
             return []
         failed = job.host
+        cap = self._clients[job.client].max_running  # kept, though it was its only job
         self._stop(job, now, count=False)
         job.started = None
         if avoid:
@@ -346,6 +348,7 @@ class FleetScheduler(JobBook):
         failed.admitted -= 1
         self._admitted -= 1
         self._enqueue(job, now)
+        self._clients[job.client].max_running = cap
         self._restore_order(job, now)
         return self._pump(now)
 
@@ -408,7 +411,28 @@ class FleetScheduler(JobBook):
         """
         return self._pump(self._advance(now))
 
+    def elsewhere(
+        self, counts: Mapping[str, int], now: float, *, every: bool = True
+    ) -> list[Hashable]:
+        """Clients' jobs running in other gates (shared mode, fleet/shared.py): they count
+        towards each client's running cap as its jobs here do. ``counts`` is every such
+        client's (those not in it run none there), or with ``every`` False only the named
+        clients'. Return the jobs it lets start (a client below its cap again)."""
+        now = self._advance(now)
+        known = self._clients.elsewhere
+        fresh = {client: n for client, n in counts.items() if n > 0}
+        if not every:
+            fresh = {**{c: n for c, n in known.items() if c not in counts}, **fresh}
+        if fresh == known:
+            return []
+        self._clients.elsewhere = fresh
+        return self._pump(now)
+
     # Queries
+
+    def elsewhere_of(self, client: str) -> int:
+        """``client``'s jobs running in other gates, as last told (``elsewhere``)."""
+        return self._clients.elsewhere.get(client, 0)
 
     def backend_of(self, job_id: Hashable) -> Backend | None:
         """The backend a running job was placed on (None: waiting, admin, or unknown)."""

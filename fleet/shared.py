@@ -4,11 +4,14 @@ Every gate process keeps its own queue and late-bound placement (``FleetWorkQueu
 ``FleetScheduler``); what the backends can take is shared. A job the placement starts on
 a backend takes a grant for that (backend, model) in Redis (``shared_scripts.FleetGrants``)
 before it is forwarded: the grant script checks the backend's slots for the model, its
-``max_models`` and ``vram`` across every gate. A refused job goes back to its place in
-this gate's queue and is placed again when a slot frees anywhere. Other gates' jobs reach
-the placement as each backend's ``View.others``, read by one greenlet per process (the
-pump) every TICK seconds while jobs wait and every third of a lease otherwise, or at once
-when another gate gives a grant back (it pushes onto this process's wake list). The same
+``max_models`` and ``vram`` across every gate, and the running cap of the job's client
+(its API key's ``max_running``) against its grants in every gate. A refused job goes back
+to its place in this gate's queue and is placed again when a slot frees anywhere. Other
+gates' jobs reach the placement as each backend's ``View.others`` and each client's count
+of them (``FleetScheduler.elsewhere``: a client at its cap counting them takes no turn),
+read by one greenlet per process (the pump) every TICK seconds while jobs wait and every
+third of a lease otherwise, or at once when another gate gives a grant back (it pushes
+onto this process's wake list). The same
 call renews this process's leases, so a dead process's grants lapse, and drains the
 backends where this process's placement has a switch due (no grants for other models
 there until it happened). The admin lane takes grants too, of a backend no configuration
@@ -34,6 +37,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 import redis
 from gevent.greenlet import Greenlet
 
@@ -68,13 +72,16 @@ MIN_SYNC = 0.05
 class _Grant:
     """A running job of this process on a backend: its grant id, and whether Redis counts it."""
 
-    __slots__ = ("rid", "backend", "model", "size", "counted")
+    __slots__ = ("rid", "backend", "model", "size", "client", "counted")
 
-    def __init__(self, rid: str, backend: str, model: str, size: int, counted: bool) -> None:
+    def __init__(
+        self, rid: str, backend: str, model: str, size: int, client: str, counted: bool
+    ) -> None:
         self.rid = rid
         self.backend = backend
         self.model = model
         self.size = size
+        self.client = client
         self.counted = counted
 
 
@@ -113,6 +120,7 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         )
         self._by_name = {backend.name: backend for backend in scheduler.backends}
         self._held: dict[Hashable, _Grant] = {}  # local job id -> its grant
+        self._caps: dict[Hashable, int] = {}  # local job id -> its client's running cap
         self._orphans: set[str] = set()  # grants given back while Redis was out of reach
         self._down_since: float | None = None
         self._owner: str | None = None
@@ -121,6 +129,9 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         self._next_renew = 0.0
         self._last_sync = float("-inf")
         self._drains: dict[str, str] = {}  # backend -> the model this process drains it for
+        # A release waits for a sync under way: else a grant given back while the sync's
+        # call travels would be counted again there (its running jobs were read before).
+        self._syncing = gevent.lock.Semaphore()
 
     @property
     def owner(self) -> str:
@@ -160,6 +171,12 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         if view is not None:
             self.observe(name, view)
 
+    def _set_elsewhere(self, counts: dict[str, int], *, every: bool) -> None:
+        """Clients' jobs in other gates, as Redis just said (every client's, or with
+        ``every`` False the named ones'): they count towards each client's running cap."""
+        now = self._clock()
+        self._dispatch(now, self.fleet_scheduler.elsewhere(counts, now, every=every), ())
+
     # Admission
 
     def acquire(
@@ -185,6 +202,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             max_running=max_running,
             priority=priority,
         )
+        if max_running is not None:
+            self._caps[slot.job_id] = max_running
         try:
             if admin:
                 self._take_admin_grant(slot, client_gone, submitted)
@@ -221,12 +240,13 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             if view is not None:
                 size = view.loaded.get(model) or (view.installed or {}).get(model, 0)
             rid = f"{self.owner}:{slot.job_id}"
+            client = slot.client
             if self.fallback:
-                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, False)
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, client, False)
                 return
             slots = self.fleet_scheduler.overrides.get(model, backend.model_concurrency)
             try:
-                ok, seen = self.grants.grant(
+                ok, seen, elsewhere = self.grants.grant(
                     rid,
                     backend,
                     model,
@@ -234,25 +254,35 @@ class SharedFleetWorkQueue(FleetWorkQueue):
                     slots=slots,
                     size=size,
                     switch_after=self.fleet_scheduler.switch_after,
+                    client=client,
+                    max_running=self._caps.get(slot.job_id),
                 )
             except redis.RedisError as exc:
                 self._went_down(exc)
-                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, False)
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, client, False)
                 return
             if ok:
-                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, True)
+                self._held[slot.job_id] = _Grant(rid, backend.name, model, size, client, True)
                 self._set_others(backend.name, seen)
+                self._set_elsewhere({client: elsewhere}, every=False)
                 return
-            logger.debug("fleet: %s on %s is full across gates; the job waits", model, backend.name)
-            # Other gates fill it, or one drains it for another model: with that in the
-            # view, the placement does not put the job there again until it changes. If
-            # the view shows nothing new (a grant of this process given back a moment ago
-            # still counts), the job waits a tick before it is placed again, rather than
-            # spin.
+            logger.debug(
+                "fleet: %s on %s for %s refused across gates; the job waits",
+                model,
+                backend.name,
+                client,
+            )
+            # Other gates fill it, drain it for another model, or run the client's jobs
+            # up to its cap: with that in the view, the placement does not place the job
+            # again until it changes. If the view shows nothing new (a grant of this
+            # process given back a moment ago still counts), the job waits a tick before
+            # it is placed again, rather than spin.
             others, drain, _ = self._others.get(backend.name, NOTHING)
-            if (others, drain) == (seen.others, seen.drain):
+            known = self.fleet_scheduler.elsewhere_of(client)
+            if (others, drain, known) == (seen.others, seen.drain, elsewhere):
                 gevent.sleep(TICK)
             self._set_others(backend.name, seen)
+            self._set_elsewhere({client: elsewhere}, every=False)
             super().retry(slot, client_gone, avoid=False)
 
     def _take_admin_grant(
@@ -263,19 +293,26 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         its place here and asks again every TICK (blocks), until GATE_QUEUE_TIMEOUT."""
         rid = f"{self.owner}:{slot.job_id}"
         lane = self._admin_lane
+        client = slot.client
         while True:
             if self.fallback:
-                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, False)
+                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, client, False)
                 return
             try:
-                ok, _ = self.grants.grant(
-                    rid, lane, ADMIN_MODEL, self.owner, slots=lane.model_concurrency
+                ok, _, _ = self.grants.grant(
+                    rid,
+                    lane,
+                    ADMIN_MODEL,
+                    self.owner,
+                    slots=lane.model_concurrency,
+                    client=client,
+                    max_running=self._caps.get(slot.job_id),
                 )
             except redis.RedisError as exc:
                 self._went_down(exc)
                 continue
             if ok:
-                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, True)
+                self._held[slot.job_id] = _Grant(rid, lane.name, ADMIN_MODEL, 0, client, True)
                 return
             left = submitted + self.fleet_scheduler.queue_timeout - self._clock()
             if left <= 0:
@@ -292,6 +329,7 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         # Give the grant back before the local slot frees: the job this lets start here
         # then finds it free in Redis too.
         self._give_back(job_id)
+        self._caps.pop(job_id, None)
         super()._finish(job_id)
 
     def _give_back(self, job_id: Hashable) -> None:
@@ -308,7 +346,8 @@ class SharedFleetWorkQueue(FleetWorkQueue):
 
     def _release(self, rid: str) -> None:
         try:
-            self.grants.release(rid, self.owner)
+            with self._syncing:
+                self.grants.release(rid, self.owner)
         except redis.RedisError as exc:
             self._orphans.add(rid)
             self._went_down(exc)
@@ -385,19 +424,20 @@ class SharedFleetWorkQueue(FleetWorkQueue):
 
     def _sync(self) -> None:
         """Renew this process's grants, count again those Redis lost, read the others."""
-        passed = list(self._held.values())
-        running = [(g.rid, g.backend, g.model, g.size) for g in passed]
-        drains = self.fleet_scheduler.draining(self._clock())
-        if drains != self._drains:
-            if drains:
-                logger.info(
-                    "fleet: a switch is due; draining %s across gates",
-                    ", ".join(f"{name} for {model}" for name, model in sorted(drains.items())),
-                )
-            self._drains = drains
-        synced = self.grants.sync(
-            self.owner, running, self._names, waiting=bool(self._waiters), drains=drains
-        )
+        with self._syncing:
+            passed = list(self._held.values())
+            running = [(g.rid, g.backend, g.model, g.size, g.client) for g in passed]
+            drains = self.fleet_scheduler.draining(self._clock())
+            if drains != self._drains:
+                if drains:
+                    logger.info(
+                        "fleet: a switch is due; draining %s across gates",
+                        ", ".join(f"{name} for {model}" for name, model in sorted(drains.items())),
+                    )
+                self._drains = drains
+            synced = self.grants.sync(
+                self.owner, running, self._names, waiting=bool(self._waiters), drains=drains
+            )
         self._last_sync = self._clock()
         self._next_renew = self._last_sync + self.lease / 3
         held = {g.rid for g in self._held.values()}
@@ -411,6 +451,7 @@ class SharedFleetWorkQueue(FleetWorkQueue):
             grant.counted = True  # Redis holds every grant it was sent
         for name, seen in synced.seen.items():
             self._set_others(name, seen)
+        self._set_elsewhere(synced.clients, every=True)
 
     def _probe(self) -> None:
         gevent.sleep(self.probe_every)
@@ -446,5 +487,6 @@ class SharedFleetWorkQueue(FleetWorkQueue):
         )
         for name in list(self._others):
             self._set_others(name, Seen({}))
+        self._set_elsewhere({}, every=True)
         self._start_pump()
         self._poke.set()

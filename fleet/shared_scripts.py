@@ -5,8 +5,10 @@ takes a *grant* for that (backend, model) here. The grant script admits it only 
 backend runs fewer than the model's slots of it, fewer than ``max_models`` distinct models
 (or the model already among them), and, where the backend has a ``vram`` budget, while
 the sizes of its distinct models fit; and while no gate drains the backend for another
-model (a switch due there). Every grant has a lease, renewed by its gate's sync; a gate
-that dies stops renewing, and the next script anywhere drops its grants.
+model (a switch due there); and while the job's client (its API key) runs fewer grants,
+every gate's together, than its ``max_running`` (passed with the call). Every grant has
+a lease, renewed by its gate's sync; a gate that dies stops renewing, and the next script
+anywhere drops its grants.
 
 Time is Redis's own (``TIME``); tests may pass ``now_ms``. docs/SHARED_QUEUE.md ("Several
 backends") describes the keys and scripts. No gevent here: tests drive it directly.
@@ -15,7 +17,7 @@ backends") describes the keys and scripts. No gevent here: tests drive it direct
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Backend
@@ -35,12 +37,33 @@ else
 end
 local LEASE = tonumber(ARGV[2])
 
+local function count_client(client, owner, n)
+  -- Each client's running grants: every gate's (cr), and each gate's own (cro).
+  if not client or client == '' then return end
+  if redis.call('HINCRBY', P .. 'cr', client, n) <= 0 then
+    redis.call('HDEL', P .. 'cr', client)
+  end
+  local key = owner .. '\t' .. client
+  if redis.call('HINCRBY', P .. 'cro', key, n) <= 0 then
+    redis.call('HDEL', P .. 'cro', key)
+  end
+end
+
+local function elsewhere(client, owner)
+  -- The client's running grants held by gates other than owner.
+  if client == '' then return 0 end
+  local all = tonumber(redis.call('HGET', P .. 'cr', client) or '0')
+  local own = tonumber(redis.call('HGET', P .. 'cro', owner .. '\t' .. client) or '0')
+  return all - own
+end
+
 local function drop(id)
-  local f = redis.call('HMGET', P .. 'job:' .. id, 'b', 'm')
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'b', 'm', 'c', 'o')
   local b = f[1]
   if b then
     redis.call('SREM', P .. 'on:' .. b, id)
     redis.call('HSET', P .. 'work:' .. b, f[2], now)
+    count_client(f[3], f[4], -1)
   end
   redis.call('DEL', P .. 'job:' .. id)
   return redis.call('ZREM', P .. 'leases', id)
@@ -111,29 +134,38 @@ local function seen(b, owner)
   return {flat(others), drain, ago}
 end
 
-local function add(id, b, m, owner, size)
-  redis.call('HSET', P .. 'job:' .. id, 'b', b, 'm', m, 'o', owner, 's', size)
+local function add(id, b, m, owner, size, client)
+  redis.call('HSET', P .. 'job:' .. id, 'b', b, 'm', m, 'o', owner, 's', size, 'c', client)
   redis.call('SADD', P .. 'on:' .. b, id)
   redis.call('ZADD', P .. 'leases', now + LEASE, id)
+  count_client(client, owner, 1)
 end
 """
 
 # ARGV: 3 id, 4 backend, 5 model, 6 owner, 7 slots, 8 max_models, 9 size, 10 vram (''),
-# 11 switch_after (ms). Returns {granted (1/0), seen(backend)}. A backend that a gate
-# drains for another model grants nothing. A grant for a model not running there is a new
-# place (slice:<b>) unless the model had a job start or end there within switch_after (it
-# takes back its place, as a held model does in FleetScheduler).
+# 11 switch_after (ms), 12 client (''), 13 its running cap (''). Returns {granted (1/0),
+# seen(backend), the client's running grants at other gates}. A backend that a gate
+# drains for another model grants nothing; nor does any backend to a client whose running
+# grants, every gate's together, are at its cap (its API key's max_running). A grant for
+# a model not running there is a new place (slice:<b>) unless the model had a job start
+# or end there within switch_after (it takes back its place, as a held model does in
+# FleetScheduler).
 _GRANT = (
     _PRELUDE
     + r"""
 local id, b, m, owner = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local slots, max_models, size = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local client, cap = ARGV[12], ARGV[13]
 reap()
 local count, others, sizes, n = usage(b, owner)
 local ok = 1
 local drain = drain_of(b)
 if redis.call('EXISTS', P .. 'job:' .. id) == 1 then
   ok = 1  -- granted already (a repeated call)
+elseif cap ~= '' and client ~= ''
+    and tonumber(redis.call('HGET', P .. 'cr', client) or '0') >= tonumber(cap) then
+  ok = 0
+  redis.call('HINCRBY', P .. 'stats', 'capped', 1)
 elseif drain and drain ~= m then
   ok = 0
 elseif (count[m] or 0) >= slots then
@@ -151,12 +183,12 @@ if ok == 1 and redis.call('EXISTS', P .. 'job:' .. id) == 0 then
     redis.call('SET', P .. 'slice:' .. b, now)
   end
   redis.call('HSET', P .. 'work:' .. b, m, now)
-  add(id, b, m, owner, size)
+  add(id, b, m, owner, size, client)
   redis.call('HINCRBY', P .. 'stats', 'granted', 1)
 elseif ok == 0 then
   redis.call('HINCRBY', P .. 'stats', 'refused', 1)
 end
-return {ok, seen(b, owner)}
+return {ok, seen(b, owner), elsewhere(client, owner)}
 """
 )
 
@@ -180,12 +212,14 @@ return held
 """
 )
 
-# ARGV: 3 owner, 4 '1' if it has jobs waiting, 5 n, then n × (id, backend, model, size)
-# of the owner's running jobs, 6 + 4n k, then k × (backend, model) the owner's placement
-# drains for, then every backend. Renews the owner's grants; a running job Redis does not
-# know is counted again, whatever the slots say (it runs). An owner with jobs waiting is
-# woken by releases for a lease. A drain is the first gate's until it ends it or stops
-# renewing it (a lease). Returns {ids counted again, then seen(backend) of each}.
+# ARGV: 3 owner, 4 '1' if it has jobs waiting, 5 n, then n × (id, backend, model, size,
+# client) of the owner's running jobs, 6 + 5n k, then k × (backend, model) the owner's
+# placement drains for, then every backend. Renews the owner's grants; a running job Redis
+# does not know is counted again, whatever the slots and its client's cap say (it runs).
+# An owner with jobs waiting is woken by releases for a lease. A drain is the first
+# gate's until it ends it or stops renewing it (a lease). Returns {ids counted again, then
+# seen(backend) of each, then {client, n, ...}: each client's running grants at other
+# gates}.
 _SYNC = (
     _PRELUDE
     + r"""
@@ -198,24 +232,25 @@ else
 end
 local counted = {}
 for i = 0, n - 1 do
-  local base = 6 + i * 4
+  local base = 6 + i * 5
   local id = ARGV[base]
   if redis.call('EXISTS', P .. 'job:' .. id) == 1 then
     redis.call('ZADD', P .. 'leases', now + LEASE, id)
   else
-    add(id, ARGV[base + 1], ARGV[base + 2], owner, tonumber(ARGV[base + 3]) or 0)
+    add(id, ARGV[base + 1], ARGV[base + 2], owner, tonumber(ARGV[base + 3]) or 0,
+        ARGV[base + 4])
     counted[#counted + 1] = id
     redis.call('HINCRBY', P .. 'stats', 'counted_again', 1)
   end
 end
-local k = tonumber(ARGV[6 + n * 4])
+local k = tonumber(ARGV[6 + n * 5])
 local wants = {}
 for i = 0, k - 1 do
-  local base = 7 + n * 4 + i * 2
+  local base = 7 + n * 5 + i * 2
   wants[ARGV[base]] = ARGV[base + 1]
 end
 local out = {counted}
-for i = 7 + n * 4 + k * 2, #ARGV do
+for i = 7 + n * 5 + k * 2, #ARGV do
   local b = ARGV[i]
   local key = P .. 'drain:' .. b
   local d, by = drain_of(b)
@@ -228,6 +263,11 @@ for i = 7 + n * 4 + k * 2, #ARGV do
   end
   out[#out + 1] = seen(b, owner)
 end
+local clients = {}
+for _, client in ipairs(redis.call('HKEYS', P .. 'cr')) do
+  clients[client] = elsewhere(client, owner)
+end
+out[#out + 1] = flat(clients)
 return out
 """
 )
@@ -259,10 +299,12 @@ class Seen:
 
 @dataclass(frozen=True)
 class Synced:
-    """The sync script's answer: ids counted again, and what other gates do per backend."""
+    """The sync script's answer: ids counted again, what other gates do per backend, and
+    each client's running grants at other gates (clients with none left out)."""
 
     counted: list[str]
     seen: dict[str, Seen]
+    clients: dict[str, int] = field(default_factory=dict)
 
 
 class FleetGrants:
@@ -293,11 +335,15 @@ class FleetGrants:
         slots: int,
         size: int = 0,
         switch_after: float = 0.0,
+        client: str = "",
+        max_running: int | None = None,
         now_ms: int | None = None,
-    ) -> tuple[bool, Seen]:
+    ) -> tuple[bool, Seen, int]:
         """Take one of ``model``'s ``slots`` on ``backend`` for ``job_id`` if the backend's
-        slots, ``max_models`` and ``vram`` allow it, and no gate drains it for another
-        model; return whether it was granted and what other gates do there."""
+        slots, ``max_models`` and ``vram`` allow it, no gate drains it for another model,
+        and ``client`` runs fewer than ``max_running`` grants across every gate; return
+        whether it was granted, what other gates do there, and how many grants of
+        ``client`` other gates hold."""
         args = self._argv(
             now_ms,
             job_id,
@@ -309,9 +355,11 @@ class FleetGrants:
             str(max(0, int(size))),
             "" if backend.vram is None else str(backend.vram),
             str(int(switch_after * 1000)),
+            client,
+            "" if max_running is None else str(max_running),
         )
-        ok, seen = self._grant(keys=[self.prefix], args=args)
-        return bool(int(ok)), _seen(seen)
+        ok, seen, elsewhere = self._grant(keys=[self.prefix], args=args)
+        return bool(int(ok)), _seen(seen), int(elsewhere)
 
     def release(self, job_id: str, owner: str = "", *, now_ms: int | None = None) -> bool:
         """Give a grant back; whether it was held (a repeated release does nothing).
@@ -328,18 +376,19 @@ class FleetGrants:
     def sync(
         self,
         owner: str,
-        running: Iterable[tuple[str, str, str, int]],
+        running: Iterable[tuple[str, str, str, int, str]],
         backends: Sequence[str],
         *,
         waiting: bool = False,
         drains: Mapping[str, str] | None = None,
         now_ms: int | None = None,
     ) -> Synced:
-        """Renew ``owner``'s grants (``running``: id, backend, model, size of each of its
-        jobs that runs), count again those Redis lost, and read what other gates do on
-        each of ``backends`` (every backend). While ``waiting``, releases by other owners
-        wake ``owner``. ``drains``: the backends its placement drains for a model (a
-        switch is due there); its drains elsewhere end."""
+        """Renew ``owner``'s grants (``running``: id, backend, model, size and client of
+        each of its jobs that runs), count again those Redis lost, and read what other
+        gates do on each of ``backends`` (every backend) and each client's grants there.
+        While ``waiting``, releases by other owners wake ``owner``. ``drains``: the
+        backends its placement drains for a model (a switch is due there); its drains
+        elsewhere end."""
         jobs = [str(field) for job in running for field in job]
         flag = "1" if waiting else ""
         wanted = [field for item in sorted((drains or {}).items()) for field in item]
@@ -347,7 +396,7 @@ class FleetGrants:
             now_ms,
             owner,
             flag,
-            str(len(jobs) // 4),
+            str(len(jobs) // 5),
             *jobs,
             str(len(wanted) // 2),
             *wanted,
@@ -355,7 +404,8 @@ class FleetGrants:
         )
         reply = self._sync(keys=[self.prefix], args=args)
         counted = [_text(job_id) for job_id in reply[0]]
-        return Synced(counted, {name: _seen(reply[1 + i]) for i, name in enumerate(backends)})
+        seen = {name: _seen(reply[1 + i]) for i, name in enumerate(backends)}
+        return Synced(counted, seen, _counts(reply[1 + len(backends)]))
 
     def usage(
         self, backends: Sequence[str], *, now_ms: int | None = None
@@ -364,8 +414,15 @@ class FleetGrants:
         reply = self._usage(keys=[self.prefix], args=self._argv(now_ms, *backends))
         return {name: _counts(reply[i]) for i, name in enumerate(backends)}
 
+    def client_counts(self) -> dict[str, int]:
+        """Each client's running grants, every gate's together (as the last script left
+        them: a lapsed grant counts until a script drops it)."""
+        raw = self.client.hgetall(self.prefix + "cr")
+        return {_text(k): int(v) for k, v in raw.items()}
+
     def stats(self) -> dict[str, int]:
-        """Counts kept in Redis: granted, refused, reaped, counted_again."""
+        """Counts kept in Redis: granted, refused (capped: for a client's running cap),
+        reaped, counted_again."""
         raw = self.client.hgetall(self.prefix + "stats")
         return {_text(k): int(v) for k, v in raw.items()}
 

@@ -115,11 +115,6 @@ class GateLimiter:
 
     def __init__(self, settings: Settings) -> None:
         self.keys_file = settings.api_keys_file
-        # Several backends shared through Redis: each gate process places its own jobs,
-        # so none could hold a key to its max_running (refused below).
-        self.shared_fleet = len(settings.backends()) > 1 and not settings.storage_uri.startswith(
-            "memory://"
-        )
         self.keyring: Keyring | None = load_keys(self.keys_file) if self.keys_file else None
         self.defaults: dict[EndpointClass, str] = {
             cls: getattr(settings, f"limit_{cls}") for cls in CLASSES
@@ -133,7 +128,6 @@ class GateLimiter:
         self._check_limit_strings()
         if self.keyring is not None:
             self._check_key_limits(self.keyring)
-            self._check_caps(self.keyring)
         self._warn_of_burst_refusals(settings)
         # With every class off and no keys file (whose keys may turn a class on, now or
         # after a reload) Flask-Limiter is not installed at all.
@@ -162,15 +156,6 @@ class GateLimiter:
         """Parse every limit string with the limits library itself: fail at boot, not later."""
         strings = {f"GATE_LIMIT_{cls.upper()}": self.defaults[cls] for cls in CLASSES}
         self._check_strings({**strings, "GATE_AUTH_FAIL_LIMIT": self.auth_fail_limit})
-
-    def _check_caps(self, keyring: Keyring) -> None:
-        capped = [key.name for key in keyring.keys if key.max_running is not None]
-        if self.shared_fleet and capped:
-            raise SettingsError(
-                f"{self.keys_file} [keys.{capped[0]}] max_running: not enforced with several "
-                "backends shared through Redis (GATE_STORAGE_URI), where each gate process "
-                "counts its own jobs only; remove it there, or use memory:// storage"
-            )
 
     def _check_key_limits(self, keyring: Keyring) -> None:
         strings = {
@@ -243,7 +228,6 @@ class GateLimiter:
         try:
             fresh = load_keys(self.keys_file)
             self._check_key_limits(fresh)
-            self._check_caps(fresh)
         except ValueError as exc:  # KeysFileError, SettingsError: both name file and line
             logger.error("keys file not reloaded, the keys in force stay: %s", exc)
             return False

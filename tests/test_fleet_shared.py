@@ -24,6 +24,7 @@ from fakeollama import FakeOllama
 from fleet.config import Backend
 from fleet.placement import FleetScheduler, View
 from fleet.shared_scripts import KEY_PREFIX, FleetGrants, Seen, Synced
+from limiter.mint import new_secret, stanza
 from tests.limiter_support import quick_gates
 from tests.redis_support import RedisServer
 from tests.support import Gate, client_requests, example_count
@@ -50,7 +51,7 @@ def grants(client: redis.Redis) -> FleetGrants:
     return FleetGrants(client, lease=LEASE, prefix="t:fl:")
 
 
-def pair(granted: tuple[bool, Seen]) -> tuple[bool, dict[str, int]]:
+def pair(granted: tuple[bool, Seen, int]) -> tuple[bool, dict[str, int]]:
     """A grant's answer with other gates' jobs only."""
     return granted[0], granted[1].others
 
@@ -123,6 +124,38 @@ def test_another_gates_drain_and_new_place_in_the_placement() -> None:
     assert s.draining(15.5) == {"a": "m1:latest"}
 
 
+def test_a_clients_jobs_in_other_gates_count_towards_its_cap_in_the_placement() -> None:
+    a, b = backend("a", max_models=2), backend("b", max_models=2)
+    s = FleetScheduler([a, b], switch_after=10.0)
+    for name in "ab":
+        s.observe(name, View(installed={"m1": GB, "m2": GB}), 0.0)
+    # Key k (max_running 2) runs one job in another gate: one more here, then it waits,
+    # without holding a slot from anyone or taking a place for its model.
+    assert s.elsewhere({"k": 1}, 0.0) == []
+    assert s.submit(1, "m1", "k", 0.0, max_running=2) is Admission.RUNNING
+    assert s.submit(2, "m2", "k", 0.0, max_running=2) is Admission.WAITING
+    assert s.submit(3, "m1", "o", 0.0) is Admission.RUNNING
+    assert s.snapshot(0.0)["totals"]["active_models"] == ["m1:latest"]
+    assert s.elsewhere_of("k") == 1
+    # A refused grant told of one more there (only k's count changes): still at its cap.
+    assert s.elsewhere({"k": 2}, 1.0, every=False) == []
+    assert s.elsewhere({"k": 1}, 1.0) == []  # a sync: the same as before
+    # Its job in the other gate ended (the next sync has none of k there): k's job starts.
+    assert s.elsewhere({}, 2.0) == [2]
+    assert s.backend_of(2) is not None and s.elsewhere_of("k") == 0
+
+
+def test_a_refused_grant_keeps_its_clients_cap_though_it_was_its_only_job() -> None:
+    s = FleetScheduler([backend("a")], switch_after=10.0)
+    s.observe("a", View(installed={"m1": GB}), 0.0)
+    assert s.submit(1, "m1", "k", 0.0, max_running=1) is Admission.RUNNING
+    # Its grant is refused: another gate runs k's one job (the grant's answer says so).
+    assert s.elsewhere({"k": 1}, 0.0, every=False) == []
+    assert s.retry(1, 0.0, avoid=False) == []
+    assert s.job_state(1) is Admission.WAITING
+    assert s.elsewhere({}, 1.0) == [1]
+
+
 # The scripts, unit by unit
 
 
@@ -174,14 +207,14 @@ def test_lapsed_grants_free_their_slots_and_sync_renews_and_counts_again(
     assert g.grant("a1", big, "m1", "A", slots=1, now_ms=0)[0]
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=0)[0] is False
     # A renews its grant within the lease: it holds.
-    synced = g.sync("A", [("a1", "big", "m1", 0)], ["big"], now_ms=1500)
+    synced = g.sync("A", [("a1", "big", "m1", 0, "")], ["big"], now_ms=1500)
     assert synced.counted == [] and others(synced) == {"big": {}}
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=3000)[0] is False
     # A stops renewing (killed): its grant lapses a lease after its last renewal.
     assert g.grant("b1", big, "m1", "B", slots=1, now_ms=3600)[0] is True
     assert g.stats()["reaped"] == 1
     # A comes back with its job still running: counted again, past the slots (it runs).
-    synced = g.sync("A", [("a1", "big", "m1", 0)], ["big"], now_ms=3700)
+    synced = g.sync("A", [("a1", "big", "m1", 0, "")], ["big"], now_ms=3700)
     assert synced.counted == ["a1"] and others(synced) == {"big": {"m1": 1}}
     assert g.usage(["big"], now_ms=3700) == {"big": {"m1": 2}}
     assert g.stats()["counted_again"] == 1
@@ -192,21 +225,64 @@ def test_lapsed_grants_free_their_slots_and_sync_renews_and_counts_again(
     assert left <= {"stats", "waiters", "work", "slice"}, left
 
 
+def test_a_clients_running_cap_holds_across_gates_backends_and_models(rdb: redis.Redis) -> None:
+    g, big, small = grants(rdb), backend("big", max_models=2), backend("small", max_models=2)
+
+    def take(
+        job: str, be: Backend, owner: str, cap: int | None, now: int = 0, client: str = "k"
+    ) -> tuple[bool, int]:
+        ok, _, elsewhere = g.grant(
+            job, be, "m1" if be is big else "m2", owner,
+            slots=4, client=client, max_running=cap, now_ms=now,
+        )  # fmt: skip
+        return ok, elsewhere
+
+    assert take("a1", big, "A", 2) == (True, 0)
+    assert take("b1", small, "B", 2) == (True, 1)  # another gate, backend and model
+    # Its two grants, every gate's together, are its cap: a third is refused anywhere,
+    # though slots are free; the answer says how many of its grants other gates hold.
+    assert take("a2", small, "A", 2) == (False, 1)
+    assert take("b2", big, "B", 2) == (False, 1)
+    # Another client takes the free slots meanwhile; a grant without a cap is not held.
+    assert take("o1", big, "B", 1, client="o") == (True, 0)
+    assert take("a3", big, "A", None) == (True, 1)
+    assert g.client_counts() == {"k": 3, "o": 1}
+    assert g.stats()["capped"] == 2
+    # A release anywhere frees one of the client's grants.
+    assert g.release("b1", "B", now_ms=0)
+    assert take("a4", small, "A", 3) == (True, 0)
+    assert g.release("a3", "A", now_ms=0) and g.release("a4", "A", now_ms=0)
+    assert g.client_counts() == {"k": 1, "o": 1}
+    # A's and B's grants lapse (neither renews): their client's count drops with them.
+    assert take("b3", big, "B", 1, now=2001) == (True, 0)
+    assert g.client_counts() == {"k": 1}
+    # A comes back with a1 still running: counted again, past the cap (it runs).
+    synced = g.sync("A", [("a1", "big", "m1", 0, "k")], ["big"], now_ms=2100)
+    assert synced.counted == ["a1"] and synced.clients == {"k": 1}
+    assert g.sync("B", [("b3", "big", "m1", 0, "k")], ["big"], now_ms=2100).clients == {"k": 1}
+    assert g.client_counts() == {"k": 2}
+    assert take("b4", small, "B", 2, now=2100) == (False, 1)
+    assert g.release("a1", "A", now_ms=2100) and g.release("b3", "B", now_ms=2100)
+    assert g.client_counts() == {}
+    assert g.sync("A", [], ["big"], now_ms=2100).clients == {}
+    assert not rdb.exists("t:fl:cr") and not rdb.exists("t:fl:cro")
+
+
 def test_a_drain_holds_a_backend_for_one_model_until_its_gate_ends_it(rdb: redis.Redis) -> None:
     g, big = grants(rdb), backend(max_models=2)
     assert g.grant("b1", big, "m1", "B", slots=2, now_ms=0)[0]
     # A's placement drains big for m2: no other model's job starts there, m2's may.
     assert g.sync("A", [], ["big"], drains={"big": "m2"}, now_ms=10).seen["big"].drain is None
-    ok, seen = g.grant("b2", big, "m1", "B", slots=2, now_ms=20)
+    ok, seen, _ = g.grant("b2", big, "m1", "B", slots=2, now_ms=20)
     assert ok is False and seen.drain == "m2"
     # B would drain it for m3: the first gate's drain holds while it renews it.
-    g.sync("B", [("b1", "big", "m1", 0)], ["big"], drains={"big": "m3"}, now_ms=30)
+    g.sync("B", [("b1", "big", "m1", 0, "")], ["big"], drains={"big": "m3"}, now_ms=30)
     assert g.sync("C", [], ["big"], now_ms=30).seen["big"].drain == "m2"
     assert g.grant("c1", big, "m2", "C", slots=2, now_ms=40)[0] is True
     # A's switch happened: its next sync ends the drain, and B's may begin.
     g.sync("A", [], ["big"], now_ms=50)
     assert g.sync("C", [], ["big"], now_ms=50).seen["big"].drain is None
-    g.sync("B", [("b1", "big", "m1", 0)], ["big"], drains={"big": "m3"}, now_ms=60)
+    g.sync("B", [("b1", "big", "m1", 0, "")], ["big"], drains={"big": "m3"}, now_ms=60)
     assert g.sync("C", [], ["big"], now_ms=60).seen["big"].drain == "m3"
     # A drain whose gate stops renewing it lapses after a lease.
     assert g.sync("C", [], ["big"], now_ms=60 + 2001).seen["big"].drain is None
@@ -241,7 +317,8 @@ class Model:
     """The grant rules in plain Python: what the scripts must decide."""
 
     def __init__(self, switch_after: int) -> None:
-        self.jobs: dict[str, tuple[str, str, str, int, int]] = {}  # id -> b, m, owner, size, expiry
+        # id -> backend, model, owner, size, expiry, client
+        self.jobs: dict[str, tuple[str, str, str, int, int, str]] = {}
         self.drains: dict[str, tuple[str, str, int]] = {}  # backend -> model, owner, expiry
         self.work: dict[tuple[str, str], int] = {}  # (backend, model) -> last start or end
         self.slice: dict[str, int] = {}  # backend -> when a model last took a new place
@@ -257,6 +334,14 @@ class Model:
         for job_id in [j for j, job in self.jobs.items() if job[4] <= now]:
             self.drop(job_id, now)
 
+    def clients(self, owner: str) -> dict[str, int]:
+        """Each client's grants held by owners other than ``owner``."""
+        counts: dict[str, int] = {}
+        for _, _, o, _, _, c in self.jobs.values():
+            if c and o != owner:
+                counts[c] = counts.get(c, 0) + 1
+        return counts
+
     def drain_of(self, name: str, now: int) -> tuple[str, str] | None:
         drain = self.drains.get(name)
         if drain is None or drain[2] <= now:
@@ -266,14 +351,14 @@ class Model:
 
     def on(self, name: str) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for b, m, _, _, _ in self.jobs.values():
+        for b, m, *_ in self.jobs.values():
             if b == name:
                 counts[m] = counts.get(m, 0) + 1
         return counts
 
     def seen(self, name: str, owner: str, now: int) -> Seen:
         counts: dict[str, int] = {}
-        for b, m, o, _, _ in self.jobs.values():
+        for b, m, o, *_ in self.jobs.values():
             if b == name and o != owner:
                 counts[m] = counts.get(m, 0) + 1
         drain = self.drain_of(name, now)
@@ -285,15 +370,29 @@ class Model:
         )
 
     def grant(
-        self, job_id: str, be: Backend, m: str, owner: str, slots: int, size: int, now: int
-    ) -> tuple[bool, Seen]:
+        self,
+        job_id: str,
+        be: Backend,
+        m: str,
+        owner: str,
+        slots: int,
+        size: int,
+        now: int,
+        client: str = "",
+        cap: int | None = None,
+    ) -> tuple[bool, Seen, int]:
         self.reap(now)
         counts = self.on(be.name)
         drain = self.drain_of(be.name, now)
         ok = job_id in self.jobs
-        if not ok and (drain is None or drain[0] == m):
+        capped = (
+            cap is not None
+            and client != ""
+            and sum(job[5] == client for job in self.jobs.values()) >= cap
+        )
+        if not ok and not capped and (drain is None or drain[0] == m):
             sizes: dict[str, int] = {}
-            for b, model, _, s, _ in self.jobs.values():
+            for b, model, _, s, *_ in self.jobs.values():
                 if b == be.name:
                     sizes[model] = max(sizes.get(model, 0), s)
             ok = counts.get(m, 0) < slots and (
@@ -308,8 +407,9 @@ class Model:
                 if m not in counts and (worked is None or now - worked > self.switch_after):
                     self.slice[be.name] = now
                 self.work[be.name, m] = now
-                self.jobs[job_id] = (be.name, m, owner, size, now + int(LEASE * 1000))
-        return ok, self.seen(be.name, owner, now)
+                expiry = now + int(LEASE * 1000)
+                self.jobs[job_id] = (be.name, m, owner, size, expiry, client)
+        return ok, self.seen(be.name, owner, now), self.clients(owner).get(client, 0)
 
     def release(self, job_id: str, now: int) -> bool:
         self.reap(now)
@@ -318,17 +418,19 @@ class Model:
     def sync(
         self,
         owner: str,
-        running: list[tuple[str, str, str, int]],
+        running: list[tuple[str, str, str, int, str]],
         drains: dict[str, str],
         names: list[str],
         now: int,
     ) -> Synced:
         self.reap(now)
         counted = []
-        for job_id, b, m, size in running:
+        for job_id, b, m, size, client in running:
             if job_id not in self.jobs:
                 counted.append(job_id)
-            self.jobs[job_id] = (b, m, owner, size, now + int(LEASE * 1000))
+            else:
+                b, m, owner, size, _, client = self.jobs[job_id]  # renewed as it is
+            self.jobs[job_id] = (b, m, owner, size, now + int(LEASE * 1000), client)
         seen = {}
         for name in names:
             drain = self.drain_of(name, now)
@@ -338,7 +440,7 @@ class Model:
             elif drain is not None and drain[1] == owner:
                 del self.drains[name]
             seen[name] = self.seen(name, owner, now)
-        return Synced(counted, seen)
+        return Synced(counted, seen, self.clients(owner))
 
 
 def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) -> None:
@@ -351,7 +453,7 @@ def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) 
         g, model = grants(rdb), Model(switch_after)
         now, ids = 0, 0
         live: dict[str, list[str]] = {"A": [], "B": []}  # jobs each owner believes run
-        info: dict[str, tuple[str, str, int]] = {}
+        info: dict[str, tuple[str, str, int, str]] = {}
         for _ in range(60):
             now += rng.choice((0, 100, 700, 2500))
             owner = rng.choice("AB")
@@ -361,14 +463,19 @@ def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) 
                 job_id, be = f"{owner}{ids}", rng.choice(backends)
                 m, size = rng.choice(("m1", "m2", "m3")), rng.choice((GB, 3 * GB, 5 * GB))
                 slots = rng.choice((1, 2))
+                # Clients "x" (capped at 1 or 2), "y" (no cap) and none (the admin lane's
+                # shape is the same).
+                client = rng.choice(("x", "x", "y", ""))
+                cap = rng.choice((1, 2)) if client == "x" else None
                 got = g.grant(
-                    job_id, be, m, owner,
-                    slots=slots, size=size, switch_after=switch_after / 1000, now_ms=now,
+                    job_id, be, m, owner, slots=slots, size=size,
+                    switch_after=switch_after / 1000, client=client, max_running=cap, now_ms=now,
                 )  # fmt: skip
-                assert got == model.grant(job_id, be, m, owner, slots, size, now), (seed, job_id)
+                want = model.grant(job_id, be, m, owner, slots, size, now, client, cap)
+                assert got == want, (seed, job_id)
                 if got[0]:
                     live[owner].append(job_id)
-                    info[job_id] = (be.name, m, size)
+                    info[job_id] = (be.name, m, size, client)
             elif op < 0.75 and live[owner]:
                 job_id = live[owner].pop(rng.randrange(len(live[owner])))
                 assert g.release(job_id, owner, now_ms=now) is model.release(job_id, now), seed
@@ -383,6 +490,7 @@ def test_the_scripts_decide_as_the_plain_rules_on_random_runs(rdb: redis.Redis) 
                 assert synced == model.sync(owner, running, drains, names, now), seed
             model.reap(now)
             assert g.usage(names, now_ms=now) == {name: model.on(name) for name in names}, seed
+            assert g.client_counts() == model.clients(""), seed
 
 
 # Two gates on one redis-server in front of two fake Ollamas
@@ -715,3 +823,84 @@ def test_the_admin_lane_is_shared_by_the_gates(
             assert second.result().status_code == 200
     assert pulls() == 2
     assert shared_usage(redis_url, ["\0admin"]) == {"\0admin": {}}
+
+
+@pytest.fixture
+def three_models() -> Iterator[Fakes]:
+    """Two fake Ollamas with three models installed (named before ``gates``)."""
+    servers = {
+        name: FakeOllama(token_interval=0.01, models="m1=1GB,m2=1GB,m3=1GB") for name in "ab"
+    }
+    for server in servers.values():
+        server.start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def test_a_keys_max_running_holds_across_two_gates_and_two_backends(
+    three_models: Fakes, gates: Factory, redis_url: str, tmp_path: Path
+) -> None:
+    fakes = three_models
+    secrets = {name: new_secret() for name in ("k", "o")}
+    keys = tmp_path / "keys.toml"
+    keys.write_text(stanza("k", secrets["k"], max_running=1) + stanza("o", secrets["o"]))
+    env = fleet_env(
+        tmp_path, fakes, redis_url, "max_models = 3\nmodel_concurrency = 2\n",
+        GATE_API_KEYS_FILE=str(keys), GATE_QUEUE_TIMEOUT="120",
+    )  # fmt: skip
+    one, two = gates("http://127.0.0.1:9", env), gates("http://127.0.0.1:9", env)
+
+    def ask(gate: Gate, name: str, model: str, tokens: int = 10) -> int:
+        headers = {
+            "Authorization": f"Bearer {secrets[name]}",
+            "X-Fake-Token-Interval": "0.02",
+            "X-Fake-Tokens": str(tokens),
+        }
+        return generate(gate, model, headers, timeout=120).status_code
+
+    for gate in (one, two):
+        assert ask(gate, "o", "m3", 1) == 200  # each gate has read the catalogue
+    # Key k's jobs are its models m1 and m2 alone; key o's are m3's.
+    seen: dict[str, int] = {"k": 0, "o": 0, "k_in_redis": 0}
+    done = False
+
+    def watch() -> None:
+        while not done:
+            flight = [f.stats()["in_flight"] for f in fakes.values()]
+            k = sum(on.get("m1:latest", 0) + on.get("m2:latest", 0) for on in flight)
+            o = sum(on.get("m3:latest", 0) for on in flight)
+            with redis.Redis.from_url(redis_url) as client:
+                in_redis = FleetGrants(client, lease=LEASE).client_counts().get("k", 0)
+            seen["k"], seen["o"] = max(seen["k"], k), max(seen["o"], o)
+            seen["k_in_redis"] = max(seen["k_in_redis"], in_redis)
+
+    with ThreadPoolExecutor(1) as watcher, ThreadPoolExecutor(32) as pool:
+        watching = watcher.submit(watch)
+        try:
+            flood = [
+                pool.submit(ask, gate, "k", model)
+                for _ in range(6)
+                for gate in (one, two)
+                for model in ("m1", "m2")
+            ]
+            wait_until("k's first job runs", lambda: seen["k"] >= 1)
+            # Key o is served meanwhile, from both gates, while k's jobs wait their turn.
+            others = [pool.submit(ask, gate, "o", "m3") for gate in (one, two) * 4]
+            assert [f.result() for f in others] == [200] * 8
+            assert not all(f.done() for f in flood)
+            assert [f.result() for f in flood] == [200] * 24
+        finally:
+            done = True
+        watching.result()
+    # Never more than one of k's jobs ran at once, anywhere; o's ran side by side.
+    assert seen["k"] == 1 and seen["k_in_redis"] == 1, seen
+    assert seen["o"] >= 1, seen
+    for gate in (one, two):
+        wait_until("nothing held", lambda gate=gate: status(gate)["queue"]["running"] == 0)
+        assert status(gate)["queue"]["waiting"] == 0
+        assert "Traceback" not in gate.logs()
+    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    with redis.Redis.from_url(redis_url) as client:
+        assert FleetGrants(client, lease=LEASE).client_counts() == {}
+        assert not client.exists(KEY_PREFIX + "cro")

@@ -493,11 +493,9 @@ def test_bad_caps_name_file_line_and_field(line: str, says: str) -> None:
     assert f"[keys.a]: {says}" in str(info.value)
 
 
-def test_minted_caps_are_the_keys_caps_and_refused_only_with_a_shared_fleet(
-    tmp_path: Path,
-) -> None:
+def test_minted_caps_are_the_keys_caps_with_one_or_several_backends(tmp_path: Path) -> None:
     from limiter.extension import GateLimiter
-    from settings import Settings, SettingsError
+    from settings import Settings
 
     text = stanza("b", "secret", max_waiting=100, max_running=2)
     key = parse_keys(text).by_name["b"]
@@ -509,10 +507,9 @@ def test_minted_caps_are_the_keys_caps_and_refused_only_with_a_shared_fleet(
     assert GateLimiter(one).caps_of("nobody") == (None, None)
     several = one.replace(upstream="http://127.0.0.1:1,http://127.0.0.1:2")
     assert GateLimiter(several).caps_of("b") == (100, 2)  # the fleet's placement caps it too
-    # With Redis, each gate process places its own jobs: none could cap the key's.
+    # With Redis too: the grant scripts count the key's jobs in every gate.
     shared = several.replace(storage_uri="redis://127.0.0.1:6379/0")
-    with pytest.raises(SettingsError, match=r"\[keys.b\] max_running: not enforced with several"):
-        GateLimiter(shared)
+    assert GateLimiter(shared).caps_of("b") == (100, 2)
     assert GateLimiter(one.replace(storage_uri="redis://127.0.0.1:6379/0")).caps_of("b") == (
         100,
         2,

@@ -516,14 +516,23 @@ class ClientCount:
     running: int = 0
     max_running: int | None = None  # the latest cap its jobs came with (None: no cap)
 
-    def may_run(self) -> bool:
-        """Whether one more of its jobs may start."""
-        return self.max_running is None or self.running < self.max_running
+    def may_run(self, elsewhere: int = 0) -> bool:
+        """Whether one more of its jobs may start (``elsewhere``: its jobs that run in
+        other gates, which count towards its cap too)."""
+        return self.max_running is None or self.running + elsewhere < self.max_running
 
 
 class ClientCounts(dict[str, ClientCount]):
     """Each client with jobs waiting or running, and its running cap: the one rule of a
-    key's ``max_running``, kept alike by ``Scheduler`` and the fleet's ``FleetScheduler``."""
+    key's ``max_running``, kept alike by ``Scheduler`` and the fleet's ``FleetScheduler``.
+
+    ``elsewhere`` maps a client to its jobs running in other gates (the fleet's shared
+    mode reads them from Redis); they count towards its cap as its jobs here do.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elsewhere: dict[str, int] = {}
 
     def of(self, client: str) -> ClientCount:
         count = self.get(client)
@@ -534,14 +543,14 @@ class ClientCounts(dict[str, ClientCount]):
     def may_run(self, client: str) -> bool:
         """Whether one more job of ``client`` may start (a ``ready`` for LaneQueue)."""
         count = self.get(client)
-        return count is None or count.may_run()
+        return count is None or count.may_run(self.elsewhere.get(client, 0))
 
     def recap(self, client: str, max_running: int | None) -> bool:
         """A new job of ``client`` came with ``max_running``: it is the client's cap from
         now on (so a key's changed cap applies from its next job); return whether one
         more of its jobs may start. The caller sets the cap on a client it adds after."""
         count = self.get(client)
-        running = 0 if count is None else count.running
+        running = self.elsewhere.get(client, 0) + (0 if count is None else count.running)
         if count is not None:
             count.max_running = max_running
         return max_running is None or running < max_running
