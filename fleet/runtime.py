@@ -29,10 +29,9 @@ from pipeline import Call, ClientDisconnected, Release
 from pipeline import ClientGone as ClientLeft
 from proxy.upstream import Upstream, UpstreamResponse, describe
 from settings import Settings
-from workqueue.admission import Admitter, CapsOf
+from workqueue.admission import Admitter, CapsOf, is_shared
 from workqueue.core import JobSlot, QueueSnapshot
 from workqueue.gate import ClientGone, Slot, WorkQueue, _Waiter, wait_or_gone
-from workqueue.shared import is_shared
 
 from .catalogue import Catalogue, Health, Where
 from .config import Backend

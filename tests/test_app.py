@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from pipeline import EXTENSION, Call, Pipeline, pipeline_of
 from proxy.lane import LightLane
 from settings import Settings
 from signals import call_finished
+from tests.support import ROOT
 from workqueue import Admitter, WorkQueue
 
 # Nothing listens there: forwarded requests answer 502 at once.
@@ -108,3 +111,15 @@ def test_proxyfix_runs_before_the_light_lane(make_app: Any, fake: FakeOllama) ->
                 assert r.status_code == 200
     assert lane.served == 1
     assert clients == ["203.0.113.7", "203.0.113.7"]
+
+
+def test_a_gate_without_redis_storage_does_not_import_redis() -> None:
+    # redis-py is about a tenth of a second of CPU to import in every gate process (and
+    # the suite starts a hundred gates): only a gate whose storage is a Redis loads it.
+    code = (
+        "import sys, app, settings; "
+        f"app.create_app(settings.Settings(upstream={NOWHERE!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stdout + proc.stderr

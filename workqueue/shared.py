@@ -142,11 +142,6 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
-def is_shared(settings: Any) -> bool:
-    """Whether the gate's storage is a Redis, so the work queue is shared through it."""
-    return not str(settings.storage_uri).startswith("memory://")
-
-
 def redis_client(uri: str, timeout: float = STORAGE_TIMEOUT) -> redis.Redis:
     """A client with short timeouts and no retries: a dead Redis costs one timeout."""
     return redis.Redis.from_url(
