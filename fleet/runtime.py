@@ -292,7 +292,12 @@ class Fleet:
                     logger.exception("fleet: polling %s failed", name)
                 self._polled.set()
                 self._polled = gevent.event.Event()
-                delay = max(0.0, min(next_probe, next_ps, next_tags) - self._clock())
+                # A backend down is only probed: its reads, skipped meanwhile, are no reason
+                # to wake (they stay due, and a wait of 0 s would spin until it is back).
+                due = [next_probe]
+                if self.catalogue.state(name).up:
+                    due += [next_ps, next_tags]
+                delay = max(0.0, min(due) - self._clock())
                 self._wake[name].wait(delay)
                 self._wake[name].clear()
         finally:

@@ -139,3 +139,48 @@ def test_status_rows_say_how_long_ago_each_backend_was_probed() -> None:
         assert rows[second]["probe_age"] is None  # not probed yet
     finally:
         fleet.close()
+
+
+class _Stop(BaseException):
+    """Ends a poll loop driven by hand."""
+
+
+class _Waits:
+    """Stands for a poller's wake event: records each wait the loop asks for and moves the
+    clock on by it; after ``rounds`` waits it ends the loop."""
+
+    def __init__(self, now: list[float], rounds: int) -> None:
+        self.now, self.rounds, self.delays = now, rounds, []  # type: list[float]
+
+    def wait(self, delay: float) -> None:
+        self.delays.append(delay)
+        if len(self.delays) == self.rounds:
+            raise _Stop
+        self.now[0] += delay
+
+    def clear(self) -> None:
+        pass
+
+
+def test_a_down_backend_is_only_probed_and_its_poller_waits_for_the_next_probe() -> None:
+    # Once a backend went down its /api/ps and /api/tags reads fell due and stayed due (they
+    # are skipped while it is down), so the poller asked to wait 0 s: it spun a core until
+    # the backend came back.
+    from fleet.runtime import PROBE_INTERVAL, Fleet
+    from settings import Settings
+
+    now = [100.0]
+    settings = Settings(upstream="http://127.0.0.1:9,http://127.0.0.1:10")  # nothing listens
+    fleet = Fleet(settings, settings.backends(), clock=lambda: now[0])
+    try:
+        name = fleet.backends[0].name
+        fleet.catalogue.probe_ok(name, now[0])  # up, then down at the first probe
+        waits = fleet._wake[name] = _Waits(now, rounds=4)  # type: ignore[assignment]
+        try:
+            fleet._poll_loop(fleet.backends[0])
+        except _Stop:
+            pass
+        assert fleet.catalogue.state(name).health is Health.DOWN
+        assert waits.delays == [PROBE_INTERVAL] * 4
+    finally:
+        fleet.close()
