@@ -12,6 +12,15 @@ change in the machine's other load falls on all three alike: on a shared machine
 this tells two gates apart better than proxy_overhead.py's runs of several seconds
 each. The client is plain Python on blocking sockets (one connection, one request
 at a time), so its own cost is in every figure alike and cancels in the differences.
+Each gate's worker CPU per request (utime + stime from /proc over the timed rounds)
+follows: at one connection back to back, CPU a gate spends after an answer also
+delays the next request, so it is the steadier figure to compare.
+``--case`` (repeatable) measures only the cases whose name contains it.
+
+With ``--back-to-back`` each turn sends an untimed request and, as soon as its answer
+is in, the timed one on the same connection, as wrk does at one connection: what a
+gate still does after an answer is out (ending the call, counting it) then delays
+the timed request, which it does not when the client turns to the other gates first.
 """
 
 from __future__ import annotations
@@ -93,12 +102,28 @@ def main() -> int:
     p.add_argument("changed", type=Path)
     p.add_argument("--rounds", type=int, default=2000, help="timed requests to each, per case")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="time the second of two requests sent back to back on a connection",
+    )
+    p.add_argument(
+        "--case", action="append", default=[], help="only the cases whose name contains this"
+    )
     args = p.parse_args()
+    cases = {
+        name: case
+        for name, case in CASES.items()
+        if not args.case or any(part in name for part in args.case)
+    }
+    if not cases:
+        p.error(f"no case matches {args.case}; the cases: {', '.join(CASES)}")
     for root in (args.baseline, args.changed):
         if not (root / "app.py").is_file() or not (root / "gunicorn.conf.py").is_file():
             p.error(f"{root} holds no app.py and gunicorn.conf.py")
     children = harness.Children()
     results: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, float]] = {}
     load_before = os.getloadavg()
     started = time.monotonic()
     try:
@@ -108,18 +133,26 @@ def main() -> int:
             b = harness.start_gate(children, fake, root=args.changed.resolve())
             urls = {"direct": fake, "A": a.url, "B": b.url}
             socks = {name: connect(url) for name, url in urls.items()}
-            for case, (path, body) in CASES.items():
+            workers = {"A": a.worker_pids(), "B": b.worker_pids()}
+            for case, (path, body) in cases.items():
                 requests = {name: request_bytes(url, path, body) for name, url in urls.items()}
                 for _ in range(WARMUP):
                     for name in urls:
                         roundtrip(socks[name], requests[name])
                 times: dict[str, list[float]] = {name: [] for name in urls}
                 order = list(urls)
+                meters = {name: harness.CpuMeter(pids) for name, pids in workers.items()}
+                for meter in meters.values():
+                    meter.start()
                 for _ in range(args.rounds):
                     random.shuffle(order)
                     for name in order:
+                        if args.back_to_back:
+                            roundtrip(socks[name], requests[name])
                         times[name].append(roundtrip(socks[name], requests[name]))
                 results[case] = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+                sent = args.rounds * (2 if args.back_to_back else 1)
+                cpu[case] = {n: m.stop() / sent * 1e6 for n, m in meters.items()}
                 print(f"{case}: done", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         return 130
@@ -128,7 +161,8 @@ def main() -> int:
     load_after = os.getloadavg()
     print(
         f"\nA = {args.baseline}, B = {args.changed}: {args.rounds} requests to each per case, "
-        f"taking turns; medians, {time.monotonic() - started:.0f} s in all; load average "
+        f"taking turns{' (each after an untimed one, back to back)' if args.back_to_back else ''}; "
+        f"medians, {time.monotonic() - started:.0f} s in all; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
     )
     print("| request | direct (ms) | A (ms) | B (ms) | A − direct | B − direct | B − A |")
@@ -139,6 +173,10 @@ def main() -> int:
             f"| {m['A'] - m['direct']:+.3f} | {m['B'] - m['direct']:+.3f} "
             f"| {m['B'] - m['A']:+.3f} |"
         )
+    print("\n| request | A: worker CPU per request (µs) | B (µs) | B − A (µs) |")
+    print("|---|---|---|---|")
+    for case, c in cpu.items():
+        print(f"| {case} | {c['A']:.0f} | {c['B']:.0f} | {c['B'] - c['A']:+.0f} |")
     print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in harness.machine().items()))
     if args.json:
         harness.write_json(
@@ -146,6 +184,7 @@ def main() -> int:
             machine=harness.machine(),
             options={k: str(v) for k, v in vars(args).items()},
             summary=results,
+            cpu_us_per_request=cpu,
             runs={},
         )
     return 0

@@ -33,7 +33,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from flask import Flask
-from werkzeug.datastructures import EnvironHeaders
 from werkzeug.wrappers import Response
 
 from endpoints import EMBED, INFERENCE, LIGHT, ROUTES, AmbiguousModel, EndpointClass, model_of
@@ -167,7 +166,7 @@ class LightLane:
             body = self._read_json(environ, length, call)
             if body is None:
                 return self._flask(environ, start_response)  # Flask answers what the lane cannot
-        headers = upstream_headers(EnvironHeaders(environ), who.consumed)
+        headers = upstream_headers(environ, who.consumed)
         watch = ClientWatch(environ)
         if cls != LIGHT:
             watch.start()  # the body is read: a waiting job notices its client leave

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -11,7 +12,6 @@ from urllib.parse import quote
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from gunicorn.http.errors import NoMoreData, ParseException
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected as BodyCut
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -99,20 +99,52 @@ def _named_in_connection(value: str | None) -> set[str]:
     return {token.strip().lower() for token in value.split(",") if token.strip()}
 
 
-def upstream_headers(headers: Headers, consumed: frozenset[str]) -> dict[str, str]:
-    """The client's request ``headers`` minus hop-by-hop ones and the ``consumed`` ones.
+# What every request's headers lose on the way upstream (REQUEST_SKIP and GATE_HEADERS).
+_ALWAYS_SKIP = REQUEST_SKIP | GATE_HEADERS
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_of(key: str) -> tuple[str, str, bool] | None:
+    """The request header a WSGI environ key carries, as werkzeug's EnvironHeaders names it
+    (``HTTP_X_API_KEY``: ``X-Api-Key``), with its lower case and whether an empty value
+    counts; None for a key that is no header. Bounded: header names come from clients."""
+    if key.startswith("HTTP_"):
+        if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+            return None  # werkzeug reads these two from CONTENT_TYPE / CONTENT_LENGTH
+        name = key[5:].replace("_", "-").title()
+        return name, name.lower(), True
+    if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        name = key.replace("_", "-").title()
+        return name, name.lower(), False  # EnvironHeaders skips them when empty
+    return None
+
+
+def upstream_headers(environ: Mapping[str, Any], consumed: frozenset[str]) -> dict[str, str]:
+    """The client's request headers (from its WSGI ``environ``, in the order and with the
+    names werkzeug's ``EnvironHeaders`` gives them) minus hop-by-hop ones and the
+    ``consumed`` ones.
 
     ``consumed`` names (lowercase) headers meant for the gate itself, such as the API
     key the limiter checked: they never reach the upstream, nor do GATE_HEADERS.
     """
-    skip = REQUEST_SKIP | GATE_HEADERS | _named_in_connection(headers.get("Connection")) | consumed
-    return {k: v for k, v in headers.items() if k.lower() not in skip}
+    connection = environ.get("HTTP_CONNECTION")
+    skip = _ALWAYS_SKIP
+    if connection or consumed:
+        skip = skip | _named_in_connection(connection) | consumed
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if key[:1] not in "HC":
+            continue  # neither HTTP_* nor CONTENT_*: most of the environ
+        header = _header_of(key)
+        if header is not None and header[1] not in skip and (value or header[2]):
+            out[header[0]] = value
+    return out
 
 
 def forward_headers(req: Request | None = None) -> dict[str, str]:
     """The current request's headers as the upstream gets them (see ``upstream_headers``)."""
     req = req or request._get_current_object()  # type: ignore[attr-defined]
-    return upstream_headers(req.headers, g.get("gate_consumed_headers", _NONE))
+    return upstream_headers(req.environ, g.get("gate_consumed_headers", _NONE))
 
 
 def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:

@@ -55,12 +55,16 @@ class Rolling:
         self._buckets: deque[tuple[int, dict[Key, float]]] = deque()
 
     def add(self, now: float, key: Key, amount: float = 1) -> None:
+        counts = self.current(now)
+        counts[key] = counts.get(key, 0) + amount
+
+    def current(self, now: float) -> dict[Key, float]:
+        """The sums of the second ``now`` falls in, to add to (``add`` for several keys)."""
         second = int(now)
         if not self._buckets or self._buckets[-1][0] < second:
             self._buckets.append((second, {}))
             self._trim(second)
-        counts = self._buckets[-1][1]
-        counts[key] = counts.get(key, 0) + amount
+        return self._buckets[-1][1]
 
     def totals(self, now: float, span: int | None = None) -> defaultdict[Key, float]:
         """Sums per key over the last ``span`` seconds (all of the window by default)."""
@@ -253,14 +257,20 @@ class Board:
         tokens = prompt_tokens + completion_tokens
         model = self.models.label(model, now, claim=ok)
         who = self.clients.label(self.show_client(client), now)
-        rates = self.rates
-        rates.add(now, ("jobs", model))
-        rates.add(now, ("waited", model), waited)
-        rates.add(now, ("cjobs", who))
+        counts = self.rates.current(now)  # what Rolling.add does, for six keys at once
+        for key, amount in (
+            (("jobs", model), 1),
+            (("waited", model), waited),
+            (("cjobs", who), 1),
+        ):
+            counts[key] = counts.get(key, 0) + amount
         if tokens:
-            rates.add(now, ("in", model), prompt_tokens)
-            rates.add(now, ("out", model), completion_tokens)
-            rates.add(now, ("ctokens", who), tokens)
+            for key, amount in (
+                (("in", model), prompt_tokens),
+                (("out", model), completion_tokens),
+                (("ctokens", who), tokens),
+            ):
+                counts[key] = counts.get(key, 0) + amount
         self._wait_sum += waited
         self._wait_count += 1
 

@@ -518,3 +518,42 @@ def test_docs_name_every_reason_the_code_uses() -> None:
     for reason in codes | set(REASONS):
         assert f"`{reason}`" in section, reason
     assert "client_share" not in text and '"timeout"' not in text
+
+
+# -- the metrics' counters and histograms ---------------------------------------------------
+
+
+def test_tallies_write_what_prometheus_clients_instruments_write() -> None:
+    """CounterTally and HistogramTally keep plain numbers: a scrape must read exactly what
+    prometheus_client's Counter and Histogram would have written for the same updates,
+    series removed on expiry included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from status.metrics import WAIT_BUCKETS, CounterTally, HistogramTally, Tallies
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    hist = HistogramTally("t_wait_seconds", "Waits", ("class", "model"), WAIT_BUCKETS)
+    count = CounterTally("t_requests", "Requests", ("model", "code"))
+    ours.register(Tallies((hist, count)))
+    real_hist = Histogram(
+        "t_wait_seconds", "Waits", ("class", "model"), buckets=WAIT_BUCKETS, registry=theirs
+    )
+    real_count = Counter("t_requests", "Requests", ("model", "code"), registry=theirs)
+    assert generate_latest(ours) == generate_latest(theirs)  # no series yet: HELP and TYPE
+
+    # Values on, below, between and past the bounds, and negative ones.
+    values = [0.0, 0.005, 0.0051, 1, 1.5, 300, 300.1, 1e9, -2.0, 0.1 + 0.2]
+    for i, value in enumerate(values):
+        labels = ("inference", f"m{i % 3}")
+        hist.observe(hist.child(labels), value)
+        real_hist.labels(*labels).observe(value)
+        count.child((f"m{i % 3}", "200"))[0] += i
+        real_count.labels(f"m{i % 3}", "200").inc(i)
+    assert generate_latest(ours) == generate_latest(theirs)
+
+    hist.remove(("inference", "m1"))
+    real_hist.remove("inference", "m1")
+    count.remove(("m0", "200"))
+    real_count.remove("m0", "200")
+    hist.remove(("inference", "never"))  # removing a series never counted is a no-op
+    assert generate_latest(ours) == generate_latest(theirs)
