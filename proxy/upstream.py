@@ -20,7 +20,7 @@ from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from errors import UpstreamTimeout, UpstreamUnavailable
 
-from .transport import WatchedPool, read_ahead, watch_pool
+from .transport import WatchedPool, read_ahead, send, watch_pool
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,10 @@ class Upstream:
         """Send one request and return the response with its body still unread."""
         what = f"{method} {target.partition('?')[0]}"
         with map_transport_errors(self.shown, what), self.pool.lending():
-            raw = self.client.request(method, self.prefix + target, body=body, headers=headers)
+            if body is None or isinstance(body, bytes):
+                raw = send(self.client, method, self.prefix + target, headers, body)
+            else:  # a blob upload, sent on as it arrives
+                raw = self.client.request(method, self.prefix + target, body=body, headers=headers)
         resp = UpstreamResponse(raw)
         if self.name is not None:
             resp.headers.append(("X-Gate-Backend", self.name))

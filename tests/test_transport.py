@@ -13,6 +13,7 @@ import inspect
 import re
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import gevent.event
@@ -20,6 +21,7 @@ import gevent.select
 import gevent.socket
 import geventhttpclient.client
 import geventhttpclient.connectionpool
+import geventhttpclient.header
 import geventhttpclient.response
 import pytest
 from geventhttpclient import HTTPClient
@@ -28,7 +30,7 @@ from geventhttpclient.response import HTTPResponse, HTTPSocketPoolResponse
 
 from errors import UpstreamUnavailable
 from fakeollama import FakeOllama
-from proxy.transport import POOL_METHODS, WatchedPool, read_ahead
+from proxy.transport import POOL_METHODS, WatchedPool, read_ahead, request_head, send
 from proxy.upstream import Upstream
 from status.probe import UpstreamProbe
 
@@ -285,3 +287,115 @@ def test_a_pooled_connection_the_upstream_closed_is_not_reused() -> None:
         for conn in accepted:
             conn.close()
         server.close()
+
+
+# --------------------------------------------------------------------------- send
+
+
+HEADER_SETS: list[dict[str, str]] = [
+    {},
+    {"Content-Type": "application/json"},
+    {"User-Agent": "ollama-python/0.4", "Accept": "*/*", "X-Weird_Name": "a\tb \x80\xff"},
+    {"Authorization": "Bearer x", "Accept-Encoding": "gzip, deflate", "X-Empty": ""},
+]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:11434", "http://[::1]:8080", "https://h:443"])
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "PUT", "DELETE"])
+@pytest.mark.parametrize("body", [b"", b'{"model": "m"}'])
+def test_send_writes_the_head_the_library_writes(url: str, method: str, body: bytes) -> None:
+    client = HTTPClient.from_url(url)
+    client.default_headers = geventhttpclient.header.Headers()  # as proxy.upstream has it
+    for headers in HEADER_SETS:
+        for target in ("/api/chat", "/v1/models/a%2Fb?x=1&y"):
+            ours = request_head(client, method, target, headers, body)
+            theirs = client._build_request(
+                method, target, body=body, headers=headers, chunked=False
+            )
+            assert ours == theirs
+
+
+def test_send_leaves_what_the_library_acts_on_to_it() -> None:
+    client = HTTPClient.from_url("http://127.0.0.1:11434")
+    client.default_headers = geventhttpclient.header.Headers()
+    for headers in (
+        {"Host": "x"},
+        {"content-length": "3"},
+        {"Expect": "100-continue"},
+        {"Transfer-Encoding": "chunked"},
+        {"X-A": "1", "x-a": "2"},
+    ):
+        assert request_head(client, "POST", "/api/chat", headers, b"abc") is None
+    assert request_head(client, "GET", "api/tags", {}, b"") is None  # no leading slash
+    assert request_head(client, "GET", "//x/api/tags", {}, b"") is None
+    client.default_headers = geventhttpclient.header.Headers({"User-Agent": "x"})
+    assert request_head(client, "GET", "/api/tags", {}, b"") is None
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers"),
+    [
+        ("GE T", "/", {}),
+        ("GET", "/a b", {}),
+        ("GET", "/", {"Bad Name": "x"}),
+        ("GET", "/", {"X-A": "line\r\nInjected: 1"}),
+    ],
+)
+def test_send_refuses_what_the_library_refuses(
+    method: str, target: str, headers: dict[str, str]
+) -> None:
+    client = HTTPClient.from_url("http://127.0.0.1:11434")
+    client.default_headers = geventhttpclient.header.Headers()
+    with pytest.raises(ValueError) as ours:
+        request_head(client, method, target, headers, b"")
+    with pytest.raises(ValueError) as theirs:
+        client._build_request(method, target, body=b"", headers=headers, chunked=False)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_send_retries_a_connection_closed_unanswered_as_the_library_does(method: str) -> None:
+    """A server that closes the first connection without an answer: the library retries an
+    idempotent request on a new connection and gives up on a POST; so does send."""
+
+    def outcome(request: Any) -> tuple[str, int]:
+        server = gevent.socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        accepted: list[gevent.socket.socket] = []
+
+        def serve() -> None:
+            while True:
+                conn, _ = server.accept()
+                accepted.append(conn)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                if len(accepted) == 1:
+                    conn.close()  # no answer at all
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        server_greenlet = gevent.spawn(serve)
+        client = HTTPClient.from_url(f"http://127.0.0.1:{port}", concurrency=2)
+        client.default_headers = geventhttpclient.header.Headers()
+        try:
+            resp = request(client, method, "/api/version", {}, None)
+            result = f"{resp.status_code} {resp.read()!r}"
+            resp.release()
+        except Exception as exc:
+            result = type(exc).__name__
+        finally:
+            client.close()
+            server_greenlet.kill()
+            for conn in accepted:
+                conn.close()
+            server.close()
+        return result, len(accepted)
+
+    def library(client: HTTPClient, method: str, target: str, headers: Any, body: Any) -> Any:
+        return client.request(method, target, body=body, headers=headers)
+
+    assert outcome(send) == outcome(library)
+    assert outcome(send) == (("200 b'ok'", 2) if method == "GET" else ("HTTPConnectionClosed", 1))
