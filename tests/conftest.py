@@ -8,6 +8,7 @@ way `make run` starts it, on a free loopback port.
 from __future__ import annotations
 
 import os
+import sys
 import unittest
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,6 +20,13 @@ from fakeollama import FakeOllama
 from tests.nginx_support import Edits, Nginx, start_nginx
 from tests.redis_support import RedisServer, start_redis
 from tests.support import Gate, hypothesis_profile, start_gate
+
+# The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set (as `make test` does):
+# each of the hundred and more gunicorn processes it starts would otherwise compile the
+# gate's modules again, about a tenth of a second of CPU per gate. Set here, before
+# pytest-xdist starts its workers, it reaches them and every process the tests start.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 # Property tests (hypothesis) state their full example count through
 # tests.support.example_count(). The "ci" profile runs that count; it is loaded where CI is
