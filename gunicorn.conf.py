@@ -124,6 +124,45 @@ def on_starting(server):
 # The worker's graceful drain (graceful.py), set by post_worker_init in each worker.
 _drain = None
 
+# importlib.metadata.entry_points while a worker boots (post_fork to post_worker_init).
+_entry_points = None
+
+
+def read_entry_points_once():
+    """Serve importlib.metadata.entry_points from one reading until restore_entry_points().
+
+    gevent's monkey.patch_all, which each worker runs as it boots, looks up its plugins'
+    entry points some 25 times, and each lookup reads the metadata of every installed
+    distribution: about 0.07 s of CPU per worker start. Nothing is installed while a
+    worker boots, so one reading answers every lookup alike.
+    """
+    global _entry_points
+    from importlib import metadata
+
+    if _entry_points is not None:
+        return
+    _entry_points = metadata.entry_points
+    every = _entry_points()
+
+    def entry_points(**params):
+        return every.select(**params) if params else every
+
+    metadata.entry_points = entry_points
+
+
+def restore_entry_points():
+    global _entry_points
+    from importlib import metadata
+
+    if _entry_points is not None:
+        metadata.entry_points = _entry_points
+        _entry_points = None
+
+
+def post_fork(server, worker):
+    """In the worker, before gevent patches the standard library (read_entry_points_once)."""
+    read_entry_points_once()
+
 
 def post_worker_init(worker):
     """Make SIGTERM graceful for the gate: 503 for new jobs, streams finish (graceful.py);
@@ -132,6 +171,7 @@ def post_worker_init(worker):
     Imported here, in the worker, after gevent has patched the standard library.
     """
     global _drain
+    restore_entry_points()
     import graceful
     from limiter import reload
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import runpy
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,6 +159,32 @@ def test_gunicorn_config_imports_nothing_gevent_patches() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_booting_worker_reads_the_entry_points_once() -> None:
+    # gevent's patch_all looks its plugins up some 25 times as each worker boots: between
+    # post_fork and post_worker_init, one reading of the installed metadata answers them all.
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    real, distributions = metadata.entry_points, metadata.distributions
+    groups = ("console_scripts", "gevent.plugins.monkey.will_patch_all", "pytest11")
+    wanted = {group: sorted(map(str, real(group=group))) for group in groups}
+    reads: list[dict[str, Any]] = []
+
+    def counted(**kwargs: Any) -> Any:
+        reads.append(kwargs)
+        return distributions(**kwargs)
+
+    conf["post_fork"](None, None)
+    try:
+        metadata.distributions = counted
+        for _ in range(3):
+            for group in groups:
+                assert sorted(map(str, metadata.entry_points(group=group))) == wanted[group]
+        assert reads == []
+    finally:
+        metadata.distributions = distributions
+        conf["restore_entry_points"]()
+    assert metadata.entry_points is real
 
 
 def test_limits_and_token_budget_are_parsed() -> None:
