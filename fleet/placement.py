@@ -133,6 +133,7 @@ class _Job:
     started: float | None = None
     host: _Host | None = None
     avoid: frozenset[str] = frozenset()  # backends that failed this job
+    first_start: int | None = None  # the order in which it first started (see retry)
 
 
 class _Host:
@@ -261,6 +262,7 @@ class FleetScheduler(JobBook):
         self.concurrency = max(backend.model_concurrency for backend in backends)
         self._hosts = [_Host(backend, index) for index, backend in enumerate(backends)]
         self._by_name = {host.name: host for host in self._hosts}
+        self._starts = 0  # jobs started for the first time (their first_start)
 
     @classmethod
     def from_settings(cls, settings: Any, backends: Sequence[Backend]) -> FleetScheduler:
@@ -867,14 +869,19 @@ class FleetScheduler(JobBook):
         return _Lane(model, admin=admin)
 
     def _restore_order(self, job: _Job, now: float) -> None:
-        """Put a job that waits again back at its arrival place, its client's turn next."""
+        """Put a job that waits again back in its place: at its arrival place, and ahead of
+        its lane's jobs that never started (``LaneQueue.put_back``)."""
         items = sorted(self._waiting.values(), key=lambda other: other.seq)
         self._waiting.clear()
         self._waiting.update((other.key, other) for other in items)
-        job.lane.queue.reorder(job, now)
+        assert job.first_start is not None
+        job.lane.queue.put_back(job, now, job.first_start)
 
     def _start(self, job: _Job, now: float, host: _Host | None = None) -> None:
         """Start ``job`` on ``host`` (None: the admin lane's, on no backend)."""
+        if job.first_start is None:
+            self._starts += 1
+            job.first_start = self._starts
         job.host = host
         if host is not None:
             host.running.setdefault(job.lane.name, {})[job.key] = job

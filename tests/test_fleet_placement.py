@@ -320,6 +320,47 @@ def test_a_job_whose_backend_failed_keeps_its_place_and_goes_elsewhere() -> None
     assert s.finish(1, 5.0) == [3]
 
 
+def test_jobs_placed_again_go_first_in_the_order_they_first_started_whoever_sent_them() -> None:
+    s = FleetScheduler([backend("a"), backend("b")])
+    for name in ("a", "b"):
+        s.observe(name, View(loaded={"m": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "m", "y", 1.0) is RUNNING
+    assert (where(s, 1), where(s, 2)) == ("a", "b")
+    assert s.submit(3, "m", "y", 2.0) is WAITING
+    assert s.submit(4, "m", "y", 3.0) is WAITING
+    # a fails job 1, whose place there job 3 takes (a is not known to be down yet) ...
+    assert s.retry(1, 4.0) == [3]
+    # ... then refuses job 3 too: both wait again, job 1 (started first) ahead of job 3,
+    # though job 3's client was the one whose turn came next.
+    s.observe("a", View(healthy=False), 4.0)
+    assert s.retry(3, 4.0) == []
+    assert s.finish(2, 5.0) == [1]
+    assert s.finish(1, 6.0) == [3]
+    assert s.finish(3, 7.0) == [4]
+    assert s.finish(4, 8.0) == []
+    assert s.idle()
+
+
+def test_a_job_placed_again_goes_before_aged_jobs_and_higher_classes() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], priority_aging=10.0)
+    for name in ("a", "b"):
+        s.observe(name, View(loaded={"m": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0, priority="batch") is RUNNING
+    assert s.submit(2, "m", "y", 0.0) is RUNNING
+    assert s.submit(4, "m", "z", 1.0) is WAITING  # aged from 11 on
+    assert s.submit(3, "m", "y", 15.0, priority="interactive") is WAITING
+    s.observe("a", View(healthy=False), 20.0)
+    assert s.retry(1, 20.0) == []
+    # The batch job 1 had its place before either was there: it runs next, then the aged
+    # job 4, then the interactive job 3.
+    assert s.finish(2, 21.0) == [1]
+    assert s.finish(1, 22.0) == [4]
+    assert s.finish(4, 23.0) == [3]
+    assert s.finish(3, 24.0) == []
+    assert s.idle()
+
+
 def test_waiting_jobs_whose_model_has_no_healthy_holder_any_more_are_dropped() -> None:
     s = FleetScheduler([backend("a"), backend("b")], queue_timeout=300.0)
     s.observe("a", View(installed={"m": GB, "n": GB}), 0.0)
@@ -718,6 +759,8 @@ class FleetMachine(RuleBasedStateMachine):
         self.waiting: dict[Hashable, Job] = {}
         self.running: dict[Hashable, Job] = {}
         self.failed: dict[Hashable, set[str]] = {}
+        self.starts = itertools.count()
+        self.first_start: dict[Hashable, int] = {}  # the order in which jobs first started
         self.at_cap: dict[str, float] = dict.fromkeys(CLIENTS, -math.inf)
 
     def could_run(self, model: str, name: str) -> bool:
@@ -741,6 +784,8 @@ class FleetMachine(RuleBasedStateMachine):
             assert self.healthy[where.name], "placed on an unhealthy backend"
             assert self.could_run(job.model, where.name), "placed where it may not run"
             assert where.name not in self.failed.get(job_id, set()), "back where it failed"
+            self.no_job_placed_again_passed_over(job_id, job, where.name)
+            self.first_start.setdefault(job_id, next(self.starts))
             if not ended:
                 self.copies_bounded(job.model, where.name, waiting, places)
             waiting[job.model] -= 1
@@ -758,6 +803,17 @@ class FleetMachine(RuleBasedStateMachine):
         if self.residency:
             for name, model in loads:
                 self.load(name, model)
+
+    def no_job_placed_again_passed_over(self, job_id: Hashable, job: Job, name: str) -> None:
+        """Jobs placed again after their backend failed keep their place: a job starting on
+        ``name`` passes over none of its model that could take the place there and first
+        started before it did (one that never started, before any)."""
+        first = self.first_start.get(job_id, math.inf)
+        for other_id, other in self.waiting.items():
+            if other_id in self.failed and other.model == job.model and other_id != job_id:
+                usable = name not in self.failed[other_id] and not self.capped(other.client)
+                earlier = self.first_start[other_id] < first
+                assert not (usable and earlier), ("a job placed again passed over", other_id)
 
     def copies_bounded(
         self, model: str, name: str, waiting: Counter[str], places: set[tuple[str, str]]

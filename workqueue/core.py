@@ -300,12 +300,14 @@ class LaneQueue:
     """One lane's waiting jobs: by arrival, per class, per client in turn, and the jobs at
     the front of their client's line (of their class) in the order they got there.
 
-    ``pick`` says who goes next: the front job that has been at the front ``aging``
-    seconds longest ago, else the highest class's next client in turn. Its clock is the
-    caller's ``now``; ``FleetScheduler`` keeps its lanes' queues with it too.
+    ``pick`` says who goes next: a job put back (``put_back``: its backend failed before
+    answering), the one that first started earliest first; else the front job that has been
+    at the front ``aging`` seconds longest ago, else the highest class's next client in
+    turn. Its clock is the caller's ``now``; ``FleetScheduler`` keeps its lanes' queues
+    with it too.
     """
 
-    __slots__ = ("jobs", "classes", "turns", "fronts")
+    __slots__ = ("jobs", "classes", "turns", "fronts", "again")
 
     def __init__(self) -> None:
         # Waiting jobs in arrival order (the first is the oldest) ...
@@ -320,6 +322,8 @@ class LaneQueue:
         )
         # ... and each client's next job of a class, in the order they became it.
         self.fronts: OrderedDict[Hashable, Any] = OrderedDict()
+        # Jobs put back after their backend failed, by when they first started: (rank, job).
+        self.again: dict[Hashable, tuple[int, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -379,15 +383,20 @@ class LaneQueue:
         else:
             line[job.key] = job
 
-    def reorder(self, job: QueuedJob, now: float) -> None:
-        """Put ``job`` (just added again) back at its arrival place, its client's turn next."""
+    def put_back(self, job: QueuedJob, now: float, rank: int) -> None:
+        """Put ``job`` (a started job just added again: its backend failed before answering)
+        back in its place: at its arrival place in the lists, and ahead of every job that
+        never started (``pick``); among such jobs, lowest ``rank`` (first started) first.
+
+        Its client's turn is not touched: the job had its turn when it first started."""
         lines = self.turns[job.priority]
         line = lines[job.client]
         for queue in (self.jobs, self.classes[job.priority], line):
             items = sorted(queue.values(), key=lambda other: other.seq)
             queue.clear()
             queue.update((other.key, other) for other in items)
-        lines.move_to_end(job.client, last=False)
+        again = sorted([*self.again.values(), (rank, job)], key=lambda item: item[0])
+        self.again = {other.key: (order, other) for order, other in again}
         first = next(iter(line.values()))
         if first.key not in self.fronts:
             for other in line.values():
@@ -398,6 +407,8 @@ class LaneQueue:
     def remove(self, job: QueuedJob, now: float) -> None:
         """Take ``job`` out; the next job of its client's line becomes a front job now."""
         del self.jobs[job.key]
+        if self.again:
+            self.again.pop(job.key, None)
         del self.classes[job.priority][job.key]
         lines = self.turns[job.priority]
         line = lines[job.client]
@@ -412,8 +423,12 @@ class LaneQueue:
             del lines[job.client]
 
     def take(self, job: QueuedJob, now: float) -> None:
-        """Take ``job`` out to start it: its client's turn in its class goes to the end."""
+        """Take ``job`` out to start it: its client's turn in its class goes to the end
+        (not for a job put back, which had its turn)."""
+        again = job.key in self.again
         self.remove(job, now)
+        if again:
+            return
         lines = self.turns[job.priority]
         if job.client in lines:
             lines.move_to_end(job.client)
@@ -429,10 +444,14 @@ class LaneQueue:
         ready: Callable[[str], bool] | None = None,
         eligible: Callable[[Any], bool] | None = None,
     ) -> Any:
-        """The job to start next (None when none may): an aged front job, oldest first,
-        else the highest class's next client in turn. Clients not ``ready`` (at their
-        running cap) are passed over and keep their place; so are jobs not ``eligible``
-        (another job of the client's line may be)."""
+        """The job to start next (None when none may): a job put back, first started
+        first; else an aged front job, oldest first, else the highest class's next client
+        in turn. Clients not ``ready`` (at their running cap) are passed over and keep
+        their place; so are jobs not ``eligible`` (another job of the client's line may
+        be)."""
+        for _, job in self.again.values():
+            if (ready is None or ready(job.client)) and (eligible is None or eligible(job)):
+                return job
         for job in self.fronts.values():
             if job.front + aging > now:
                 break  # fronts are in the order they got there: the rest are younger
