@@ -18,11 +18,9 @@ gunicorn's keepalive (75 s) or the whole graceful timeout even when nothing runs
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -160,18 +158,9 @@ class Drain:
         if self.draining and not self.running:
             self._close_idle()
 
-    @contextlib.contextmanager
-    def idle_wait(self) -> Iterator[None]:
+    def idle_wait(self) -> _IdleWait:
         """gunicorn's keepalive timeout, which a drain with nothing running cuts short."""
-        # Draining with nothing running: wait only a moment for a request already on its way.
-        seconds = IDLE_LINGER if self.draining and not self.running else self.worker.cfg.keepalive
-        me = gevent.getcurrent()
-        with Timeout(seconds, False) as timeout:
-            self._idle[me] = timeout
-            try:
-                yield
-            finally:
-                self._idle.pop(me, None)
+        return _IdleWait(self)
 
     def on_sigterm(self, sig: int, frame: FrameType | None) -> None:
         self.worker.handle_exit(sig, frame)  # alive = False: gunicorn stops accepting
@@ -218,3 +207,31 @@ class Drain:
         # with this timeout (it may have read a request in the meantime).
         if self._idle.get(greenlet) is timeout:
             greenlet.throw(timeout)
+
+
+class _IdleWait:
+    """Drain.idle_wait's context manager: a class, not a generator-based one, as gunicorn
+    enters it before every request on a keep-alive connection."""
+
+    __slots__ = ("drain", "me", "timeout")
+
+    def __init__(self, drain: Drain) -> None:
+        self.drain = drain
+
+    def __enter__(self) -> Timeout:
+        drain = self.drain
+        # Draining with nothing running: wait only a moment for a request already on its way.
+        seconds = (
+            IDLE_LINGER if drain.draining and not drain.running else drain.worker.cfg.keepalive
+        )
+        self.me = gevent.getcurrent()
+        self.timeout = timeout = Timeout(seconds, False)
+        timeout.__enter__()
+        drain._idle[self.me] = timeout
+        return timeout
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        self.drain._idle.pop(self.me, None)
+        return bool(self.timeout.__exit__(exc_type, exc, tb))  # swallows its own expiry

@@ -36,7 +36,7 @@ import contextlib
 import errno
 import functools
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import gevent
@@ -107,28 +107,43 @@ class WatchedPool:
     def close(self) -> None:
         self._pool.close()
 
-    @contextlib.contextmanager
-    def lending(self) -> Iterator[None]:
-        """Around one ``HTTPClient.request``: when it raises, close what it still held.
+    def lending(self) -> _Lending:
+        """``with pool.lending():`` around one ``HTTPClient.request``: when it raises, close
+        what it still held.
 
         A request that returns has handed its connection to the response, which
-        gives it back when released; one that raises owns nothing any more.
+        gives it back when released; one that raises owns nothing any more. (A class,
+        not a generator-based context manager: it is entered on every request.)
         """
-        me = gevent.getcurrent()
-        lent: list[gevent.socket.socket] = []
-        outer = self._lent.get(me)
-        self._lent[me] = lent
+        return _Lending(self)
+
+
+class _Lending:
+    """WatchedPool.lending's context manager: the connections lent to this greenlet inside."""
+
+    __slots__ = ("pool", "me", "lent", "outer")
+
+    def __init__(self, pool: WatchedPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> None:
+        self.me = me = gevent.getcurrent()
+        self.lent: list[gevent.socket.socket] = []
+        lent_by = self.pool._lent
+        self.outer = lent_by.get(me)
+        lent_by[me] = self.lent
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        pool = self.pool
         try:
-            yield
-        except BaseException:
-            for sock in lent:
-                self.release_socket(sock)
-            raise
+            if exc_type is not None:
+                for sock in self.lent:
+                    pool.release_socket(sock)
         finally:
-            if outer is None:
-                del self._lent[me]
+            if self.outer is None:
+                del pool._lent[self.me]
             else:
-                self._lent[me] = outer
+                pool._lent[self.me] = self.outer
 
 
 def _is_socket_alive(sock: gevent.socket.socket | None) -> bool:

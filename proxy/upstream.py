@@ -7,7 +7,6 @@ it costs about half the CPU per proxied request.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,25 +31,21 @@ BLOCK = 64 * 1024
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, HTTPParseError, gevent.Timeout)
 
 
-@contextlib.contextmanager
-def map_transport_errors(url: str, what: str) -> Iterator[None]:
-    """Turn transport exceptions into the contract's 502 and 504, in one place.
+# What Upstream.open turns into the contract's errors (transport_error).
+TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (OSError, HTTPParseError)
+
+
+def transport_error(exc: BaseException, url: str, what: str) -> Exception:
+    """The contract's 502 or 504 for a transport failure (one of TRANSPORT_FAILURES).
 
     The message names the upstream ``url`` and the request (``what``), so an
     operator sees which server could not be reached.
     """
-    try:
-        yield
-    except TimeoutError as exc:  # socket.timeout: no bytes within GATE_UPSTREAM_TIMEOUT
-        raise UpstreamTimeout(f"upstream {url} sent no response in time ({what})") from exc
-    except ConnectionRefusedError as exc:
-        raise UpstreamUnavailable(
-            f"upstream {url} unreachable ({what}): connection refused"
-        ) from exc
-    except (OSError, HTTPParseError) as exc:
-        raise UpstreamUnavailable(
-            f"upstream {url} connection failed ({what}): {describe(exc)}"
-        ) from exc
+    if isinstance(exc, TimeoutError):  # socket.timeout: no bytes within GATE_UPSTREAM_TIMEOUT
+        return UpstreamTimeout(f"upstream {url} sent no response in time ({what})")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamUnavailable(f"upstream {url} unreachable ({what}): connection refused")
+    return UpstreamUnavailable(f"upstream {url} connection failed ({what}): {describe(exc)}")
 
 
 def display_url(url: str) -> str:
@@ -153,12 +148,18 @@ class Upstream:
         body: bytes | Iterable[bytes] | None,
     ) -> UpstreamResponse:
         """Send one request and return the response with its body still unread."""
-        what = f"{method} {target.partition('?')[0]}"
-        with map_transport_errors(self.shown, what), self.pool.lending():
-            if body is None or isinstance(body, bytes):
-                raw = send(self.client, method, self.prefix + target, headers, body)
-            else:  # a blob upload, sent on as it arrives
-                raw = self.client.request(method, self.prefix + target, body=body, headers=headers)
+        try:
+            with self.pool.lending():
+                if body is None or isinstance(body, bytes):
+                    raw = send(self.client, method, self.prefix + target, headers, body)
+                else:  # a blob upload, sent on as it arrives
+                    raw = self.client.request(
+                        method, self.prefix + target, body=body, headers=headers
+                    )
+        except TRANSPORT_FAILURES as exc:
+            # The one place transport errors become the contract's (a try, not a
+            # generator-based context manager: this runs on every request).
+            raise transport_error(exc, self.shown, f"{method} {target.partition('?')[0]}") from exc
         resp = UpstreamResponse(raw)
         if self.name is not None:
             resp.headers.append(("X-Gate-Backend", self.name))
