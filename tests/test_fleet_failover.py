@@ -224,6 +224,19 @@ def test_a_stream_that_broke_after_its_first_byte_is_not_placed_again(
     wait_for(lambda: nothing_held(gate, two))
 
 
+def test_an_error_answer_is_the_backends_answer_not_placed_again(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    two = pick(fakes, "a", "b")
+    gate = start(gate_factory, tmp_path, two, loaded=True)
+    two["a"].configure(fail_status=500)  # a answers, with an error
+    resp = send(gate, "job 1", body={"stream": False})
+    assert resp.status_code == 500 and resp.headers["X-Gate-Backend"] == "a"
+    assert resp.json() == {"error": "fake failure"}  # passed through unchanged
+    assert (jobs(two["a"]), jobs(two["b"])) == (["job 1"], [])
+    wait_for(lambda: nothing_held(gate, two))
+
+
 def remaining(gate: Gate) -> int:
     """The client's token budget left, as the gate tells it (a request for a model no
     backend has: refused before it is queued, it spends nothing)."""
