@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from fakeollama import FakeOllama
+from fleet.shared_scripts import KEY_PREFIX, FleetGrants
+from tests.redis_support import RedisServer
 from tests.support import Gate, client_requests
 from tests.test_fleet_gate import _status, backends_file, wait_for
 
@@ -109,11 +112,23 @@ def nothing_held(gate: Gate, fakes: Fakes) -> bool:
     )
 
 
+def grants(redis_url: str) -> dict[str, dict[str, int]]:
+    """The (backend, model) grants Redis holds for every gate (shared mode)."""
+    with redis.Redis.from_url(redis_url) as client:
+        return FleetGrants(client, lease=30.0, prefix=KEY_PREFIX).usage(["a", "b"])
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
 def test_a_job_placed_again_goes_before_the_jobs_that_queued_after_it(
-    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path, storage: str, request: Any
 ) -> None:
+    env = {}
+    if storage == "redis":  # the backends' slots shared through Redis: each job takes a grant
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.flush()
+        env["GATE_STORAGE_URI"] = server.url()
     two = pick(fakes, "a", "b")
-    gate = start(gate_factory, tmp_path, two, loaded=True)
+    gate = start(gate_factory, tmp_path, two, env, loaded=True)
     two["a"].configure(stall=60)  # a takes job 1 and sends nothing back until it dies
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(send, gate, "job 1")
@@ -141,6 +156,8 @@ def test_a_job_placed_again_goes_before_the_jobs_that_queued_after_it(
     assert jobs(two["b"]) == ["job 2", "job 1", "job 3", "job 4"]
     assert queue(gate)["admitted"] == 4  # jobs 1-4, each once
     wait_for(lambda: nothing_held(gate, two))
+    if storage == "redis":  # the grants taken on a were given back, b's too
+        assert grants(env["GATE_STORAGE_URI"]) == {"a": {}, "b": {}}
 
 
 def test_jobs_placed_again_go_first_in_the_order_they_had_started_whoever_sent_them(
