@@ -5,6 +5,7 @@ model; it keeps its place in the queue, costs no token budget, and leaks no slot
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -192,6 +193,40 @@ def test_jobs_placed_again_go_first_in_the_order_they_had_started_whoever_sent_t
         assert resp.headers["X-Gate-Backend"] == "b"
     assert jobs(two["b"]) == ["job 2", "job 1", "job 3", "job 4"]
     wait_for(lambda: nothing_held(gate, two))
+
+
+def test_a_client_that_leaves_while_its_job_waits_to_be_placed_again_frees_its_place(
+    fakes: Fakes, gate_factory: Callable[..., Gate], tmp_path: Path
+) -> None:
+    two = pick(fakes, "a", "b")
+    gate = start(gate_factory, tmp_path, two, loaded=True)
+    two["a"].configure(stall=60)
+    body = json.dumps({"model": "phi3", "prompt": "job 1"}).encode()
+    head = (
+        f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:{gate.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=30) as first:
+        first.sendall(head.encode() + body)
+        wait_for(lambda: jobs(two["a"]) == ["job 1"])
+        held = send(gate, "job 2", headers=HELD, stream=True)
+        assert held.headers["X-Gate-Backend"] == "b"
+        records = held.iter_lines()  # kept: a generator dropped unfinished closes the stream
+        next(records)
+        with ThreadPoolExecutor(1) as pool:
+            third = pool.submit(send, gate, "job 3")
+            wait_for(lambda: queue(gate)["waiting"] == 1)
+            two["a"].kill()  # job 1 waits again for b, ahead of job 3
+            wait_for(lambda: (queue(gate)["waiting"], queue(gate)["running"]) == (2, 1))
+            first.close()  # its client leaves: job 1 leaves the queue, its place with it
+            wait_for(lambda: queue(gate)["waiting"] == 1)
+            held.close()
+            resp = third.result()
+    assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == "b"
+    assert jobs(two["b"]) == ["job 2", "job 3"]
+    assert queue(gate)["rejected"]["cancelled"] == 1
+    wait_for(lambda: nothing_held(gate, two))
+    assert "Traceback" not in gate.logs()
 
 
 def test_a_job_is_placed_again_once_only_and_leaves_no_slot_behind(
