@@ -27,13 +27,12 @@ run: install
 
 ## test: install what the tests need (venv, redis-server, nginx, chromium, ollama-js), lint, run the suite
 ## in parallel (TEST_WORKERS pytest-xdist workers: most tests wait on sockets, not on the CPU).
-## Bytecode is written even where PYTHONDONTWRITEBYTECODE is set, and one collection runs first,
-## so that the workers and the gates they start load compiled (and assertion-rewritten) modules
-## instead of each compiling them again.
+## The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set, and compiles (and
+## assertion-rewrites) the modules once before the workers start (tests/conftest.py), so that
+## the workers and the gates they start load compiled modules instead of each compiling them.
 TEST_WORKERS ?= 4
 test: dev-install system-deps js-deps lint
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest --collect-only -q >/dev/null || true  # errors: below
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## demo: the gate in front of two simulated Ollama backends, with some load, on GATE_BIND (default 127.0.0.1:8000)
 demo: dev-install

@@ -19,7 +19,7 @@ from hypothesis import settings
 from fakeollama import FakeOllama
 from tests.nginx_support import Edits, Nginx, start_nginx
 from tests.redis_support import RedisServer, start_redis
-from tests.support import Gate, hypothesis_profile, start_gate
+from tests.support import Gate, compile_ahead, hypothesis_profile, start_gate
 
 # The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set (as `make test` does):
 # each of the hundred and more gunicorn processes it starts would otherwise compile the
@@ -63,6 +63,13 @@ def _long(item: pytest.Item) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     # pytest-xdist declares the marker too; declared here, a run without it (-p no:xdist) works.
     config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        try:
+            compile_ahead(config)  # once, before the workers start
+        except Exception as exc:  # a pytest whose private rewrite API moved: each worker's own
+            print(
+                f"conftest: compiling ahead failed ({exc!r}); the workers compile", file=sys.stderr
+            )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

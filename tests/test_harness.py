@@ -4,6 +4,8 @@ profiles."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.support import (
     free_port,
     hypothesis_profile,
     listens_on,
+    rewrite_ahead,
     start_gate,
 )
 
@@ -125,3 +128,26 @@ def test_redis_and_nginx_whose_port_was_taken_start_on_another(
             assert requests.get(nginx.url + "/api/version", timeout=10).ok
         finally:
             nginx.stop()
+
+
+def test_pytest_reads_the_test_modules_rewritten_ahead(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # conftest rewrites the test modules once before pytest-xdist starts its workers, with
+    # pytest's private rewrite functions (tests.support.rewrite_ahead): pytest must load
+    # that pyc (asserts rewritten) as it stands, not write its own.
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("def test_probe():\n    seen = [1]\n    assert seen == [2]\n")
+    pyc = rewrite_ahead(request.config, probe)
+    before = pyc.stat()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", probe.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr  # the probe fails, as written
+    assert "assert [1] == [2]" in run.stdout  # its assert was rewritten
+    after = pyc.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert list(pyc.parent.iterdir()) == [pyc]  # and wrote none of its own beside it
