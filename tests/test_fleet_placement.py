@@ -361,6 +361,26 @@ def test_a_job_placed_again_goes_before_aged_jobs_and_higher_classes() -> None:
     assert s.idle()
 
 
+def test_a_job_placed_again_does_not_take_its_clients_turn_again() -> None:
+    s = FleetScheduler([backend("a"), backend("b")])
+    for name in ("a", "b"):
+        s.observe(name, View(loaded={"m": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    assert s.submit(2, "m", "y", 0.0) is RUNNING
+    for job_id, client in ((3, "z"), (4, "x"), (5, "y")):  # turns: z, x, y
+        assert s.submit(job_id, "m", client, 1.0) is WAITING
+    s.observe("a", View(healthy=False), 2.0)
+    assert s.retry(1, 2.0) == []
+    # Job 1 runs first; x keeps its turn between z and y (x had its turn for job 1
+    # before it failed, and does not pay for it again).
+    assert s.finish(2, 3.0) == [1]
+    assert s.finish(1, 4.0) == [3]
+    assert s.finish(3, 5.0) == [4]
+    assert s.finish(4, 6.0) == [5]
+    assert s.finish(5, 7.0) == []
+    assert s.idle()
+
+
 def test_waiting_jobs_whose_model_has_no_healthy_holder_any_more_are_dropped() -> None:
     s = FleetScheduler([backend("a"), backend("b")], queue_timeout=300.0)
     s.observe("a", View(installed={"m": GB, "n": GB}), 0.0)
