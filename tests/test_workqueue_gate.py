@@ -225,10 +225,8 @@ def test_lone_client_is_served_behind_anothers_flood(
     assert order.index("lone") <= 2, order
 
 
-def test_disconnect_while_waiting_never_reaches_upstream(
-    fake: FakeOllama, gate_factory: Callable[..., Gate]
-) -> None:
-    gate = gate_factory(fake.url)
+def test_disconnect_while_waiting_never_reaches_upstream(fake: FakeOllama, gate: Gate) -> None:
+    cancelled = queue_of(gate)["rejected"]["cancelled"]  # the session's gate: earlier tests'
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(generate, gate, "m1", prompt="first", headers=SLOW)
         fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1)
@@ -237,17 +235,14 @@ def test_disconnect_while_waiting_never_reaches_upstream(
         sock.close()
         # The gate saw it leave while the first job still ran: it left the queue.
         queue = wait_for_queue(gate, waiting=0, running=1)
-        assert queue["rejected"]["cancelled"] == 1
+        assert queue["rejected"]["cancelled"] == cancelled + 1
         assert running.result()[0] == 200
     wait_for_queue(gate, waiting=0, running=0)
     assert "gone" not in prompts_seen(fake, "m1:latest")
     wait_idle(gate, fake, "m1")
 
 
-def test_disconnect_mid_stream_frees_the_slot_at_once(
-    fake: FakeOllama, gate_factory: Callable[..., Gate]
-) -> None:
-    gate = gate_factory(fake.url)
+def test_disconnect_mid_stream_frees_the_slot_at_once(fake: FakeOllama, gate: Gate) -> None:
     slow = {"X-Fake-Token-Interval": "0.5", "X-Fake-Tokens": "40"}  # 20 s if left alone
     sock = open_stream(gate, "m1", "leaver", slow)
     sock.settimeout(10)
