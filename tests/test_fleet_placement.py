@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import tests.test_key_caps as key_caps_tests
 import tests.test_workqueue_core as core_tests
 from errors import ClientShareFull, QueueFull
 from fleet.config import Backend
 from fleet.placement import FleetScheduler, View
-from tests.support import example_count
+from tests.machines import PICK, initialize, invariant, machine_test, picked, rule
 from tests.test_key_caps import CapsMachine
 from tests.test_workqueue_core import SchedulerMachine
 from workqueue import Admission, Scheduler
@@ -110,13 +109,12 @@ class FleetOfOneMachine(SchedulerMachine):
         )
 
 
-FleetOfOneMachine.TestCase.settings = settings(
-    max_examples=example_count(100), stateful_step_count=50, deadline=None
+test_scheduler_rules_hold_for_a_fleet_of_one = machine_test(
+    FleetOfOneMachine, max_examples=100, step_count=50
 )
-test_scheduler_rules_hold_for_a_fleet_of_one = FleetOfOneMachine.TestCase
 
 
-class SideBySide(RuleBasedStateMachine):
+class SideBySide:
     """The same events to a Scheduler and a fleet of one: every answer is the same."""
 
     @initialize(
@@ -159,10 +157,10 @@ class SideBySide(RuleBasedStateMachine):
         return outcomes[0]
 
     @rule(
-        model=st.sampled_from(["a", "b", "c", "d"] + [f"m{i}" for i in range(20)]),
-        client=st.sampled_from(["x", "y", "z"]),
-        admin=st.sampled_from([False, False, False, True]),
-        priority=st.sampled_from(["interactive", "normal", "normal", "batch"]),
+        model=["a", "b", "c", "d"] + [f"m{i}" for i in range(20)],
+        client=["x", "y", "z"],
+        admin=[False, False, False, True],
+        priority=["interactive", "normal", "normal", "batch"],
     )
     def submit(self, model: str, client: str, admin: bool, priority: str) -> None:
         job_id = next(self.ids)
@@ -175,15 +173,15 @@ class SideBySide(RuleBasedStateMachine):
         if kind == "ok":
             self.live.add(job_id)
 
-    @rule(data=st.data())
-    def finish(self, data: st.DataObject) -> None:
+    @rule(pick=PICK)
+    def finish(self, pick: int) -> None:
         if not self.live:
             return
-        job_id = data.draw(st.sampled_from(sorted(self.live)))
+        job_id = picked(self.live, pick)
         self.live.discard(job_id)
         self.both(lambda s: s.finish(job_id, self.now))
 
-    @rule(step=st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0, 400.0]))
+    @rule(step=[0.0, 0.5, 1.0, 2.0, 4.0, 400.0])
     def advance(self, step: float) -> None:
         self.now += step
         kind, (expired, _) = self.both(lambda s: s.expire(self.now))
@@ -206,10 +204,9 @@ class SideBySide(RuleBasedStateMachine):
             assert self.old.job_state(job_id) == self.new.job_state(job_id)
 
 
-SideBySide.TestCase.settings = settings(
-    max_examples=example_count(100), stateful_step_count=60, deadline=None
+test_a_fleet_of_one_answers_as_the_scheduler = machine_test(
+    SideBySide, max_examples=100, step_count=60
 )
-test_a_fleet_of_one_answers_as_the_scheduler = SideBySide.TestCase
 
 
 # The placement rules, one by one
@@ -728,7 +725,7 @@ def fleets(draw: st.DrawFn) -> list[Backend]:
     return backends
 
 
-class FleetMachine(RuleBasedStateMachine):
+class FleetMachine:
     """Random fleets, health flips and failures: the bounds hold and nothing starves."""
 
     # Clients' running caps (an API key's max_running): none here, FleetCapsMachine sets
@@ -900,7 +897,7 @@ class FleetMachine(RuleBasedStateMachine):
         assert snap["totals"]["running"] == len(self.running)
         assert snap["totals"]["waiting"] == len(self.waiting)
 
-    @rule(model=st.sampled_from(MODELS), client=st.sampled_from(CLIENTS), count=st.integers(1, 3))
+    @rule(model=MODELS, client=CLIENTS, count=range(1, 4))
     def submit(self, model: str, client: str, count: int) -> None:
         for _ in range(count):
             job_id = next(self.ids)
@@ -917,12 +914,12 @@ class FleetMachine(RuleBasedStateMachine):
             if admission is RUNNING:
                 self.apply([job_id])
 
-    @rule(data=st.data())
-    def fail_one(self, data: st.DataObject) -> None:
+    @rule(pick=PICK)
+    def fail_one(self, pick: int) -> None:
         """A running job's backend failed before answering: it goes down, the job retries."""
         if not self.running:
             return
-        job_id = data.draw(st.sampled_from(sorted(self.running, key=str)))
+        job_id = sorted(self.running, key=str)[pick % len(self.running)]
         job = self.running[job_id]
         self.note_caps()
         self.healthy[job.backend] = False
@@ -970,9 +967,9 @@ class FleetMachine(RuleBasedStateMachine):
             event("an unload")
             self.loaded[name].pop(model, None)
 
-    @rule(data=st.data())
-    def heal(self, data: st.DataObject) -> None:
-        name = data.draw(st.sampled_from(sorted(self.backends)))
+    @rule(pick=PICK)
+    def heal(self, pick: int) -> None:
+        name = picked(self.backends, pick)
         self.healthy[name] = True
         self.apply(self.s.observe(name, self.view(name), self.now))
         self.drop_unavailable()
@@ -987,7 +984,7 @@ class FleetMachine(RuleBasedStateMachine):
         self.last_work[job.backend, job.model] = self.now
         self.apply(self.s.finish(job_id, self.now), ended=True)
 
-    @rule(step=st.sampled_from([0.5, 1.0, 3.0]))
+    @rule(step=[0.5, 1.0, 3.0])
     def advance(self, step: float) -> None:
         until = self.now + step
         while True:
@@ -1084,10 +1081,7 @@ class FleetMachine(RuleBasedStateMachine):
             assert row["running"] == 0 and row["models"] == {}
 
 
-FleetMachine.TestCase.settings = settings(
-    max_examples=example_count(300), stateful_step_count=50, deadline=None
-)
-test_fleet_bounds_hold_in_random_runs = FleetMachine.TestCase
+test_fleet_bounds_hold_in_random_runs = machine_test(FleetMachine, max_examples=300, step_count=50)
 
 
 # A key's running cap (max_running) across the fleet
@@ -1116,10 +1110,7 @@ class CapsOfOneMachine(CapsMachine):
     make = staticmethod(fleet_of_one)
 
 
-CapsOfOneMachine.TestCase.settings = settings(
-    max_examples=example_count(150), stateful_step_count=40, deadline=None
-)
-test_caps_hold_for_a_fleet_of_one = CapsOfOneMachine.TestCase
+test_caps_hold_for_a_fleet_of_one = machine_test(CapsOfOneMachine, max_examples=150, step_count=40)
 
 
 def test_a_capped_keys_jobs_wait_on_every_backend_and_take_no_slot_there() -> None:
@@ -1213,7 +1204,6 @@ class FleetCapsMachine(FleetMachine):
         assert snap["totals"]["rejected"]["queue_timeout"] == 0
 
 
-FleetCapsMachine.TestCase.settings = settings(
-    max_examples=example_count(300), stateful_step_count=50, deadline=None
+test_fleet_caps_hold_in_random_runs = machine_test(
+    FleetCapsMachine, max_examples=300, step_count=50
 )
-test_fleet_caps_hold_in_random_runs = FleetCapsMachine.TestCase

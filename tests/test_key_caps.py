@@ -15,13 +15,13 @@ import redis
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from errors import ClientShareFull, QueueFull
 from fakeollama import FakeOllama
 from limiter.keys import parse_keys
 from limiter.mint import new_secret, stanza
 from tests.limiter_support import GatesFactory, quick_gates
+from tests.machines import PICK, initialize, invariant, machine_test, picked, rule
 from tests.redis_support import RedisServer
 from tests.support import example_count
 from workqueue.core import Admission, Scheduler
@@ -212,7 +212,7 @@ def test_turns_pass_over_a_capped_client_and_keep_its_place(cap: int) -> None:
     assert order == ["b0", "a0", "b1", "a1", "b2", "a2"]
 
 
-class CapsMachine(RuleBasedStateMachine):
+class CapsMachine:
     """Random jobs of capped and uncapped clients: caps hold, and no slot idles for them."""
 
     make: Any = Scheduler  # what decides (tests/test_fleet_placement.py: a fleet of one)
@@ -256,10 +256,10 @@ class CapsMachine(RuleBasedStateMachine):
             self.running.add(job)
 
     @rule(
-        model=st.sampled_from(["a", "b", "admin"]),
-        client=st.sampled_from(["c1", "c2", "c3"]),
-        count=st.integers(1, 3),
-        priority=st.sampled_from(["interactive", "normal", "batch"]),
+        model=["a", "b", "admin"],
+        client=["c1", "c2", "c3"],
+        count=range(1, 4),
+        priority=["interactive", "normal", "batch"],
     )
     def submit(self, model: str, client: str, count: int, priority: str) -> None:
         for _ in range(count):
@@ -283,16 +283,16 @@ class CapsMachine(RuleBasedStateMachine):
                 if self.caps[client] is not None:  # as the work queue does (gate.py)
                     self.started(self.s.tick(self.now))
 
-    @rule(data=st.data())
-    def finish(self, data: st.DataObject) -> None:
+    @rule(pick=PICK)
+    def finish(self, pick: int) -> None:
         if not self.jobs:
             return
-        job = data.draw(st.sampled_from(sorted(self.jobs)))
+        job = picked(self.jobs, pick)
         del self.jobs[job]
         self.running.discard(job)
         self.started(self.s.finish(job, self.now))
 
-    @rule(step=st.sampled_from([0.5, 2.0, 10.0]))
+    @rule(step=[0.5, 2.0, 10.0])
     def advance(self, step: float) -> None:
         self.now += step
         expired, started = self.s.expire(self.now)
@@ -338,10 +338,7 @@ class CapsMachine(RuleBasedStateMachine):
         assert self.s.idle()
 
 
-CapsMachine.TestCase.settings = settings(
-    max_examples=example_count(300), stateful_step_count=40, deadline=None
-)
-test_caps_hold_in_random_runs = CapsMachine.TestCase
+test_caps_hold_in_random_runs = machine_test(CapsMachine, max_examples=300, step_count=40)
 
 
 CAPS: dict[str, int | None] = {"c0": 1, "c1": 2, "c2": None}

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from errors import BUSY_TEXT, ClientShareFull, QueueFull
 from settings import Settings
+from tests.machines import PICK, initialize, invariant, machine_test, picked, rule
 from tests.support import ROOT, example_count
 from workqueue import Admission, Scheduler
 from workqueue.core import (
@@ -633,7 +633,7 @@ class Job:
     started: float = math.nan
 
 
-class SchedulerMachine(RuleBasedStateMachine):
+class SchedulerMachine:
     """Drives a Scheduler like the timer greenlet would, jobs lasting at most ``job_max``."""
 
     @initialize(
@@ -889,11 +889,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.s.tick(now) == [], "time alone started a job"
 
     @rule(
-        model=st.sampled_from(MODELS),
-        client=st.sampled_from(CLIENTS),
-        admin=st.sampled_from([False, False, False, True]),
-        count=st.integers(1, 4),
-        rank=st.sampled_from([0, 1, 1, 2]),
+        model=MODELS,
+        client=CLIENTS,
+        admin=[False, False, False, True],
+        count=range(1, 5),
+        rank=[0, 1, 1, 2],
     )
     def submit(self, model: str, client: str, admin: bool, count: int, rank: int) -> None:
         """One client sends ``count`` jobs of one class for one model at once."""
@@ -934,11 +934,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert client_waiting < self.per_client and waiting_total < self.queue_max
                 self.check(self.now)
 
-    @rule(
-        data=st.data(),
-        how=st.sampled_from(["finish", "cancel waiting", "cancel running", "release twice"]),
-    )
-    def end(self, data: st.DataObject, how: str) -> None:
+    @rule(how=["finish", "cancel waiting", "cancel running", "release twice"], pick=PICK)
+    def end(self, how: str, pick: int) -> None:
         """A running job ends, a waiting or running job's client leaves, or a release repeats."""
         pool = {
             "finish": self.running,
@@ -948,7 +945,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         }[how]
         if not pool:
             return
-        job_id = data.draw(st.sampled_from(sorted(pool)))
+        job_id = picked(pool, pick)
         if how == "finish":
             self.finish_job(job_id)
         elif how == "cancel waiting":
@@ -1016,10 +1013,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.s.next_deadline() is None
 
 
-SchedulerMachine.TestCase.settings = settings(
-    max_examples=example_count(500), stateful_step_count=50, deadline=None
+test_scheduler_rules_hold_in_random_runs = machine_test(
+    SchedulerMachine, max_examples=500, step_count=50
 )
-test_scheduler_rules_hold_in_random_runs = SchedulerMachine.TestCase
 
 
 @settings(max_examples=example_count(300), deadline=None)
