@@ -484,8 +484,15 @@ class FleetScheduler(JobBook):
 
     def pending_switch(self, now: float) -> tuple[str, list[str]] | None:
         """The oldest model a switch is due for and the models draining for it, if any."""
-        now = max(now, self._now)
-        draining = [(host, lane) for host in self._hosts if (lane := self._target(host, now))]
+        return self._pending(self._targets(max(now, self._now)))
+
+    def _targets(self, now: float) -> list[tuple[_Host, _Lane | None]]:
+        """Each backend with the model it drains for at ``now`` (``_target``)."""
+        return [(host, self._target(host, now)) for host in self._hosts]
+
+    def _pending(self, targets: list[tuple[_Host, _Lane | None]]) -> tuple[str, list[str]] | None:
+        """``pending_switch`` from the backends' ``_targets``."""
+        draining = [(host, lane) for host, lane in targets if lane]
         if not draining:
             return None
         target = min((lane for _, lane in draining), key=self._order)
@@ -511,9 +518,10 @@ class FleetScheduler(JobBook):
         """Plain data for the status page, in ``Scheduler.snapshot``'s shape plus ``backends``."""
         now = max(now, self._now)
         self._evict_idle(now)
-        switch = self.pending_switch(now)
+        targets = self._targets(now)  # once: each takes a pass over the waiting models
+        switch = self._pending(targets)
         target = self._lanes.get(switch[0]) if switch is not None else None
-        draining = {name for host in self._hosts if self._target(host, now) for name in host.active}
+        draining = {name for host, lane in targets if lane for name in host.active}
         active = self._active_models()
         models = {
             name: self._lane_snapshot(lane, now, name in active, name in draining)
@@ -549,7 +557,7 @@ class FleetScheduler(JobBook):
             "closed": False,
             "shared": False,
             "fallback": False,
-            "backends": [self._host_snapshot(host, now) for host in self._hosts],
+            "backends": [self._host_snapshot(host, lane) for host, lane in targets],
         }
 
     # The rules
@@ -617,14 +625,20 @@ class FleetScheduler(JobBook):
 
     def _oldest_unplaced(self, host: _Host) -> _Lane | None:
         best: _Lane | None = None
+        best_order: tuple[float, int] | None = None  # best's _order, once asked for
         for lane in self._queued.values():
-            if best is not None and self._order(lane) > self._order(best):
-                continue
+            order = None
+            if best is not None:
+                if best_order is None:
+                    best_order = self._order(best)
+                order = self._order(lane)
+                if order > best_order:
+                    continue
             if self._placed_on(lane):
                 continue
             job = self._oldest_ready(lane)
             if job is not None and self._open(host, lane, job.avoid):
-                best = lane
+                best, best_order = lane, order
         return best
 
     def _room(self, host: _Host, lane: _Lane, now: float, *, forced: bool = False) -> bool:
@@ -937,8 +951,7 @@ class FleetScheduler(JobBook):
             "draining": draining and not lane.admin,
         }
 
-    def _host_snapshot(self, host: _Host, now: float) -> dict[str, Any]:
-        target = self._target(host, now)
+    def _host_snapshot(self, host: _Host, target: _Lane | None) -> dict[str, Any]:
         backend = host.backend
         return {
             "name": backend.name,
