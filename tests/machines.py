@@ -6,16 +6,16 @@ set-up and after every step) and an optional ``teardown`` (run at the end, even 
 failure), as with hypothesis' RuleBasedStateMachine. ``machine_test`` turns it into a
 unittest TestCase that runs it ``max_examples`` times, each time ``step_count`` steps.
 
-Unlike RuleBasedStateMachine, a step is one value drawn from a list of every step the
-rules allow: its rule and all of its arguments together. Hypothesis' own bookkeeping per
-value drawn (spans, its tree of choices, mutations) costs about as much as a step of our
-machines does, and a RuleBasedStateMachine step draws five to eight values (whether to go
-on, the rule, its feature flag, each argument): runs drawn this way cost a third to a half
-of the CPU for the same examples and steps. What RuleBasedStateMachine does for finding
-and shrinking is kept:
+Unlike RuleBasedStateMachine, a step is two values drawn: its rule, then one of the
+rule's steps, all of its arguments together. Hypothesis' own bookkeeping per value drawn
+(spans, its tree of choices, mutations) costs about as much as a step of our machines
+does, and a RuleBasedStateMachine step draws five to eight values (whether to go on, the
+rule, its feature flag, each argument): runs drawn this way cost well under half the CPU
+for the same examples and steps. What RuleBasedStateMachine does for finding and
+shrinking is kept:
 
-* rule arguments are lists of values (their product makes the rule's steps, one draw)
-  or strategies (drawn as a tuple with the rule, for values such as floats);
+* rule arguments are lists of values (their product makes the rule's steps, one draw;
+  repeat a value to weight it) or strategies (drawn after it, for values such as floats);
 * a rule picks among the steps the machine can take now (a job to finish) by a number
   drawn with it (``pick``), not by a second draw;
 * each run enables a random subset of the rules, as hypothesis' swarm testing does (all
@@ -99,23 +99,6 @@ def _marked(machine: type, mark: str) -> dict[str, Any]:
     }
 
 
-def _rule_steps(name: str, arguments: dict[str, Any], first: bool) -> SearchStrategy[Any]:
-    """One rule's steps as one draw: (name, arguments) tuples."""
-    keys = list(arguments)
-    strategies = {k: v for k, v in arguments.items() if isinstance(v, SearchStrategy)}
-    if not strategies:
-        steps = [
-            (name, dict(zip(keys, values, strict=True)))
-            for values in itertools.product(*arguments.values())
-        ]
-        return st.sampled_from([STOP, PASS, *steps] if first else steps)
-    fixed = {k: v for k, v in arguments.items() if k not in strategies}
-    table = [dict(zip(fixed, values, strict=True)) for values in itertools.product(*fixed.values())]
-    return st.tuples(st.sampled_from(table), st.fixed_dictionaries(strategies)).map(
-        lambda both: (name, {**both[0], **both[1]})
-    )
-
-
 def _table_size(arguments: dict[str, Any]) -> int:
     """How many steps a rule's table holds (0 with a strategy argument)."""
     if any(isinstance(v, SearchStrategy) for v in arguments.values()):
@@ -124,34 +107,52 @@ def _table_size(arguments: dict[str, Any]) -> int:
 
 
 def _runs(machine: type, step_count: int) -> SearchStrategy[Any]:
-    """A run: the set-up arguments, then ``step_count`` steps of a random set of rules."""
+    """A run: the set-up arguments, then up to ``step_count`` steps of a random set of
+    rules (ended early by STOP)."""
     rules = _marked(machine, "_machine_rule")
-    # The rule with the most steps (and no strategy argument) goes first: its first step
-    # is STOP, so that a random run rarely ends early.
+    # The rule with the most steps goes first: its first step is STOP, its second PASS,
+    # so that a random run seldom ends early.
     names = sorted(rules, key=lambda n: -_table_size(rules[n]))
-    steps = {n: _rule_steps(n, rules[n], first=i == 0) for i, n in enumerate(names)}
+    tables: dict[str, SearchStrategy[tuple[str, dict[str, Any]]]] = {}
+    drawn: dict[str, SearchStrategy[dict[str, Any]] | None] = {}  # strategy arguments
+    for index, name in enumerate(names):
+        listed = {k: v for k, v in rules[name].items() if not isinstance(v, SearchStrategy)}
+        table = [
+            (name, dict(zip(listed, values, strict=True)))
+            for values in itertools.product(*listed.values())
+        ]
+        tables[name] = st.sampled_from([STOP, PASS, *table] if index == 0 else table)
+        strategies = {k: v for k, v in rules[name].items() if k not in listed}
+        drawn[name] = st.fixed_dictionaries(strategies) if strategies else None
     every = tuple(names)
     subsets = [
         combo
         for size in range(len(names) - 1, 0, -1)
         for combo in itertools.combinations(names, size)
     ]
-    swarm = [every] * max(1, len(subsets) // 3) + subsets
-    lists = {
-        subset: st.lists(
-            st.one_of([steps[n] for n in subset]), min_size=step_count, max_size=step_count
-        )
-        for subset in swarm
-    }
-    setups = _marked(machine, "_machine_setup")
-
-    def steps_of_rules(subset: tuple[str, ...]) -> SearchStrategy[list[Any]]:
-        return lists[subset]
-
-    return st.tuples(
-        st.fixed_dictionaries({n: st.fixed_dictionaries(a) for n, a in setups.items()}),
-        st.sampled_from(swarm).flatmap(steps_of_rules),
+    swarm = st.sampled_from([every] * max(1, len(subsets) // 3) + subsets)
+    chosen = {subset: st.sampled_from(subset) for subset in [every, *subsets]}
+    setups = st.fixed_dictionaries(
+        {n: st.fixed_dictionaries(a) for n, a in _marked(machine, "_machine_setup").items()}
     )
+
+    @st.composite
+    def runs(draw: st.DrawFn) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+        arguments = draw(setups)
+        rule_of = chosen[draw(swarm)]
+        steps: list[tuple[str, dict[str, Any]]] = []
+        while len(steps) < step_count:
+            name = draw(rule_of)
+            step = draw(tables[name])
+            if step[0] == STOP[0]:
+                break
+            extra = drawn[name]
+            if extra is not None:
+                step = (name, {**step[1], **draw(extra)})
+            steps.append(step)
+        return arguments, steps
+
+    return runs()
 
 
 def run_machine(machine: type, setups: dict[str, dict[str, Any]], steps: list[Any]) -> None:
@@ -167,8 +168,6 @@ def run_machine(machine: type, setups: dict[str, dict[str, Any]], steps: list[An
             for check in invariants:
                 check()
             for call in steps:
-                if call[0] == STOP[0]:
-                    break
                 if call[0] == PASS[0]:
                     continue
                 calls.append(call)
