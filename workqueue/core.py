@@ -1110,6 +1110,11 @@ class Scheduler(JobBook):
     def _next_model(self) -> _Lane | None:
         """The model without a place whose switch falls due first (ties: oldest job);
         jobs of clients at their running cap count for none of it."""
+        found = self._next_due()
+        return None if found is None else found[0]
+
+    def _next_due(self) -> tuple[_Lane, float] | None:
+        """``_next_model`` and when its switch falls due (``_due``)."""
         best: _Lane | None = None
         best_key = (0.0, 0)
         for name, lane in self._queued.items():
@@ -1121,7 +1126,7 @@ class Scheduler(JobBook):
             key = (self._due(lane), oldest.seq)
             if best is None or key < best_key:
                 best, best_key = lane, key
-        return best
+        return None if best is None else (best, best_key[0])
 
     def _due(self, lane: _Lane) -> float:
         """When ``lane`` may force a switch: see switch_due."""
@@ -1132,25 +1137,26 @@ class Scheduler(JobBook):
             self.priority_aging,
         )
 
-    def _switch_candidate(self) -> _Lane | None:
-        """The waiting model a switch would be for: the next model without a place, while
-        no place is free. A model that finds a place free takes it at the next pump, no
-        switch needed (only one whose jobs waited for their clients' running caps can)."""
+    def _switch_candidate(self) -> tuple[_Lane, float] | None:
+        """The waiting model a switch would be for, and when it falls due: the next model
+        without a place, while no place is free. A model that finds a place free takes it
+        at the next pump, no switch needed (only one whose jobs waited for their clients'
+        running caps can)."""
         if len(self._active) < self.max_active_models:
             return None
-        return self._next_model()
+        return self._next_due()
 
     def _switch_due(self) -> float | None:
         """When the next waiting model without a place may force a switch."""
-        lane = self._switch_candidate()
-        return None if lane is None else self._due(lane)
+        found = self._switch_candidate()
+        return None if found is None else found[1]
 
     def _switch_target(self, now: float) -> _Lane | None:
         """The model a switch is due for at ``now``, if any."""
-        lane = self._switch_candidate()
-        if lane is None or self._due(lane) > now:
+        found = self._switch_candidate()
+        if found is None or found[1] > now:
             return None
-        return lane
+        return found[0]
 
     def _activate(self, lane: _Lane, now: float, *, forced: bool) -> None:
         self._active[lane.name] = lane
