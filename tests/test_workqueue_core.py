@@ -703,13 +703,10 @@ class SchedulerMachine:
     def active(self) -> set[str]:
         return {job.lane for job in self.running.values() if job.lane != ADMIN}
 
-    def running_in(self, lane: str) -> int:
-        return sum(job.lane == lane for job in self.running.values())
-
-    def due(self, lane: str) -> float:
-        """When ``lane`` may force a switch: each class's oldest job's switch clock, and
-        the lane counting as interactive once its oldest job has waited the aging time."""
-        jobs = [job for job in self.waiting.values() if job.lane == lane]
+    def due(self, jobs: list[Job]) -> float:
+        """When a lane whose waiting jobs are ``jobs`` may force a switch: each class's
+        oldest job's switch clock, and the lane counting as interactive once its oldest
+        job has waited the aging time."""
         due = math.inf
         for rank, factor in FACTORS.items():
             first = min((job.submitted for job in jobs if job.rank == rank), default=None)
@@ -721,15 +718,15 @@ class SchedulerMachine:
 
     def next_model(self, active: set[str]) -> tuple[str, float] | None:
         """The waiting model without a place whose switch falls due first (ties: oldest)."""
-        lanes = {job.lane for job in self.waiting.values()} - active - {ADMIN}
+        lanes: dict[str, list[Job]] = {}
+        for job in self.waiting.values():
+            if job.lane != ADMIN and job.lane not in active:
+                lanes.setdefault(job.lane, []).append(job)
         if not lanes:
             return None
-
-        def order(lane: str) -> tuple[float, int]:
-            return self.due(lane), min(j.seq for j in self.waiting.values() if j.lane == lane)
-
-        lane = min(lanes, key=order)
-        return lane, self.due(lane)
+        order = {lane: (self.due(jobs), min(j.seq for j in jobs)) for lane, jobs in lanes.items()}
+        lane = min(order, key=order.__getitem__)
+        return lane, order[lane][0]
 
     def switch_due(self, active: set[str]) -> tuple[str, float] | None:
         return self.next_model(active)
@@ -832,23 +829,26 @@ class SchedulerMachine:
 
     def check(self, now: float) -> None:
         active = self.active()
+        running = Counter(job.lane for job in self.running.values())
+        waiting = Counter(job.lane for job in self.waiting.values())
         assert len(active) <= self.max_active
         for lane, slots in self.slots.items():
-            assert self.running_in(lane) <= slots
+            assert running[lane] <= slots
         assert len(self.waiting) <= self.queue_max
+        clients = Counter(job.client for job in self.waiting.values())
         for client in CLIENTS:
-            assert sum(job.client == client for job in self.waiting.values()) <= self.per_client
-        target = self.target(now, active)
+            assert clients[client] <= self.per_client
+        due = self.switch_due(active)
+        target = due[0] if due is not None and due[1] <= now else None
         for job in self.waiting.values():
             assert self.settling or job.submitted + self.timeout > now, "waited past the timeout"
             # Nothing waits that could run: the lane is full, or draining, or has no place.
             if job.lane == ADMIN:
-                assert self.running_in(ADMIN) == self.slots[ADMIN]
+                assert running[ADMIN] == self.slots[ADMIN]
             elif job.lane in active:
-                assert self.running_in(job.lane) == self.slots[job.lane] or target is not None
+                assert running[job.lane] == self.slots[job.lane] or target is not None
             else:
                 assert len(active) == self.max_active
-        due = self.switch_due(active)
         if due is not None and not self.settling:
             # Starvation bound: jobs last at most job_max, so once the oldest waiting model
             # may force a switch, it gets a place within job_max.
@@ -859,9 +859,9 @@ class SchedulerMachine:
         assert set(totals["active_models"]) == active
         for lane in MODELS:
             row = snap["models"].get(lane, {"running": 0, "waiting": 0})
-            assert row["running"] == self.running_in(lane)
-            assert row["waiting"] == sum(job.lane == lane for job in self.waiting.values())
-        assert snap["admin"]["running"] == self.running_in(ADMIN)
+            assert row["running"] == running[lane]
+            assert row["waiting"] == waiting[lane]
+        assert snap["admin"]["running"] == running[ADMIN]
         assert snap["switch"]["pending"] == (target is not None)
         assert self.s.idle() == (not self.running and not self.waiting)
 
