@@ -71,6 +71,8 @@ TOKEN_CLASSES = frozenset({INFERENCE, EMBED})
 QUEUED = frozenset({INFERENCE, EMBED, ADMIN})
 # X-Gate-Priority as the WSGI environ names it.
 _PRIORITY_ENVIRON = "HTTP_" + PRIORITY_HEADER.upper().replace("-", "_")
+# An anonymous client presents no key header: nothing for the lane to drop.
+_NO_HEADERS: frozenset[str] = frozenset()
 # Seconds a Redis may take to connect or answer before it counts as down and limits
 # fall back to this process's memory: a paused Redis never holds a request longer.
 STORAGE_TIMEOUT = 0.5
@@ -322,7 +324,7 @@ class GateLimiter:
         if self.keyring is None:
             if self.defaults[cls] != OFF:
                 return None
-            client, consumed = client_address(environ.get("REMOTE_ADDR")), frozenset[str]()
+            client, consumed = client_address(environ.get("REMOTE_ADDR")), _NO_HEADERS
         else:
             header, key = self.keyring.presented(environ)
             if header is None or key is None or self.limit_for(cls, key) != OFF:
