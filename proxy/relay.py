@@ -167,7 +167,12 @@ class Relay:
             call.outcome = "client_gone"
             raise
         finally:
-            self._finish()
+            if not (self.finished and self.corked):
+                self._finish()
+            # else: an answer all in, held back (corked) for gunicorn's last chunk, which
+            # gunicorn writes next and then calls close(): close() lets it all out first
+            # and only then ends the call, so that what ending it costs (the slot, the
+            # status page, the metrics) no longer delays the answer's end.
 
     def close(self) -> None:
         """Release everything this response holds; idempotent.

@@ -20,6 +20,7 @@ from pipeline import Call, pipeline_of
 from proxy.disconnect import ClientWatch
 from proxy.relay import Relay
 from settings import Settings
+from signals import call_finished
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="Linux's TCP_CORK")
 
@@ -100,3 +101,49 @@ def test_the_end_of_a_chunked_answer_waits_for_its_last_chunk(
     assert corked(client_socket)  # gunicorn's last chunk is still to come
     answer.close()
     assert not corked(client_socket)
+
+
+def test_a_held_answer_leaves_before_its_call_is_counted(
+    app: Flask, client_socket: socket.socket, fake: FakeOllama
+) -> None:
+    """The end of a chunked answer held for gunicorn's last chunk leaves at close(), and only
+    then does the call end: what ending it costs (its slot, the status page, the metrics)
+    never delays the answer's last bytes."""
+    seen: list[bool] = []
+
+    def on_finished(sender: Flask, call: Call, **_: object) -> None:
+        seen.append(corked(client_socket))
+
+    call_finished.connect(on_finished, sender=app)
+    try:
+        body = b'{"model": "m1", "prompt": "x"}'
+        answer = relay(app, client_socket, "POST", "/api/generate", body)
+        fake.wait_for(lambda s: s["completed"] == 1)
+        assert list(answer)[-1].endswith(b"\n")
+        assert corked(client_socket) and seen == []  # held, and the call still open
+        answer.close()
+        assert seen == [False]  # counted once, after the cork let the end out
+    finally:
+        call_finished.disconnect(on_finished, sender=app)
+
+
+def test_an_answer_left_unfinished_ends_its_call_at_once(
+    app: Flask, client_socket: socket.socket
+) -> None:
+    """Only a whole answer waits for close(): one whose client left is counted when it stops."""
+    seen: list[str] = []
+
+    def on_finished(sender: Flask, call: Call, **_: object) -> None:
+        seen.append(call.outcome)
+
+    call_finished.connect(on_finished, sender=app)
+    try:
+        answer = relay(app, client_socket, "GET", "/api/tags", None)
+        pieces = iter(answer)
+        next(pieces)
+        pieces.close()  # gunicorn stops iterating: a write to the client failed
+        assert seen == ["client_gone"]
+        answer.close()
+        assert seen == ["client_gone"]
+    finally:
+        call_finished.disconnect(on_finished, sender=app)
