@@ -24,8 +24,9 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   model that is not held must make way; ties go to the least busy backend for its weight.
 * Oldest first: a waiting model with no place anywhere reserves the backends that could
   run it, so younger models take no new place there until it has one.
-* Hold, per backend: a model loaded on a backend (per ``/api/ps``) that had a job start
-  or end there within ``switch_after`` keeps its place while idle, as a running model
+* Hold, per backend: a model loaded on a backend (per ``/api/ps``, or with a job there
+  since the last reading) that had a job start or end there within ``switch_after``
+  keeps its place while idle, as a running model
   does: its own next job takes the place back ahead of older models, and no other model
   (nor a copy) replaces it until its hold runs out or a switch is due. This is the
   single-host rule: places change by a switch, not whenever a model's queue is empty
@@ -39,7 +40,10 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   backend has a free place (evicting, if it must, only idle models no job waits for and
   none held). A
   copy keeps its place while jobs of its model wait, and gives it up when they are done
-  (hysteresis: it opens at a deep queue and closes at an empty one).
+  (hysteresis: it opens at a deep queue and closes at an empty one). A model with no
+  place anywhere goes first: no copy opens where it could take the place, and a place
+  of a model beyond its home (``_yields``) takes no new jobs while it could, and goes
+  to it once free.
 * Running caps (an API key's ``max_running``), as in ``Scheduler`` and with its
   ``ClientCounts``: a client's jobs on every backend count together, and in shared mode
   with its jobs in other gates (``elsewhere``); at its cap its waiting jobs take no turn,
@@ -151,6 +155,7 @@ class _Host:
         "admitted",
         "last_work",
         "unload",
+        "read_at",
     )
 
     def __init__(self, backend: Backend, index: int) -> None:
@@ -166,6 +171,7 @@ class _Host:
         self.last_work: dict[str, float] = {}  # model -> its last job start or end here
         # Idle models loaded here that a new place replaced: to unload (``take_unloads``).
         self.unload: dict[str, None] = {}
+        self.read_at = float("-inf")  # when the catalogue's view last came (``observe``)
 
     @property
     def name(self) -> str:
@@ -374,6 +380,7 @@ class FleetScheduler(JobBook):
             placed_at=view.placed_at,
         )
         host.view = normalized
+        host.read_at = now
         for name in [name for name in host.unload if not self._resident(host, name)]:
             del host.unload[name]
         return self._pump(now)
@@ -650,7 +657,13 @@ class FleetScheduler(JobBook):
         """
         others = set(host.active) | host.others_active()
         if not forced and lane.name not in host.view.loaded:
-            others.update(self._held(host, now))
+            held = self._held(host, now)
+            if not self._placed_on(lane):
+                # A model with no place goes ahead of a copy: an idle copy holds nothing.
+                held = {
+                    name: until for name, until in held.items() if not self._elsewhere(name, host)
+                }
+            others.update(held)
         others.discard(lane.name)
         return len(others) < host.backend.max_models and host.fits(lane.name, others)
 
@@ -660,17 +673,67 @@ class FleetScheduler(JobBook):
 
         Such a model keeps its place for its own next jobs as a running one does: another
         model replaces it only once it has had no work for ``switch_after``, or by a
-        switch (a job of the other model waited ``switch_after``). A backend whose
-        loaded models are unknown holds none.
+        switch (a job of the other model waited ``switch_after``). Loaded means listed
+        by the last ``/api/ps`` reading, or, on a backend the catalogue has read, having
+        had a job there since that reading (a model that loaded and served before the
+        next reading is no less loaded). A backend whose models are unknown holds none.
         """
         held: dict[str, float] = {}
-        for name in host.view.loaded:
+        names = list(host.view.loaded)
+        if host.view.installed is not None:
+            names += [
+                name
+                for name, when in host.last_work.items()
+                if when > host.read_at and name not in host.view.loaded
+            ]
+        for name in names:
             if name in host.active:
                 continue
             until = host.last_work.get(name, float("-inf")) + self.switch_after
             if until > now:
                 held[name] = until
         return held
+
+    def _elsewhere(self, model: str, host: _Host) -> bool:
+        """Whether ``model`` holds a place on a healthy backend other than ``host``."""
+        return any(
+            model in other.active and other.view.healthy
+            for other in self._hosts
+            if other is not host
+        )
+
+    def _unplaced_could(self, host: _Host, lane: _Lane, now: float) -> bool:
+        """Whether a waiting model with no place anywhere could take a place on ``host``
+        without ``lane`` there, and not with it (count and VRAM, held models counted)."""
+        occupants = set(host.active) | host.others_active()
+        occupants.update(name for name in self._held(host, now) if not self._elsewhere(name, host))
+        without = occupants - {lane.name}
+        for other in self._queued.values():
+            if other is lane or self._placed_on(other):
+                continue
+            job = self._oldest_ready(other)
+            if job is None or not self._open(host, other, job.avoid):
+                continue
+            rest = without - {other.name}
+            if len(rest) < host.backend.max_models and host.fits(other.name, rest):
+                rest.add(lane.name)
+                if len(rest) >= host.backend.max_models or not host.fits(other.name, rest):
+                    return True
+        return False
+
+    def _yields(self, host: _Host, lane: _Lane, now: float) -> bool:
+        """Whether ``lane``'s place on ``host`` is a copy that gives way: ``lane`` has a
+        place on another healthy backend too, this is not its home (the backend where
+        most of its jobs run, then the first configured), and a waiting model with no
+        place could take this one (``_unplaced_could``). Its jobs then start at home, and
+        the place goes to that model once its jobs here end."""
+        if lane.admin or lane.name not in host.active:
+            return False
+        placed = self._placed_on(lane)
+        if len(placed) < 2 or host not in placed:
+            return False
+        home = max(placed, key=lambda other: (other.running_of(lane.name), -other.index))
+        return host is not home and self._unplaced_could(host, lane, now)
 
     def _tier(self, host: _Host, lane: _Lane) -> int:
         if lane.name in host.active or lane.name in host.view.loaded:
@@ -728,6 +791,8 @@ class FleetScheduler(JobBook):
                 # Running here (other gates' jobs included): its free slots are its own.
                 if target is not None or host.busy_of(lane.name) >= self._slots(host, lane.name):
                     continue
+                if self._yields(host, lane, now):
+                    continue
                 tier = TIER_LOADED
                 forced = False
             else:
@@ -739,6 +804,8 @@ class FleetScheduler(JobBook):
                 if not self._room(host, lane, now, forced=target is lane):
                     continue
                 tier = self._tier(host, lane)
+                if placed and self._unplaced_could(host, lane, now):
+                    continue  # a model with no place goes ahead of a copy
                 if placed and tier != TIER_LOADED:
                     # A copy loads the model only for a deep queue, and evicts only idle
                     # models that no job waits for.
@@ -811,6 +878,8 @@ class FleetScheduler(JobBook):
         if not host.view.healthy:
             return
         if host.view.drain is not None and host.view.drain != lane.name:
+            return
+        if self._yields(host, lane, now):
             return
         slots = self._slots(host, lane.name)
         while lane.queue and host.busy_of(lane.name) < slots:

@@ -252,7 +252,9 @@ def test_vram_budget_counts_the_sizes_of_the_models_running_there() -> None:
     assert s.submit(1, "a", "x", 0.0) is RUNNING
     assert s.submit(2, "b", "x", 0.0) is RUNNING
     assert s.submit(3, "c", "x", 0.0) is WAITING  # 6 + 3 + 3 > 10
-    assert s.finish(2, 1.0) == [3]
+    assert s.finish(2, 1.0) == []  # b ran there since the last reading: loaded, held
+    installed = {"a": 6 * GB, "b": 3 * GB, "c": 3 * GB, "huge": 11 * GB}
+    assert s.observe("gpu", View(installed=installed, loaded={"a": 6 * GB}), 1.0) == [3]
     snap = s.snapshot(1.0)["backends"][0]
     assert snap["models"] == {
         "a:latest": {"running": 1, "slots": 1},
@@ -478,6 +480,45 @@ def test_a_copy_does_not_evict_a_model_that_had_work_within_the_switch_interval(
     assert s.tick(8.0) == [3]  # then the copy opens and other makes way
     assert where(s, 3) == "b"
     assert s.snapshot(8.0)["backends"][1]["activations"] == 2  # other once, then m
+
+
+def test_a_model_that_ran_since_the_last_reading_is_held_though_the_reading_lacks_it() -> None:
+    # It loaded and served between two /api/ps readings: idle for an instant, its place
+    # is still its own, not room for a copy of a busier model.
+    installed = {"m": GB, "light": GB}
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=2, switch_after=10.0)
+    s.observe("a", View(installed=installed), 0.0)
+    s.observe("b", View(installed=installed), 0.0)
+    assert s.submit(1, "light", "x", 0.0) is RUNNING
+    assert where(s, 1) == "a"
+    assert s.submit(2, "m", "y", 0.0) is RUNNING
+    assert where(s, 2) == "b"
+    for job in (3, 4, 5):
+        assert s.submit(job, "m", f"c{job}", 0.0) is WAITING  # deep: a copy would open
+    assert s.finish(1, 1.0) == []  # light is held on a (no reading lists it yet)
+    assert s.submit(6, "light", "x", 1.0) is RUNNING  # its next job takes its place back
+    assert where(s, 6) == "a"
+    assert s.snapshot(1.0)["backends"][0]["activations"] == 1
+
+
+def test_a_copy_gives_its_place_up_to_a_model_that_has_none() -> None:
+    s = FleetScheduler([backend("a"), backend("b")], copy_depth=2, switch_after=10.0)
+    s.observe("a", View(installed={"m": GB, "late": GB}), 0.0)
+    s.observe("b", View(installed={"m": GB, "late": GB}), 0.0)
+    assert s.submit(1, "m", "x", 0.0) is RUNNING
+    for job in (2, 3, 4, 5):
+        assert s.submit(job, "m", f"c{job}", 0.0) is WAITING
+    assert s.tick(0.0) == [2]  # a deep queue: a copy of m takes b, the last free place
+    assert {where(s, 1), where(s, 2)} == {"a", "b"}
+    assert s.submit(6, "late", "z", 0.5) is WAITING  # no place anywhere: one of m's yields
+    assert s.finish(1, 1.0) == [6]  # the first of m's places to free goes to late ...
+    assert where(s, 6) == "a"
+    assert s.finish(2, 1.5) == [3]  # ... and m goes on in the other one
+    assert where(s, 3) == "b"
+    assert s.finish(6, 2.0) == []  # late is held on a; m, still deep, takes no place there
+    assert s.snapshot(2.0)["backends"][0]["models"] == {}
+    assert s.submit(7, "late", "z", 2.5) is RUNNING
+    assert where(s, 7) == "a"
 
 
 def test_a_model_waits_for_a_held_place_until_its_switch_is_due() -> None:
@@ -767,6 +808,7 @@ class FleetMachine:
         self.residency = residency
         self.loaded: dict[str, dict[str, None]] = {name: {} for name in self.backends}
         self.last_work: dict[tuple[str, str], float] = {}
+        self.read_at = dict.fromkeys(self.backends, 0.0)  # each backend's last reading
         for name in self.backends:
             self.s.observe(name, View(installed=self.installed[name]), 0.0)
         self.switch_after, self.job_max = switch_after, job_max
@@ -861,14 +903,21 @@ class FleetMachine:
             backend.vram is not None and sum(SIZES[m] for m in loaded) > backend.vram
         ):
             del loaded[next(m for m in loaded if m not in busy)]
-        self.apply(self.s.observe(name, self.view(name), self.now))
+        self.read(name)
 
     def held(self, name: str) -> bool:
-        """Whether an idle model loaded on ``name`` had work there within switch_after."""
+        """Whether an idle model loaded on ``name`` had work there within switch_after;
+        loaded: per the last reading, or run there since it."""
+        since = {m for (b, m), t in self.last_work.items() if b == name and t > self.read_at[name]}
         return any(
             self.last_work.get((name, model), -math.inf) + self.switch_after > self.now
-            for model in self.loaded[name]
+            for model in set(self.loaded[name]) | since
         )
+
+    def read(self, name: str) -> None:
+        """The catalogue's reading of ``name`` reaches the placement."""
+        self.read_at[name] = self.now
+        self.apply(self.s.observe(name, self.view(name), self.now))
 
     def capped(self, client: str) -> bool:
         """Whether ``client`` runs as many jobs as its cap allows (it may start none)."""
@@ -923,7 +972,7 @@ class FleetMachine:
         job = self.running[job_id]
         self.note_caps()
         self.healthy[job.backend] = False
-        self.apply(self.s.observe(job.backend, self.view(job.backend), self.now))
+        self.read(job.backend)
         self.failed.setdefault(job_id, set()).add(job.backend)
         self.waiting[job_id] = self.running.pop(job_id)
         self.apply(self.s.retry(job_id, self.now))
@@ -971,7 +1020,7 @@ class FleetMachine:
     def heal(self, pick: int) -> None:
         name = picked(self.backends, pick)
         self.healthy[name] = True
-        self.apply(self.s.observe(name, self.view(name), self.now))
+        self.read(name)
         self.drop_unavailable()
 
     def view(self, name: str) -> View:
@@ -1063,7 +1112,7 @@ class FleetMachine:
     def heal_all(self) -> None:
         for name in self.backends:
             self.healthy[name] = True
-            self.apply(self.s.observe(name, self.view(name), self.now))
+            self.read(name)
 
     def teardown(self) -> None:
         if not hasattr(self, "s"):
