@@ -15,7 +15,8 @@ for the same examples and steps. What RuleBasedStateMachine does for finding and
 shrinking is kept:
 
 * rule arguments are lists of values (their product makes the rule's steps, one draw;
-  repeat a value to weight it) or strategies (drawn after it, for values such as floats);
+  repeat a value to weight it; at most TABLE_MAX of them) or strategies (drawn after it,
+  for values such as floats);
 * a rule picks among the steps the machine can take now (a job to finish) by a number
   drawn with it (``pick``), not by a second draw;
 * each run enables a random subset of the rules, as hypothesis' swarm testing does (all
@@ -88,7 +89,12 @@ def picked(pool: Collection[T], pick: int) -> T:
     return items[pick % len(items)]
 
 
-PICK = range(256)  # a rule's ``pick`` argument: a few hundred values, any pool size
+# A rule's ``pick`` argument: more values than a pool of the machines ever holds, few
+# enough that a rule with four other choices keeps to TABLE_MAX steps.
+PICK = range(63)
+# Hypothesis draws an index uniformly only up to 256 (beyond, smaller ones are likelier):
+# a rule's table of steps holds at most this many; draw more arguments as strategies.
+TABLE_MAX = 257
 
 
 def _marked(machine: type, mark: str) -> dict[str, Any]:
@@ -121,7 +127,10 @@ def _runs(machine: type, step_count: int) -> SearchStrategy[Any]:
             (name, dict(zip(listed, values, strict=True)))
             for values in itertools.product(*listed.values())
         ]
-        tables[name] = st.sampled_from([STOP, PASS, *table] if index == 0 else table)
+        steps = [STOP, PASS, *table] if index == 0 else table
+        if len(steps) > TABLE_MAX:
+            raise ValueError(f"{machine.__name__}.{name}: {len(steps)} steps, over {TABLE_MAX}")
+        tables[name] = st.sampled_from(steps)
         strategies = {k: v for k, v in rules[name].items() if k not in listed}
         drawn[name] = st.fixed_dictionaries(strategies) if strategies else None
     every = tuple(names)

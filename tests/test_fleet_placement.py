@@ -157,7 +157,7 @@ class SideBySide:
         return outcomes[0]
 
     @rule(
-        model=["a", "b", "c", "d"] + [f"m{i}" for i in range(20)],
+        model=st.sampled_from(["a", "b", "c", "d"] + [f"m{i}" for i in range(20)]),
         client=["x", "y", "z"],
         admin=[False, False, False, True],
         priority=["interactive", "normal", "normal", "batch"],

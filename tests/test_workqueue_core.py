@@ -889,7 +889,7 @@ class SchedulerMachine:
         assert self.s.tick(now) == [], "time alone started a job"
 
     @rule(
-        model=MODELS,
+        model=st.sampled_from(MODELS),
         client=CLIENTS,
         admin=[False, False, False, True],
         count=range(1, 5),
