@@ -284,13 +284,14 @@ def flood(nginx: Nginx, source: str, want_refused: int, cap: int = 20000) -> Cou
 
 def test_a_one_address_flood_is_cut_by_nginx_before_the_gate(
     fake: FakeOllama,
-    gate_factory: Callable[..., Gate],
+    _proxied_pair: tuple[Gate, Nginx],
     nginx_factory: Callable[..., Nginx],
 ) -> None:
     """limit_req of the shipped file, its rate lowered to 20 a second (bursts of 20) so
     that a flood from this test's client outpaces it on any machine; at the shipped 300 a
-    second, a client on a busy test machine gets no further than the gate serves."""
-    gate = gate_factory(fake.url, {"GATE_TRUSTED_PROXIES": "1"})
+    second, a client on a busy test machine gets no further than the gate serves. The
+    module's gate, behind an nginx of this test's own."""
+    gate, _ = _proxied_pair
     nginx = nginx_factory(
         gate,
         edits=(
@@ -318,6 +319,7 @@ def test_a_one_address_flood_is_cut_by_nginx_before_the_gate(
             response.read()
     finally:
         conn.close()
+    gate.assert_idle()
 
 
 def test_ordinary_traffic_passes_the_shield(proxied: Nginx, fake: FakeOllama) -> None:
