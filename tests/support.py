@@ -68,7 +68,7 @@ def compile_ahead(config: pytest.Config) -> None:
         if path.suffix == ".py":
             compileall.compile_file(path, quiet=2)
         elif (path / "__init__.py").is_file():
-            compileall.compile_dir(path, quiet=2, rx=skip)
+            compileall.compile_dir(path, maxlevels=0, quiet=2, rx=skip)  # not node_modules
     if config.getoption("assertmode") == "rewrite":
         for path in sorted((ROOT / "tests").glob("*.py")):
             if skip.search(str(path)):
