@@ -79,7 +79,7 @@ def test_the_demo_serves_a_fleet_of_two_backends_on_gate_bind(tmp_path: Path) ->
     env["GATE_BIND"] = f"127.0.0.1:{port}"
     with (tmp_path / "demo.err").open("w+") as err:  # the gate's log: more than a pipe holds
         with subprocess.Popen(
-            [*DEMO, "--duration", "6", "--clients", "2"],
+            [*DEMO, "--duration", "8", "--clients", "2"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
