@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from errors import ClientShareFull, QueueFull
@@ -342,6 +342,15 @@ test_caps_hold_in_random_runs = machine_test(CapsMachine, max_examples=300, step
 
 
 CAPS: dict[str, int | None] = {"c0": 1, "c1": 2, "c2": None}
+# (kind, model: m1 m2 m3 admin, client: c0 c1 c2, ms later, class); a finish ends the
+# oldest live job. c0's m2 job ends while c0 waits for m1 and for m2, both holding a place.
+TWO_RUNNING_MODELS = [
+    ("submit", 1, 0, 0, "interactive"),
+    ("submit", 0, 0, 0, "interactive"),
+    ("submit", 0, 1, 0, "interactive"),
+    ("submit", 1, 0, 0, "interactive"),
+    ("finish", 0, 0, 0, "interactive"),
+]
 
 
 @settings(max_examples=example_count(150), deadline=None)
@@ -361,6 +370,7 @@ CAPS: dict[str, int | None] = {"c0": 1, "c1": 2, "c2": None}
     st.integers(1, 2),
     st.sampled_from([0.5, 60.0]),  # GATE_PRIORITY_AGING
 )
+@example(events=TWO_RUNNING_MODELS, concurrency=2, max_active=2, aging=0.5)
 def test_the_lua_scripts_cap_running_jobs_as_core_does(
     redis_server: RedisServer,
     events: list[tuple[str, int, int, int, str]],
@@ -370,6 +380,31 @@ def test_the_lua_scripts_cap_running_jobs_as_core_does(
 ) -> None:
     """Random submits and finishes of capped clients of every priority class: the same
     outcomes and jobs started."""
+    lua_and_core_alike(redis_server, events, concurrency, max_active, aging)
+
+
+def test_models_holding_a_place_take_their_jobs_in_the_order_they_took_it(
+    redis_server: RedisServer,
+) -> None:
+    """c0 (capped at 1) waits for m1 and for m2, which both hold a place; its m2 job ends:
+    its next job to start is the one of the model that took its place first (m2), as in
+    the core, whatever order Redis keeps a set's members in (a hash order: each pair of
+    names below falls one way or the other)."""
+    for n in range(16):
+        models = (f"one{n}", f"two{n}", "m3", "admin")
+        lua_and_core_alike(redis_server, TWO_RUNNING_MODELS, 2, 2, 0.5, models)
+
+
+def lua_and_core_alike(
+    redis_server: RedisServer,
+    events: list[tuple[str, int, int, int, str]],
+    concurrency: int,
+    max_active: int,
+    aging: float,
+    models: tuple[str, ...] = ("m1", "m2", "m3", "admin"),
+) -> None:
+    """Apply ``events`` to the core and to the Lua scripts: the same outcomes, the same
+    jobs started, the same counts."""
     options = dict(
         concurrency=concurrency,
         max_active_models=max_active,
@@ -393,7 +428,7 @@ def test_the_lua_scripts_cap_running_jobs_as_core_does(
         for n, (kind, index, who, later, priority) in enumerate(events):
             now += later
             if kind == "submit":
-                job, model, name = f"j{n}", ["m1", "m2", "m3", "admin"][index], f"c{who}"
+                job, model, name = f"j{n}", models[index], f"c{who}"
                 admin = model == "admin"
                 cap = CAPS[name]
                 try:

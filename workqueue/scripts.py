@@ -226,7 +226,9 @@ local function start(id, lane, notify)
   redis.call('HINCRBY', P .. 'cr', redis.call('HGET', job, 'client'), 1)
   redis.call('HINCRBY', P .. 'pc', 'r' .. (redis.call('HGET', job, 'pri') or '1'), 1)
   redis.call('SADD', P .. 'run:' .. lane, id)
-  if lane ~= 'a' then redis.call('SADD', P .. 'active', lane) end
+  if lane ~= 'a' and redis.call('SADD', P .. 'active', lane) == 1 then
+    redis.call('HSET', P .. 'placed', lane, redis.call('INCR', P .. 'pseq'))
+  end
   redis.call('ZADD', P .. 'leases', now + LEASE, id)
   redis.call('HINCRBY', P .. 'stats', 'admitted', 1)
   if notify then
@@ -248,19 +250,36 @@ local function fill(lane)
   end
 end
 
+local function placed()
+  -- The model lanes holding a place, in the order they took it (core.Scheduler._active):
+  -- a set's members come in hash order.
+  local lanes = redis.call('SMEMBERS', P .. 'active')
+  local order = {}
+  for _, lane in ipairs(lanes) do
+    order[lane] = tonumber(redis.call('HGET', P .. 'placed', lane) or '0')
+  end
+  table.sort(lanes, function(a, b)
+    if order[a] ~= order[b] then return order[a] < order[b] end
+    return a < b
+  end)
+  return lanes
+end
+
 local function pump()
   fill('a')
   while true do
     local target = switch_target()
     if not target then
-      -- Affinity: running models take their own waiting jobs first.
-      for _, lane in ipairs(redis.call('SMEMBERS', P .. 'active')) do fill(lane) end
+      -- Affinity: running models take their own waiting jobs first, in the order they
+      -- took their places (a capped client's next job may be in more than one).
+      for _, lane in ipairs(placed()) do fill(lane) end
     end
     -- A model holds its place while it has running jobs (kept through the fill above,
     -- so a model that just drained takes its own waiting jobs before any other model).
     for _, lane in ipairs(redis.call('SMEMBERS', P .. 'active')) do
       if redis.call('SCARD', P .. 'run:' .. lane) == 0 then
         redis.call('SREM', P .. 'active', lane)
+        redis.call('HDEL', P .. 'placed', lane)
       end
     end
     if redis.call('SCARD', P .. 'active') >= MAX_ACTIVE then return end
