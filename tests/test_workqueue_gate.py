@@ -211,11 +211,15 @@ def test_lone_client_is_served_behind_anothers_flood(
 ) -> None:
     gate = gate_factory(fake.url, {"GATE_QUEUE_MAX_PER_CLIENT": "50"})
     job = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "4"}  # 0.4 s a job
+    first = {"X-Fake-Token-Interval": "0.1", "X-Fake-Tokens": "30"}  # 3 s: the rest queue
     with ThreadPoolExecutor(9) as pool:
-        flood = [
-            pool.submit(generate, gate, "m1", prompt=f"flood{i}", headers=job) for i in range(8)
+        # The flood's first job runs, the rest wait behind it (while it runs: on a busy
+        # machine seven 0.4 s jobs could take longer to arrive than one takes to run).
+        flood = [pool.submit(generate, gate, "m1", prompt="flood0", headers=first)]
+        fake.wait_for(lambda s: s["in_flight"].get("m1:latest") == 1, timeout=10)
+        flood += [
+            pool.submit(generate, gate, "m1", prompt=f"flood{i}", headers=job) for i in range(1, 8)
         ]
-        # The flood's first job runs, the rest wait behind it.
         wait_for_queue(gate, waiting=7, running=1)
         lone = pool.submit(generate, gate, "m1", prompt="lone", headers=job, source="127.0.0.2")
         assert lone.result()[0] == 200
