@@ -1234,7 +1234,29 @@ class FleetCapsMachine(FleetMachine):
                 if not here or not self.healthy[name] or name in self.failed.get(job_id, ()):
                     continue
                 slots = self.backends[name].model_concurrency
+                if here < slots and self.gives_way(name, job.model):
+                    event("a copy's place gives way")
+                    continue
                 assert here == slots or row["draining_for"] is not None, ("slot idle", name, job)
+
+    def gives_way(self, name: str, model: str) -> bool:
+        """Whether ``model``'s place on ``name`` may be a copy that gives way (it takes no
+        new jobs there): the model runs on another healthy backend too, and a job whose
+        client is below its cap waits for a model that runs on no healthy backend and
+        could run on ``name``."""
+        if not any(
+            job.model == model and job.backend != name and self.healthy[job.backend]
+            for job in self.running.values()
+        ):
+            return False
+        placed = {job.model for job in self.running.values() if self.healthy[job.backend]}
+        return any(
+            job.model not in placed
+            and not self.capped(job.client)
+            and self.could_run(job.model, name)
+            and name not in self.failed.get(job_id, ())
+            for job_id, job in self.waiting.items()
+        )
 
     def teardown(self) -> None:
         """Every job waiting at the end runs once the backends are up: none is left behind."""
