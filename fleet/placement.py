@@ -50,7 +50,11 @@ Rules (docs/DESIGN.md, "Placement"), as implemented here:
   and win their model no place, copy, reservation or switch, and count for no queue
   depth, until one of its jobs ends.
 * A job whose backend failed before it answered goes back to its place in the queue
-  (``retry``), never to be placed on that backend again.
+  (``retry``), never to be placed on that backend again. It holds back no job where it
+  may not run: later jobs of its model take the slots and places there (``_avoid``);
+  and its model's places only on backends that failed it are none for it
+  (``_placed_for``): its model takes a new place, reserves and switches for it as a
+  model with no place does.
 * Failover: a waiting job whose model no healthy backend could run (every backend that
   has it is down, or failed this job) leaves the queue (``drop_unavailable``), counted
   under "model_unavailable", for the caller to answer 503 as the admission path does.
@@ -311,8 +315,11 @@ class FleetScheduler(JobBook):
         """
         job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
         lane, now = job.lane, job.submitted
-        # Ahead of nobody: only where no job that may run waits in its lane already.
-        may_start = self._clients.recap(client, max_running) and self._oldest_ready(lane) is None
+        # Ahead of nobody: only where no job that may run there waits in its lane already
+        # (jobs placed again may not go back where they failed: ``_choose``).
+        may_start = self._clients.recap(client, max_running) and (
+            self._oldest_ready(lane) is None or bool(self._avoid(lane))
+        )
         if admin:
             if may_start and len(lane.running) < self.admin_concurrency:
                 self._start(job, now)
@@ -584,6 +591,19 @@ class FleetScheduler(JobBook):
         """The healthy backends where ``lane`` holds a place (a failed one's do not count)."""
         return [host for host in self._hosts if lane.name in host.active and host.view.healthy]
 
+    def _placed_for(self, lane: _Lane) -> list[_Host]:
+        """``_placed_on``, less the backends its oldest waiting job (whose client may run)
+        failed once: for a job placed again, a place its model has only where it failed
+        is none, and the model takes a new place (or a switch) for it as for a model with
+        no place."""
+        placed = self._placed_on(lane)
+        if not placed:
+            return placed
+        job = self._oldest_ready(lane)
+        if job is None or not job.avoid:
+            return placed
+        return [host for host in placed if host.name not in job.avoid]
+
     def _target(self, host: _Host, now: float) -> _Lane | None:
         """The model ``host`` drains for at ``now``, if a switch is due there."""
         due = self._switch_due(host)
@@ -625,6 +645,22 @@ class FleetScheduler(JobBook):
         job: _Job | None = lane.queue.oldest_ready(None, self._clients.may_run)
         return job
 
+    def _avoid(self, lane: _Lane) -> frozenset[str]:
+        """The backends that every waiting job of ``lane`` whose client is below its cap
+        failed once (``retry``): the lane may take any other, for the jobs that may run
+        there. Only a job placed again avoids any: usually the oldest avoids none."""
+        job = self._oldest_ready(lane)
+        if job is None or not job.avoid:
+            return frozenset()
+        avoid = job.avoid
+        may_run = self._clients.may_run
+        for other in lane.queue.jobs.values():
+            if other.avoid != avoid and may_run(other.client):
+                avoid = avoid & other.avoid
+                if not avoid:
+                    break
+        return avoid
+
     def _waits_for(self, model: str) -> bool:
         """Whether a job that may run (its client below its cap) waits for ``model``."""
         lane = self._queued.get(model)
@@ -641,10 +677,10 @@ class FleetScheduler(JobBook):
                 order = self._order(lane)
                 if order > best_order:
                     continue
-            if self._placed_on(lane):
+            if self._placed_for(lane):
                 continue
             job = self._oldest_ready(lane)
-            if job is not None and self._open(host, lane, job.avoid):
+            if job is not None and self._open(host, lane, self._avoid(lane)):
                 best, best_order = lane, order
         return best
 
@@ -658,7 +694,7 @@ class FleetScheduler(JobBook):
         others = set(host.active) | host.others_active()
         if not forced and lane.name not in host.view.loaded:
             held = self._held(host, now)
-            if not self._placed_on(lane):
+            if not self._placed_for(lane):
                 # A model with no place goes ahead of a copy: an idle copy holds nothing.
                 held = {
                     name: until for name, until in held.items() if not self._elsewhere(name, host)
@@ -709,10 +745,10 @@ class FleetScheduler(JobBook):
         occupants.update(name for name in self._held(host, now) if not self._elsewhere(name, host))
         without = occupants - {lane.name}
         for other in self._queued.values():
-            if other is lane or self._placed_on(other):
+            if other is lane or self._placed_for(other):
                 continue
             job = self._oldest_ready(other)
-            if job is None or not self._open(host, other, job.avoid):
+            if job is None or not self._open(host, other, self._avoid(other)):
                 continue
             rest = without - {other.name}
             if len(rest) < host.backend.max_models and host.fits(other.name, rest):
@@ -723,13 +759,13 @@ class FleetScheduler(JobBook):
 
     def _yields(self, host: _Host, lane: _Lane, now: float) -> bool:
         """Whether ``lane``'s place on ``host`` is a copy that gives way: ``lane`` has a
-        place on another healthy backend too, this is not its home (the backend where
-        most of its jobs run, then the first configured), and a waiting model with no
-        place could take this one (``_unplaced_could``). Its jobs then start at home, and
-        the place goes to that model once its jobs here end."""
+        place on another healthy backend too (``_placed_for``), this is not its home (the
+        backend where most of its jobs run, then the first configured), and a waiting
+        model with no place could take this one (``_unplaced_could``). Its jobs then
+        start at home, and the place goes to that model once its jobs here end."""
         if lane.admin or lane.name not in host.active:
             return False
-        placed = self._placed_on(lane)
+        placed = self._placed_for(lane)
         if len(placed) < 2 or host not in placed:
             return False
         home = max(placed, key=lambda other: (other.running_of(lane.name), -other.index))
@@ -752,14 +788,13 @@ class FleetScheduler(JobBook):
         for other in self._queued.values():
             if other is lane or self._order(other) > key:
                 continue
-            if self._placed_on(other):
+            if self._placed_for(other):
                 continue
             oldest = self._oldest_ready(other)
             if oldest is None:
                 continue  # only jobs of clients at their running cap: they reserve nothing
-            reserved.update(
-                host.name for host in self._hosts if self._open(host, other, oldest.avoid)
-            )
+            avoid = self._avoid(other)
+            reserved.update(host.name for host in self._hosts if self._open(host, other, avoid))
         return reserved
 
     def _choose(
@@ -774,17 +809,25 @@ class FleetScheduler(JobBook):
         """The best backend for ``lane``'s next job and whether taking it forces a switch.
 
         A new job (``new_job``) goes ahead of nobody: only backends where it may start
-        without a place that an older job should get. ``targets`` are the models each
-        backend drains for, as found before the places that just freed were given up.
+        without a place that an older job should get, and where none of its lane's
+        waiting jobs may run (a job placed again may not where it failed). ``targets``
+        are the models each backend drains for, as found before the places that just
+        freed were given up.
         """
-        job = self._oldest_ready(lane)
-        avoid = job.avoid if job is not None else frozenset()
-        placed = self._placed_on(lane)
+        avoid = self._avoid(lane)
+        only: frozenset[str] | None = None  # the backends a new job may take
+        if new_job:
+            if self._oldest_ready(lane) is not None:
+                only = avoid
+                if not only:
+                    return None
+            avoid = frozenset()
+        placed = self._placed_for(lane)
         depth = lane.queue.count_ready(self._clients.may_run) + (1 if new_job else 0)
         running_slots = sum(self._slots(host, lane.name) for host in placed)
         best: tuple[tuple[float, ...], _Host, bool] | None = None
         for host in self._hosts:
-            if not self._open(host, lane, avoid):
+            if not self._open(host, lane, avoid) or (only is not None and host.name not in only):
                 continue
             target = targets[host.name] if targets is not None else self._target(host, now)
             if lane.name in host.active or lane.name in host.view.others:
@@ -859,13 +902,14 @@ class FleetScheduler(JobBook):
                 before = len(started)
                 self._fill(host, lane, now, started)
                 return len(started) > before
-            if not self._placed_on(lane):
+            if not self._placed_for(lane):
                 # Younger models take no new place where this one could run; a backend
                 # draining for a switch gives its next place to its target anyway.
+                avoid = self._avoid(lane)
                 reserved.update(
                     host.name
                     for host in self._hosts
-                    if targets[host.name] is None and self._open(host, lane, oldest.avoid)
+                    if targets[host.name] is None and self._open(host, lane, avoid)
                 )
         return False
 

@@ -430,6 +430,93 @@ def test_a_retried_job_never_goes_back_to_the_backend_that_failed_it() -> None:
     assert where(s, 1) == "b"
 
 
+def failed_on_pinned_backend(*, keep_running: bool) -> FleetScheduler:
+    """b1 runs anything but is full with x's job of a (x capped at 1); b2 is pinned to c
+    (``c:*``, 2 slots) and runs y's jobs c1 and c2; c1 fails there, b2 goes down, c1 waits
+    to be placed again (b1 busy) and b2 heals. ``keep_running``: c2 still runs on b2 then
+    (c keeps its place there), else it ended while b2 was down."""
+    s = FleetScheduler([backend("b1"), backend("b2", slots=2, models=("c:*",))])
+    assert s.submit("a1", "a", "x", 0.0, max_running=1) is RUNNING
+    assert s.submit("c1", "c", "y", 0.0) is RUNNING
+    assert s.submit("c2", "c", "y", 0.0) is RUNNING
+    assert (where(s, "a1"), where(s, "c1"), where(s, "c2")) == ("b1", "b2", "b2")
+    assert s.observe("b2", View(healthy=False), 1.0) == []
+    assert s.retry("c1", 1.0) == []  # never on b2 again; b1 has no room
+    assert s.drop_unavailable(1.0) == ([], [])  # b1 could run it
+    if not keep_running:
+        assert s.finish("c2", 1.0) == []
+    assert s.observe("b2", View(), 2.0) == []  # healed: nothing waits that may go there
+    return s
+
+
+@pytest.mark.parametrize("keep_running", [True, False])
+def test_a_job_placed_again_does_not_hold_back_jobs_behind_it_where_it_may_not_go(
+    keep_running: bool,
+) -> None:
+    # A new job of c, from an uncapped client, takes b2 at once: the job waiting ahead of
+    # it (placed again) may not run there, so the new job goes ahead of nobody there. With
+    # c still running on b2 it takes c's free slot; else c's place there.
+    s = failed_on_pinned_backend(keep_running=keep_running)
+    assert s.submit("c3", "c", "z", 3.0) is RUNNING
+    assert where(s, "c3") == "b2"
+    # x is at its cap: its job of c waits, taking nothing; z's next takes the last slot
+    # (or waits for it).
+    assert s.submit("c4", "c", "x", 3.0, max_running=1) is WAITING
+    assert s.submit("c5", "c", "z", 3.0) is (WAITING if keep_running else RUNNING)
+    assert s.tick(3.0) == []
+    if keep_running:
+        assert s.finish("c2", 4.0) == ["c5"]  # c5's turn: c1 may not run on b2, x is capped
+    # b1 frees: c1, placed again, goes first (and x's own job ended: its c4 may run).
+    assert s.finish("a1", 5.0) == ["c1"]
+    assert where(s, "c1") == "b1"
+    assert s.finish("c3", 6.0) == ["c4"]
+    assert where(s, "c4") == "b2"
+    for job_id in ("c1", "c4", "c5"):
+        assert s.finish(job_id, 7.0) == []
+    assert s.idle()
+
+
+@pytest.mark.parametrize("keep_running", [True, False])
+def test_jobs_waiting_behind_a_job_placed_again_take_the_healed_backend(
+    keep_running: bool,
+) -> None:
+    # c3 waited while b2 was down (submitted after c1 failed); the heal lets it start
+    # there, though c1, ahead of it, may not.
+    s = FleetScheduler([backend("b1"), backend("b2", slots=2, models=("c:*",))])
+    assert s.submit("a1", "a", "x", 0.0, max_running=1) is RUNNING
+    assert s.submit("c1", "c", "y", 0.0) is RUNNING
+    assert s.submit("c2", "c", "y", 0.0) is RUNNING
+    assert s.observe("b2", View(healthy=False), 1.0) == []
+    assert s.retry("c1", 1.0) == []
+    assert s.submit("c3", "c", "z", 1.0) is WAITING  # b2 is down, b1 busy
+    if not keep_running:
+        assert s.finish("c2", 1.5) == []
+    assert s.observe("b2", View(), 2.0) == ["c3"]
+    assert where(s, "c3") == "b2"
+    assert s.job_state("c1") is WAITING
+
+
+def test_a_job_placed_again_whose_model_runs_only_where_it_failed_takes_a_place_elsewhere() -> None:
+    # c runs on b2 only, where c1 failed: for c1 that is no place, so b1 is not a copy
+    # of c waiting for a deep queue. c1 forces a switch there as a model with no place
+    # does, and takes b1 once it drains, while c's other jobs keep b2 busy.
+    s = failed_on_pinned_backend(keep_running=True)
+    assert s.pending_switch(9.0) is None
+    assert s.pending_switch(10.0) == ("c:latest", ["a:latest"])
+    assert s.submit("a2", "a", "x", 10.0) is WAITING  # b1 drains for c
+    assert s.submit("c3", "c", "z", 10.0) is RUNNING  # c's free slot on b2
+    assert where(s, "c3") == "b2"
+    assert s.finish("a1", 11.0) == ["c1"]
+    assert where(s, "c1") == "b1"
+    assert s.finish("c1", 12.0) == ["a2"]
+
+
+def test_a_job_placed_again_takes_a_free_backend_though_its_model_runs_where_it_failed() -> None:
+    s = failed_on_pinned_backend(keep_running=True)
+    assert s.finish("a1", 3.0) == ["c1"]
+    assert where(s, "c1") == "b1"
+
+
 def test_a_second_copy_opens_for_a_deep_queue_and_closes_when_it_drains() -> None:
     s = FleetScheduler([backend("a", max_models=2), backend("b", max_models=2)], copy_depth=2)
     s.observe("a", View(loaded={"m": GB}), 0.0)
@@ -846,7 +933,7 @@ class FleetMachine:
             self.no_job_placed_again_passed_over(job_id, job, where.name)
             self.first_start.setdefault(job_id, next(self.starts))
             if not ended:
-                self.copies_bounded(job.model, where.name, waiting, places)
+                self.copies_bounded(job_id, job.model, where.name, waiting, places)
             waiting[job.model] -= 1
             places.add((where.name, job.model))
             if any(other.model == job.model for other in self.running.values()):
@@ -875,15 +962,29 @@ class FleetMachine:
                 assert not (usable and earlier), ("a job placed again passed over", other_id)
 
     def copies_bounded(
-        self, model: str, name: str, waiting: Counter[str], places: set[tuple[str, str]]
+        self,
+        job_id: Hashable,
+        model: str,
+        name: str,
+        waiting: Counter[str],
+        places: set[tuple[str, str]],
     ) -> None:
         """A model running on a healthy backend takes a new place on another (a copy) only
         where it is loaded already, or for a queue of at least copy_depth jobs per slot it
-        has: copies are bounded by the queue, not opened for every waiting job."""
+        has: copies are bounded by the queue, not opened for every waiting job. A place
+        only where a job placed again failed is none for it (no copy: a new place)."""
         if (name, model) in places:
             return
-        placed = [b for b, m in places if m == model and self.healthy[b]]
+        placed = {b for b, m in places if m == model and self.healthy[b]}
         if not placed:
+            return
+        if placed <= self.failed.get(job_id, set()) or any(
+            other.model == model
+            and not self.capped(other.client)
+            and placed <= self.failed.get(other_id, set())
+            for other_id, other in self.waiting.items()
+        ):
+            event("a new place for a job placed again")
             return
         event("a copy opened")
         view = self.s._by_name[name].view  # noqa: SLF001 - what the core thinks is loaded
@@ -1086,27 +1187,30 @@ class FleetMachine:
     @invariant()
     def no_backend_idles_while_a_job_it_could_run_waits(self) -> None:
         """An empty healthy backend that could run a waiting job's model is never left idle,
-        unless the model runs elsewhere (a copy waits for a deep queue) or failed there, or
-        an idle model loaded there is held (it had work within switch_after)."""
+        unless the model runs elsewhere where the job may run (a copy waits for a deep
+        queue), the job failed there, or an idle model loaded there is held (it had work
+        within switch_after). A job placed again holds back no job behind it, and a place
+        of its model only where it failed is none for it."""
         if not hasattr(self, "s"):
             return
         busy = {job.backend for job in self.running.values()}
-        for job in self.waiting.values():
+        for job_id, job in self.waiting.items():
             if self.capped(job.client):
                 continue  # it waits for its own client's jobs, holding nothing
+            failed = self.failed.get(job_id, set())
             if any(
-                j.model == job.model and j_id in self.failed for j_id, j in self.waiting.items()
-            ):
-                continue
-            if any(
-                other.model == job.model and self.healthy[other.backend]
+                other.model == job.model
+                and self.healthy[other.backend]
+                and other.backend not in failed
                 for other in self.running.values()
             ):
                 continue
             for name in self.backends:
-                if self.healthy[name] and name not in busy and self.held(name):
+                if not self.healthy[name] or name in busy or name in failed:
+                    continue
+                if self.held(name):
                     event("an idle backend holds a model")
-                elif self.healthy[name] and name not in busy:
+                else:
                     assert not self.could_run(job.model, name), ("idle backend", name, job)
 
     def heal_all(self) -> None:
