@@ -592,17 +592,17 @@ class FleetScheduler(JobBook):
         return [host for host in self._hosts if lane.name in host.active and host.view.healthy]
 
     def _placed_for(self, lane: _Lane) -> list[_Host]:
-        """``_placed_on``, less the backends its oldest waiting job (whose client may run)
-        failed once: for a job placed again, a place its model has only where it failed
-        is none, and the model takes a new place (or a switch) for it as for a model with
-        no place."""
+        """``_placed_on``, or none if its oldest waiting job (whose client may run) failed
+        on every one of them: for a job placed again, places its model has only where it
+        failed are none, and the model takes a new place (or a switch) for it as a model
+        with no place does."""
         placed = self._placed_on(lane)
         if not placed:
             return placed
         job = self._oldest_ready(lane)
         if job is None or not job.avoid:
             return placed
-        return [host for host in placed if host.name not in job.avoid]
+        return placed if any(host.name not in job.avoid for host in placed) else []
 
     def _target(self, host: _Host, now: float) -> _Lane | None:
         """The model ``host`` drains for at ``now``, if a switch is due there."""
@@ -759,13 +759,17 @@ class FleetScheduler(JobBook):
 
     def _yields(self, host: _Host, lane: _Lane, now: float) -> bool:
         """Whether ``lane``'s place on ``host`` is a copy that gives way: ``lane`` has a
-        place on another healthy backend too (``_placed_for``), this is not its home (the
-        backend where most of its jobs run, then the first configured), and a waiting
-        model with no place could take this one (``_unplaced_could``). Its jobs then
-        start at home, and the place goes to that model once its jobs here end."""
+        place on another healthy backend too (one its oldest job did not fail on), this
+        is not its home (the backend where most of its jobs run, then the first
+        configured), and a waiting model with no place could take this one
+        (``_unplaced_could``). Its jobs then start at home, and the place goes to that
+        model once its jobs here end."""
         if lane.admin or lane.name not in host.active:
             return False
-        placed = self._placed_for(lane)
+        placed = self._placed_on(lane)
+        job = self._oldest_ready(lane)
+        if job is not None and job.avoid:  # places where it failed are none for it
+            placed = [other for other in placed if other.name not in job.avoid]
         if len(placed) < 2 or host not in placed:
             return False
         home = max(placed, key=lambda other: (other.running_of(lane.name), -other.index))
