@@ -602,7 +602,9 @@ def test_two_gates_never_exceed_a_backends_slots_nor_its_models(
         queue = status(gate)["queue"]
         assert (queue["running"], queue["waiting"], queue["shared"]) == (0, 0, True)
         assert "Traceback" not in gate.logs()
-    assert shared_usage(redis_url, list(fakes)) == {name: {} for name in fakes}
+    wait_until(
+        "nothing held", lambda: shared_usage(redis_url, list(fakes)) == {name: {} for name in fakes}
+    )
 
 
 def test_a_killed_gates_slots_lapse_after_the_lease_and_the_other_proceeds(
@@ -642,7 +644,7 @@ def test_a_killed_gates_slots_lapse_after_the_lease_and_the_other_proceeds(
     wait_until("both grants reaped", lambda: reaped() >= 2)
     assert reaped() == 2
     wait_until("nothing held", lambda: status(two)["queue"]["running"] == 0)
-    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}})
 
 
 def test_a_paused_redis_falls_back_to_own_slots_and_counts_them_again_on_return(
@@ -705,7 +707,7 @@ def test_a_switch_due_on_one_gate_drains_the_backends_another_gate_keeps_busy(
     assert models[last_m2 + 1 :].count("m1:latest") >= 5, models
     for gate in (one, two):
         assert "Traceback" not in gate.logs()
-    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}})
 
 
 def test_a_backend_killed_under_two_gates_leaks_no_grant(
@@ -735,7 +737,7 @@ def test_a_backend_killed_under_two_gates_leaks_no_grant(
     for gate in (one, two):
         wait_until("nothing held", lambda gate=gate: status(gate)["queue"]["running"] == 0)
         assert status(gate)["queue"]["waiting"] == 0
-    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}})
     fakes["b"].start()
 
 
@@ -822,7 +824,7 @@ def test_the_admin_lane_is_shared_by_the_gates(
             assert b"success" in b"".join(lines)
             assert second.result().status_code == 200
     assert pulls() == 2
-    assert shared_usage(redis_url, ["\0admin"]) == {"\0admin": {}}
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["\0admin"]) == {"\0admin": {}})
 
 
 @pytest.fixture
@@ -900,7 +902,7 @@ def test_a_keys_max_running_holds_across_two_gates_and_two_backends(
         wait_until("nothing held", lambda gate=gate: status(gate)["queue"]["running"] == 0)
         assert status(gate)["queue"]["waiting"] == 0
         assert "Traceback" not in gate.logs()
-    assert shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}}
+    wait_until("nothing held", lambda: shared_usage(redis_url, ["a", "b"]) == {"a": {}, "b": {}})
     with redis.Redis.from_url(redis_url) as client:
         assert FleetGrants(client, lease=LEASE).client_counts() == {}
         assert not client.exists(KEY_PREFIX + "cro")
