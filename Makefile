@@ -30,7 +30,7 @@ run: install
 ## The suite writes bytecode even where PYTHONDONTWRITEBYTECODE is set, and compiles (and
 ## assertion-rewrites) the modules once before the workers start (tests/conftest.py), so that
 ## the workers and the gates they start load compiled modules instead of each compiling them.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 6
 test: dev-install system-deps js-deps lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
