@@ -263,29 +263,19 @@ def send(
     attempts_left = pool.size + 1
     while True:
         sock = pool.get_socket()
+        retry_on: tuple[type[Exception], ...]
         try:
             sock.sendall(request)
+            # Sent in full: a connection closed before the answer (the response releases
+            # the socket) is retried only when idempotent.
+            retry_on = (HTTPConnectionClosed,)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
                 pool.release_socket(sock)
                 raise
             # The connection broke while the request was sent: the server may have
             # answered early (a refusal) before closing; the response releases the socket.
-            try:
-                response = HTTPSocketPoolResponse(
-                    sock,
-                    pool,
-                    block_size=client.block_size,
-                    method=method,
-                    headers_type=client.headers_type,
-                )
-            except (OSError, HTTPParseError):
-                if attempts_left > 0 and _may_retry_after_send_error(method):
-                    attempts_left -= 1
-                    continue
-                raise
-            response._sent_request = head
-            return response
+            retry_on = (OSError, HTTPParseError)
         try:
             response = HTTPSocketPoolResponse(
                 sock,
@@ -294,8 +284,7 @@ def send(
                 method=method,
                 headers_type=client.headers_type,
             )
-        except HTTPConnectionClosed:
-            # Released by the response itself; sent in full, so retried only when idempotent.
+        except retry_on:
             if attempts_left > 0 and _may_retry_after_send_error(method):
                 attempts_left -= 1
                 continue
