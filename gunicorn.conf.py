@@ -46,6 +46,17 @@ keepalive = 75
 # test runs) on one host would fight over it, and the gate needs none of it.
 control_socket_disable = True
 
+# gunicorn believes no forwarding header from any peer: the only one the gate reads is
+# X-Forwarded-For, through GATE_TRUSTED_PROXIES (werkzeug's ProxyFix, app.py), and the
+# gate builds no absolute URL, so the scheme a proxy names changes nothing. gunicorn's
+# default trusts loopback peers' scheme headers instead, so that contradictory ones a
+# client sends through nginx (X-Forwarded-Proto: http beside X-Forwarded-Ssl: on) got
+# gunicorn's own HTML 400; "*" with nothing to trust also spares gunicorn parsing the
+# peer's address against a list on every request.
+forwarded_allow_ips = "*"
+secure_scheme_headers: dict[str, str] = {}
+forwarder_headers = ""
+
 errorlog = "-"
 loglevel = gate_settings.log_level
 # gunicorn's own access log stays off: the app writes GATE_ACCESS_LOG's lines when a

@@ -321,6 +321,35 @@ def test_usage_of_never_raises_and_counts_within_bounds(
     assert usage_of(record) == usage
 
 
+# --------------------------------------------------------------------------- forwarding headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Forwarded-Proto": "http", "X-Forwarded-Ssl": "on"},
+        {"X-Forwarded-Protocol": "ssl", "X-Forwarded-Proto": "http"},
+    ],
+    ids=["proto-vs-ssl", "protocol-vs-proto"],
+)
+def test_scheme_headers_a_client_sends_change_nothing(
+    gate: Gate, fake: FakeOllama, headers: dict[str, str]
+) -> None:
+    """gunicorn believes no peer's scheme headers, loopback included (nginx passes on what
+    a client sends): contradictory ones are no reason for an HTML 400 of gunicorn's own."""
+    for path in ("/api/tags", "/api/chat"):
+        body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+        kwargs: dict[str, Any] = {"json": {**body, "stream": False}} if path == "/api/chat" else {}
+        method = "POST" if path == "/api/chat" else "GET"
+        with requests.request(
+            method, gate.url + path, headers=headers, timeout=10, **kwargs
+        ) as resp:
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["Content-Type"].startswith("application/json")
+            doc = resp.json()
+        assert ("models" in doc) if path == "/api/tags" else doc["done"] is True
+
+
 # --------------------------------------------------------------------------- 502 and health
 
 
