@@ -219,7 +219,10 @@ class GateLimiter:
         app.after_request(self._add_headers)
         app.after_request(_filter_listing)
         app.register_error_handler(RateLimitExceeded, self._rate_limited)
-        call_finished.connect(self._spend_tokens, sender=app)
+        if self.keyring is not None or self.anon_tokens_per_minute:
+            # Without either no call ever spends a token budget (the keys file, which
+            # reload_keys re-reads, is the only source of per-key budgets).
+            call_finished.connect(self._spend_tokens, sender=app)
 
     def reload_keys(self) -> bool:
         """Re-read the keys file (SIGHUP, limiter.reload); a file that fails keeps the old keys.

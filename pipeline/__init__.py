@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from endpoints import EndpointClass
 from workqueue.core import DEFAULT_PRIORITY
 
-from .call import Call, usage_of
+from .call import Call, parse_json, usage_of
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -160,6 +160,7 @@ __all__ = [
     "QueueView",
     "Release",
     "Upstream",
+    "parse_json",
     "pipeline_of",
     "usage_of",
 ]

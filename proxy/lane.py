@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -36,7 +35,7 @@ from flask import Flask
 from werkzeug.wrappers import Response
 
 from endpoints import EMBED, INFERENCE, LIGHT, ROUTES, AmbiguousModel, EndpointClass, model_of
-from pipeline import Admit, Call, Identify, Upstream
+from pipeline import Admit, Call, Identify, Upstream, parse_json
 
 from .disconnect import ClientWatch
 from .upstream import Upstream as PooledUpstream
@@ -216,7 +215,7 @@ class LightLane:
         if len(body) < length:
             return None
         try:
-            payload = json.loads(body)
+            payload = parse_json(body)
         except (ValueError, RecursionError):
             return None
         try:
@@ -235,11 +234,18 @@ class LightLane:
             self.warm = True
 
 
+# Headers werkzeug's Response rewrites (IRIs to URIs), lower case.
+_REWRITTEN = frozenset({"location", "content-location"})
+
+
 def _plain(method: str, status: int, headers: list[tuple[str, str]]) -> bool:
     """A response werkzeug would pass on untouched (Response.get_wsgi_headers, get_app_iter)."""
     if method == "HEAD" or status < 200 or status in (204, 304):
         return False
-    return not any(k.lower() in ("location", "content-location") for k, _ in headers)
+    for name, _ in headers:
+        if name.lower() in _REWRITTEN:
+            return False
+    return True
 
 
 class _Failed(io.RawIOBase):

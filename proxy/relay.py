@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -27,8 +28,13 @@ class UpstreamBroken(Exception):
     """The upstream failed mid-body where no error record can be written: drop the connection."""
 
 
+@functools.lru_cache(maxsize=64)
 def stream_kind(content_type: str | None) -> str | None:
-    """'ndjson' or 'sse' for the streaming types whose failures get an error record, else None."""
+    """'ndjson' or 'sse' for the streaming types whose failures get an error record, else None.
+
+    Cached: the relay and the client's headers ask it of every answer, and an upstream
+    answers with few content types (bounded all the same: the upstream sends them).
+    """
     mime = (content_type or "").partition(";")[0].strip().lower()
     if mime == "application/x-ndjson":
         return "ndjson"
@@ -77,7 +83,8 @@ class Relay:
         self.resp = resp
         self.watch = watch
         self.call = call
-        self.kind = stream_kind(resp.header("content-type"))
+        content_type = resp.header("content-type")
+        self.kind = stream_kind(content_type)
         self.on_close = on_close
         # An answer without a body (to HEAD; 1xx, 204, 304) is whole once its headers are
         # out: werkzeug never iterates it.
@@ -89,7 +96,7 @@ class Relay:
         self.keep_body = (
             self.kind is None
             and call.cls in ("inference", "embed")
-            and "json" in (resp.header("content-type") or "")
+            and "json" in (content_type or "")
         )
         self._gen: Generator[bytes, None, None] = self._run()
         self.corked = False
@@ -168,7 +175,7 @@ class Relay:
             raise
         finally:
             if not (self.finished and self.corked):
-                self._finish()
+                self._finish(ending=True)
             # else: an answer all in, held back (corked) for gunicorn's last chunk, which
             # gunicorn writes next and then calls close(): close() lets it all out first
             # and only then ends the call, so that what ending it costs (the slot, the
@@ -184,15 +191,16 @@ class Relay:
             self._cork(False)
         self._finish()
 
-    def _finish(self) -> None:
-        """End the call: free the upstream connection and the slot, count it; once."""
+    def _finish(self, *, ending: bool = False) -> None:
+        """End the call: free the upstream connection and the slot, count it; once.
+
+        ``ending``: called from within ``_run`` as it ends, which cannot close itself.
+        """
         if self.closed:
             return
         self.closed = True
-        try:
+        if not ending:
             self._gen.close()
-        except ValueError:  # "generator already executing": called from within _run
-            pass
         if not self.finished and self.call.outcome == "ok":
             self.call.outcome = "client_gone"  # never iterated to the end by the server
         # Closes the upstream connection unless its body was read in full, so Ollama
@@ -204,7 +212,4 @@ class Relay:
             if self.on_close is not None:
                 self.on_close()
         finally:
-            # call_finished.send(self.app, call=self.call), less its check of each receiver
-            # for a coroutine function (a few µs a call): the gate's receivers are plain.
-            for receiver in call_finished.receivers_for(self.app):
-                receiver(self.app, call=self.call)
+            call_finished.send_call(self.app, self.call)

@@ -17,6 +17,9 @@ public way to give:
   pool asks the operating system's ``select`` instead, same answer, no switch.
 - the body bytes the response parser has read ahead (``_body_buffer``), so
   that NDJSON/SSE records that arrived together leave in one write.
+- the response's headers as the parser stores them (``_headers_index``, a dict
+  by lower-case name), so that reading one header costs one dict look-up, not
+  the library's case folding and copying of every value (``first_header``).
 - ``send``: ``HTTPClient.request`` for a request whose body is at hand whole
   (or absent), the common case. The library's request merges the headers
   twice into its case-insensitive ``Headers`` and builds the head through a
@@ -178,6 +181,24 @@ def read_ahead(raw: HTTPSocketPoolResponse) -> bytearray:
     on from what is left.
     """
     return raw._body_buffer
+
+
+_dict_get = dict.get
+
+
+def first_header(raw: HTTPSocketPoolResponse, name: str) -> str | None:
+    """The first value of the response header ``name`` (in lower case) as ``raw`` got it:
+    what ``raw.get(name)`` gives, or the first of the list it gives for a repeated header.
+
+    The parser's ``Headers`` is a dict of lower-case names, each holding one
+    ``(name, value)`` tuple or a list of them (a repeated header).
+    """
+    found = _dict_get(raw._headers_index, name)
+    if found is None:
+        return None
+    if isinstance(found, tuple):
+        return found[1]
+    return found[0][1] if found else None
 
 
 # Header names whose presence sends a request down the library's own path: HTTPClient adds,

@@ -19,7 +19,7 @@ from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from errors import UpstreamTimeout, UpstreamUnavailable
 
-from .transport import WatchedPool, read_ahead, send, watch_pool
+from .transport import WatchedPool, first_header, read_ahead, send, watch_pool
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,8 @@ class UpstreamResponse:
         self.headers: list[tuple[str, str]] = list(raw.items())
 
     def header(self, name: str) -> str | None:
-        value = self.raw.get(name)
-        if isinstance(value, list):
-            return value[0] if value else None
-        return value
+        """The first value of the header ``name`` (any case), None when it is absent."""
+        return first_header(self.raw, name.lower())
 
     def records(self, sep: bytes | None) -> Iterator[bytes]:
         """The body as it arrives: whole ``sep``-terminated records, or blocks when sep is None.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -26,7 +25,7 @@ from endpoints import (
     view_name,
 )
 from errors import BadRequest, BodyTooLarge
-from pipeline import Admit, Call, ClientDisconnected, Release, Upstream, pipeline_of
+from pipeline import Admit, Call, ClientDisconnected, Release, Upstream, parse_json, pipeline_of
 from workqueue.core import DEFAULT_PRIORITY, PRIORITY_HEADER
 
 from .disconnect import ClientWatch
@@ -149,7 +148,8 @@ def forward_headers(req: Request | None = None) -> dict[str, str]:
 
 def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
     """The upstream's response headers as the client gets them: this hop's own dropped."""
-    skip = RESPONSE_SKIP | _named_in_connection(resp.header("Connection"))
+    connection = resp.header("connection")
+    skip = RESPONSE_SKIP | _named_in_connection(connection) if connection else RESPONSE_SKIP
     out = [(k, v) for k, v in resp.headers if k.lower() not in skip]
     if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
         out.append(("X-Accel-Buffering", "no"))
@@ -170,7 +170,7 @@ def target(req: Request | None = None) -> str:
 def read_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     """The model a model endpoint's body names; 400 when the body is not JSON or names none."""
     try:
-        payload = json.loads(body)
+        payload = parse_json(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BadRequest("request body must be a JSON object") from None
     if not isinstance(payload, dict):
