@@ -92,6 +92,9 @@ class Labels:
         self.cap = cap
         self.idle = idle
         self._seen: OrderedDict[str, float] = OrderedDict()  # least recently seen first
+        #: No name expires before this time: ``expire`` has nothing to do until then. (At
+        #: most the earliest time a name was last seen, plus ``idle``.)
+        self.due = math.inf
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -105,25 +108,32 @@ class Labels:
         With ``claim`` false a name not yet held is counted as OTHER without taking a
         place (a model the upstream answered 404 for must not crowd out real ones).
         """
-        if name in self._seen:
-            self._seen[name] = now
-            self._seen.move_to_end(name)
-            return name
-        self.expire(now)
-        if not claim or len(self._seen) >= self.cap:
-            return OTHER
-        self._seen[name] = now
+        seen = self._seen
+        if name in seen:
+            seen[name] = now
+            seen.move_to_end(name)
+        else:
+            self.expire(now)
+            if not claim or len(seen) >= self.cap:
+                return OTHER
+            seen[name] = now
+        if now + self.idle < self.due:
+            self.due = now + self.idle
         return name
 
     def expire(self, now: float) -> list[str]:
         """Drop the names not seen for ``idle`` seconds; return them."""
+        if now < self.due:
+            return []
         gone = []
-        while self._seen:
-            name, seen = next(iter(self._seen.items()))
-            if seen + self.idle > now:
+        seen = self._seen
+        while seen:
+            name, last = next(iter(seen.items()))
+            if last + self.idle > now:
                 break
-            del self._seen[name]
+            del seen[name]
             gone.append(name)
+        self.due = min(seen.values(), default=math.inf) + self.idle
         return gone
 
 
@@ -254,23 +264,25 @@ class Board:
         self.tokens_out += completion_tokens
         if not queued or model is None:
             return
-        tokens = prompt_tokens + completion_tokens
         model = self.models.label(model, now, claim=ok)
-        who = self.clients.label(self.show_client(client), now)
+        who = self.clients.label(
+            mask_client(client) if self.mask_clients else client.strip()[:64], now
+        )  # show_client
         counts = self.rates.current(now)  # what Rolling.add does, for six keys at once
-        for key, amount in (
-            (("jobs", model), 1),
-            (("waited", model), waited),
-            (("cjobs", who), 1),
-        ):
-            counts[key] = counts.get(key, 0) + amount
+        key: Key = ("jobs", model)
+        counts[key] = counts.get(key, 0) + 1
+        key = ("waited", model)
+        counts[key] = counts.get(key, 0) + waited
+        key = ("cjobs", who)
+        counts[key] = counts.get(key, 0) + 1
+        tokens = prompt_tokens + completion_tokens
         if tokens:
-            for key, amount in (
-                (("in", model), prompt_tokens),
-                (("out", model), completion_tokens),
-                (("ctokens", who), tokens),
-            ):
-                counts[key] = counts.get(key, 0) + amount
+            key = ("in", model)
+            counts[key] = counts.get(key, 0) + prompt_tokens
+            key = ("out", model)
+            counts[key] = counts.get(key, 0) + completion_tokens
+            key = ("ctokens", who)
+            counts[key] = counts.get(key, 0) + tokens
         self._wait_sum += waited
         self._wait_count += 1
 

@@ -278,8 +278,9 @@ def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
     ext = status_of(sender)
     if ext is None or call is None:
         return
+    now = time.monotonic()
     ext.board.finished(
-        time.monotonic(),
+        now,
         model=call.model,
         client=call.client,
         queued=call.cls in MODEL_CLASSES,
@@ -288,7 +289,7 @@ def _on_finished(sender: Flask, call: Any = None, **_: Any) -> None:
         completion_tokens=call.completion_tokens,
         ok=names_a_model(call.status),
     )
-    ext.metrics.call_finished(call)
+    ext.metrics.call_finished(call, now)
     if ext.access is not None:
         ext.access.call_finished(call)
 

@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 from endpoints import QUEUED_CLASSES
 from workqueue.core import PRIORITIES
 
-from .board import MAX_REASONS, Labels, names_a_model
+from .board import MAX_REASONS, Labels
 
 # Each counter and histogram would carry a `_created` series beside it, doubling the
 # lines of a scrape for a timestamp nobody graphs. (A switch of prometheus_client's own,
@@ -64,6 +64,9 @@ class Metrics:
         # The series of each model label, removed when the label expires: (instrument,
         # label values) -> the series' numbers, each looked up once.
         self._series: dict[str, dict[tuple[Any, tuple[str, ...]], list[float]]] = {}
+        # The series of each kind of call ending, per model label (see _call_series):
+        # (class, outcome, status) -> those series, dropped with the label's series.
+        self._calls: dict[str, dict[tuple[str, str, int | None], list[Any]]] = {}
         self.queue = QueueCollector(self)
         self.registry.register(self.queue)
         labels = ("class", "model")
@@ -124,10 +127,13 @@ class Metrics:
 
     def model_label(self, model: str, now: float, *, claim: bool = True) -> str:
         """The label ``model`` is counted under: itself, or OTHER past MAX_MODELS."""
-        for gone in self.models.expire(now):
-            for metric, labels in self._series.pop(gone, ()):
-                metric.remove(labels)
-        return self.models.label(model, now, claim=claim)
+        models = self.models
+        if now >= models.due:
+            for gone in models.expire(now):
+                self._calls.pop(gone, None)
+                for metric, labels in self._series.pop(gone, ()):
+                    metric.remove(labels)
+        return models.label(model, now, claim=claim)
 
     def _child(self, metric: Any, model: str, *labels: str) -> list[float]:
         """The numbers of ``metric``'s series ``labels``, remembered under ``model`` for
@@ -140,29 +146,75 @@ class Metrics:
             child = series[(metric, labels)] = metric.child(labels)
         return child
 
+    def _call_series(self, model: str, cls: str, outcome: str, code: str) -> list[Any]:
+        """The series a call of ``cls`` on ``model`` ending in ``outcome`` and ``code`` counts
+        in, found once per label values: its queue wait's (for a queued class, else None),
+        its time to first byte's, its duration's, its request count's, its tokens' in and out.
+
+        Those of the time to first byte and the tokens are left None until a call has
+        some to count, so that the scrape has no series that never counted anything.
+        """
+        queued = cls in QUEUED_CLASSES
+        return [
+            self._child(self.queue_wait, model, cls, model) if queued else None,
+            None,
+            self._child(self.duration, model, cls, model),
+            self._child(self.requests, model, cls, model, outcome, code),
+            None,
+            None,
+        ]
+
     def call_finished(self, call: Any, now: float | None = None) -> None:
         """Count one forwarded call whose answer ended."""
         cls = call.cls
-        ok = names_a_model(call.status)
+        status = call.status
+        ok = status is None or not 400 <= status < 500  # names_a_model, inline: once a call
         now = time.monotonic() if now is None else now
         model = self.model_label(call.model or "", now, claim=ok)
-        if cls in QUEUED_CLASSES:
+        outcome = call.outcome
+        calls = self._calls.get(model)
+        if calls is None:
+            calls = self._calls[model] = {}
+        found = calls.get((cls, outcome, status))
+        if found is None:
+            code = str(status or "")
+            found = calls[(cls, outcome, status)] = self._call_series(model, cls, outcome, code)
+        # HistogramTally.observe, inline: a child counts a value in the first bucket whose
+        # bound is not below it (none for NaN), and adds it to its sum (last).
+        queue_wait = found[0]
+        if queue_wait is not None:
             waited = call.waited
-            queue_wait = self.queue_wait
-            queue_wait.observe(self._child(queue_wait, model, cls, model), waited)
+            if waited == waited:
+                queue_wait[bisect_left(self.queue_wait.bounds, waited)] += 1
+            queue_wait[-1] += waited
             priority = getattr(call, "priority", None)
             if priority in PRIORITIES:
                 by_priority = self.queue_wait_by_priority
                 by_priority.observe(by_priority.child((priority,)), waited)
-        if call.ttfb is not None:
-            self.ttfb.observe(self._child(self.ttfb, model, cls, model), call.ttfb)
-        self.duration.observe(self._child(self.duration, model, cls, model), call.duration)
-        code = str(call.status or "")
-        self._child(self.requests, model, cls, model, call.outcome, code)[0] += 1
+        ttfb = call.ttfb
+        if ttfb is not None:
+            child = found[1]
+            if child is None:
+                child = found[1] = self._child(self.ttfb, model, cls, model)
+            if ttfb == ttfb:
+                child[bisect_left(self.ttfb.bounds, ttfb)] += 1
+            child[-1] += ttfb
+        duration = call.duration
+        child = found[2]
+        if duration == duration:
+            child[bisect_left(self.duration.bounds, duration)] += 1
+        child[-1] += duration
+        found[3][0] += 1
         if call.prompt_tokens:
-            self._child(self.tokens, model, model, "in")[0] += call.prompt_tokens
+            child = found[4]
+            if child is None:
+                child = found[4] = self._child(self.tokens, model, model, "in")
+            child[0] += call.prompt_tokens
         if call.completion_tokens:
-            self._child(self.tokens, model, model, "out")[0] += call.completion_tokens
+            child = found[5]
+            if child is None:
+                child = found[5] = self._child(self.tokens, model, model, "out")
+            child[0] += call.completion_tokens
 
     def call_rejected(self, status: int, reason: str, cls: str | None, count: int = 1) -> None:
         reason = self.reasons.label(reason, 0.0)

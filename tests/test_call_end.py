@@ -1,6 +1,9 @@
 """The quick paths that end a call, each held to the plain code it stands for.
 
-``parse_json`` to ``json.loads``, ``CallSignal.send_call`` to blinker's ``send``
+``parse_json`` to ``json.loads``, ``CallSignal.send_call`` to blinker's ``send``,
+``Labels`` (which skips ``expire`` until a name may be due) to a plain
+OrderedDict that checks on every call, ``Metrics.call_finished`` (which finds a
+call's series once per label values) to one that looks each up on every call,
 and ``first_header`` to geventhttpclient's own ``get``: same answers, same errors.
 """
 
@@ -9,6 +12,8 @@ from __future__ import annotations
 import codecs
 import gc
 import json
+import math
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -16,10 +21,14 @@ from geventhttpclient.response import HTTPResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import parse_json
+from endpoints import QUEUED_CLASSES
+from pipeline import Call, parse_json
 from proxy.transport import first_header
 from signals import CallSignal
+from status.board import OTHER, Labels
+from status.metrics import MAX_MODELS, MODEL_IDLE, Metrics
 from tests.support import example_count
+from workqueue.core import PRIORITIES
 
 # -- parse_json ----------------------------------------------------------------------------
 
@@ -162,6 +171,133 @@ def test_send_call_forgets_a_receiver_that_died_and_a_sender_that_died() -> None
     new = Sender()  # may take the dead sender's id(): its receivers must not follow
     signal.send_call(new, 1)
     assert got == ["weak", "weak"]
+
+
+# -- Labels ----------------------------------------------------------------------------------
+
+
+class PlainLabels:
+    """Labels as they were: every miss checks for expired names from the oldest on."""
+
+    def __init__(self, cap: int, idle: float = math.inf) -> None:
+        self.cap, self.idle = cap, idle
+        self.seen: OrderedDict[str, float] = OrderedDict()
+
+    def label(self, name: str, now: float, *, claim: bool = True) -> str:
+        if name in self.seen:
+            self.seen[name] = now
+            self.seen.move_to_end(name)
+            return name
+        self.expire(now)
+        if not claim or len(self.seen) >= self.cap:
+            return OTHER
+        self.seen[name] = now
+        return name
+
+    def expire(self, now: float) -> list[str]:
+        gone = []
+        while self.seen:
+            name, seen = next(iter(self.seen.items()))
+            if seen + self.idle > now:
+                break
+            del self.seen[name]
+            gone.append(name)
+        return gone
+
+
+label_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["label", "expire"]),
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        # Times that go back as well as forth: tests drive the Labels with made-up times.
+        st.floats(min_value=0, max_value=50, allow_nan=False),
+        st.booleans(),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=example_count(500))
+@given(label_steps, st.sampled_from([math.inf, 0.0, 5.0, 10.0]))
+def test_labels_answer_as_labels_that_check_every_time(steps: list[Any], idle: float) -> None:
+    quick, plain = Labels(3, idle), PlainLabels(3, idle)
+    for op, name, now, claim in steps:
+        if op == "label":
+            assert quick.label(name, now, claim=claim) == plain.label(name, now, claim=claim)
+        else:
+            assert quick.expire(now) == plain.expire(now)
+        assert list(quick._seen.items()) == list(plain.seen.items())
+
+
+# -- Metrics.call_finished -------------------------------------------------------------------
+
+
+class PlainMetrics(Metrics):
+    """Metrics as they were: each series of a call looked up anew on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models = PlainLabels(MAX_MODELS, MODEL_IDLE)  # type: ignore[assignment]
+
+    def model_label(self, model: str, now: float, *, claim: bool = True) -> str:
+        for gone in self.models.expire(now):
+            for metric, labels in self._series.pop(gone, ()):
+                metric.remove(labels)
+        return self.models.label(model, now, claim=claim)
+
+    def call_finished(self, call: Any, now: float | None = None) -> None:
+        cls = call.cls
+        ok = call.status is None or not 400 <= call.status < 500
+        assert now is not None
+        model = self.model_label(call.model or "", now, claim=ok)
+        if cls in QUEUED_CLASSES:
+            waited = call.waited
+            self.queue_wait.observe(self._child(self.queue_wait, model, cls, model), waited)
+            priority = getattr(call, "priority", None)
+            if priority in PRIORITIES:
+                by_priority = self.queue_wait_by_priority
+                by_priority.observe(by_priority.child((priority,)), waited)
+        if call.ttfb is not None:
+            self.ttfb.observe(self._child(self.ttfb, model, cls, model), call.ttfb)
+        self.duration.observe(self._child(self.duration, model, cls, model), call.duration)
+        code = str(call.status or "")
+        self._child(self.requests, model, cls, model, call.outcome, code)[0] += 1
+        if call.prompt_tokens:
+            self._child(self.tokens, model, model, "in")[0] += call.prompt_tokens
+        if call.completion_tokens:
+            self._child(self.tokens, model, model, "out")[0] += call.completion_tokens
+
+
+call_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["inference", "embed", "admin", "light"]),
+        st.sampled_from([None, "m1:latest", "m2:latest", "m3:latest", "m4:latest"]),
+        st.sampled_from([200, 404, 500, None, 0]),
+        st.sampled_from(["ok", "client_gone", "upstream_error"]),
+        st.sampled_from([None, 0.0, 0.004, 2.0, math.nan]),
+        st.sampled_from([0.0, 0.3, 1000.0]),
+        st.sampled_from([(0, 0), (1, 8), (0, 3)]),
+        st.sampled_from([*PRIORITIES, "none"]),
+        st.sampled_from([0.0, 1.0, MODEL_IDLE + 1]),  # time since the step before
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=example_count(300))
+@given(call_steps)
+def test_metrics_count_calls_as_metrics_that_look_up_every_series(steps: list[Any]) -> None:
+    quick, plain = Metrics(), PlainMetrics()
+    now = 1000.0
+    for cls, model, status, end, ttfb, waited, tokens, priority, later in steps:
+        now += later
+        call = Call(cls, "POST", "/api/chat", "alice", model=model, priority=priority)
+        call.status, call.outcome, call.ttfb, call.waited = status, end, ttfb, waited
+        call.prompt_tokens, call.completion_tokens = tokens
+        call.ended = call.started + 0.25
+        quick.call_finished(call, now)
+        plain.call_finished(call, now)
+        assert quick.exposition(None, {}) == plain.exposition(None, {})
 
 
 # -- first_header ----------------------------------------------------------------------------
