@@ -73,6 +73,9 @@ QUEUED = frozenset({INFERENCE, EMBED, ADMIN})
 _PRIORITY_ENVIRON = "HTTP_" + PRIORITY_HEADER.upper().replace("-", "_")
 # An anonymous client presents no key header: nothing for the lane to drop.
 _NO_HEADERS: frozenset[str] = frozenset()
+# identify_lane's answers kept for anonymous clients at most (then forgotten at once).
+_ANONYMOUS_KEPT = 4096
+_UNKNOWN: Any = object()
 # Seconds a Redis may take to connect or answer before it counts as down and limits
 # fall back to this process's memory: a paused Redis never holds a request longer.
 STORAGE_TIMEOUT = 0.5
@@ -156,6 +159,8 @@ class GateLimiter:
         self.budgets = TokenBudgets(None)
         self.rejections: Counter[str] = Counter()  # 429s per class, for the status page
         self.cache: RejectCache | None = None
+        # identify_lane's answers without API keys, by (address, class, priority asked for).
+        self._anonymous: dict[tuple[Any, ...], Identity | None] = {}
 
     def _check_limit_strings(self) -> None:
         """Parse every limit string with the limits library itself: fail at boot, not later."""
@@ -323,18 +328,22 @@ class GateLimiter:
         reject, a limit of its class to count, a token budget, a model allow-list (its
         models are checked, its listings filtered), an X-Gate-Priority to refuse.
         """
-        key: ApiKey | None = None
         if self.keyring is None:
-            if self.defaults[cls] != OFF:
-                return None
-            client, consumed = client_address(environ.get("REMOTE_ADDR")), _NO_HEADERS
-        else:
-            header, key = self.keyring.presented(environ)
-            if header is None or key is None or self.limit_for(cls, key) != OFF:
-                return None
-            if key.models is not None or (cls == ADMIN and not key.is_admin):
-                return None
-            client, consumed = key.name, frozenset({header})
+            # Without keys the answer follows from the address, the class and the priority
+            # asked for alone (the settings do not change): found once for each.
+            asked = (environ.get("REMOTE_ADDR"), cls, environ.get(_PRIORITY_ENVIRON))
+            known = self._anonymous.get(asked, _UNKNOWN)
+            if known is _UNKNOWN:
+                if len(self._anonymous) >= _ANONYMOUS_KEPT:
+                    self._anonymous.clear()  # addresses come from clients: bounded
+                known = self._anonymous[asked] = self._identify_anonymous(*asked)
+            return cast(Identity | None, known)
+        header, key = self.keyring.presented(environ)
+        if header is None or key is None or self.limit_for(cls, key) != OFF:
+            return None
+        if key.models is not None or (cls == ADMIN and not key.is_admin):
+            return None
+        client, consumed = key.name, frozenset({header})
         if cls not in QUEUED:
             return Identity(client, consumed)
         if cls in TOKEN_CLASSES and self.budget_for(key) is not None:
@@ -344,6 +353,24 @@ class GateLimiter:
         except ValueError:
             return None  # Flask answers the 400
         return Identity(client, consumed, priority)
+
+    def _identify_anonymous(
+        self, address: str | None, cls: EndpointClass, asked: str | None
+    ) -> Identity | None:
+        """identify_lane for a request without API keys: from ``address``, ``cls`` and the
+        X-Gate-Priority ``asked`` for."""
+        if self.defaults[cls] != OFF:
+            return None
+        client = client_address(address)
+        if cls not in QUEUED:
+            return Identity(client, _NO_HEADERS)
+        if cls in TOKEN_CLASSES and self.budget_for(None) is not None:
+            return None
+        try:
+            priority = served_priority(self._ceiling(None), asked)
+        except ValueError:
+            return None  # Flask answers the 400
+        return Identity(client, _NO_HEADERS, priority)
 
     def _ceiling(self, key: ApiKey | None) -> str:
         """The highest class ``key``'s jobs are served at (anonymous: GATE_ANON_PRIORITY)."""

@@ -20,6 +20,9 @@ from .upstream import TRANSPORT_ERRORS, UpstreamResponse, describe
 
 logger = logging.getLogger(__name__)
 
+# Linux's; None elsewhere, where answers leave uncorked.
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
 # A non-streamed JSON answer is kept up to this size to read its token usage.
 USAGE_BODY_MAX = 4 * 1024 * 1024
 
@@ -112,10 +115,10 @@ class Relay:
         its last chunk. A socket that is not TCP (a unix socket) is left as it is.
         """
         sock = self.watch.sock
-        if sock is None or not hasattr(socket, "TCP_CORK"):
+        if sock is None or _TCP_CORK is None:
             return
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
         except OSError:  # not TCP, or already closed
             return
         self.corked = on

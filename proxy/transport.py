@@ -19,7 +19,8 @@ public way to give:
   that NDJSON/SSE records that arrived together leave in one write.
 - the response's headers as the parser stores them (``_headers_index``, a dict
   by lower-case name), so that reading one header costs one dict look-up, not
-  the library's case folding and copying of every value (``first_header``).
+  the library's case folding and copying of every value (``first_header``), and
+  listing them no generator (``header_lines``).
 - ``send``: ``HTTPClient.request`` for a request whose body is at hand whole
   (or absent), the common case. The library's request merges the headers
   twice into its case-insensitive ``Headers`` and builds the head through a
@@ -199,6 +200,21 @@ def first_header(raw: HTTPSocketPoolResponse, name: str) -> str | None:
     if isinstance(found, tuple):
         return found[1]
     return found[0][1] if found else None
+
+
+def header_lines(raw: HTTPSocketPoolResponse) -> list[tuple[str, str]]:
+    """The response's header lines as ``list(raw.items())`` gives them (a repeated header's
+    lines together, where its name first came), without the library's generator."""
+    lines: list[tuple[str, str]] = []
+    for found in _dict_values(raw._headers_index):
+        if isinstance(found, tuple):
+            lines.append(found)
+        else:
+            lines.extend(found)
+    return lines
+
+
+_dict_values = dict.values
 
 
 # Header names whose presence sends a request down the library's own path: HTTPClient adds,

@@ -19,7 +19,7 @@ from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from errors import UpstreamTimeout, UpstreamUnavailable
 
-from .transport import WatchedPool, first_header, read_ahead, send, watch_pool
+from .transport import WatchedPool, first_header, header_lines, read_ahead, send, watch_pool
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class UpstreamResponse:
     def __init__(self, raw: HTTPSocketPoolResponse) -> None:
         self.raw = raw
         self.status: int = raw.status_code
-        self.headers: list[tuple[str, str]] = list(raw.items())
+        self.headers: list[tuple[str, str]] = header_lines(raw)
 
     def header(self, name: str) -> str | None:
         """The first value of the header ``name`` (any case), None when it is absent."""

@@ -131,13 +131,26 @@ def upstream_headers(environ: Mapping[str, Any], consumed: frozenset[str]) -> di
     if connection or consumed:
         skip = skip | _named_in_connection(connection) | consumed
     out: dict[str, str] = {}
-    for key, value in environ.items():
-        if key[:1] not in "HC":
-            continue  # neither HTTP_* nor CONTENT_*: most of the environ
-        header = _header_of(key)
-        if header is not None and header[1] not in skip and (value or header[2]):
-            out[header[0]] = value
+    for key, name, lower, empty_counts in _header_keys(tuple(environ)):
+        value = environ[key]
+        if lower not in skip and (value or empty_counts):
+            out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _header_keys(keys: tuple[str, ...]) -> tuple[tuple[str, str, str, bool], ...]:
+    """The environ keys among ``keys`` that carry request headers, in their order, each with
+    what ``_header_of`` says of it. A client sends the same headers request after request:
+    found once for them, not by going through the whole environ each time. Bounded:
+    header names come from clients."""
+    found = []
+    for key in keys:
+        if key[:1] in "HC":  # HTTP_* or CONTENT_*, not most of the environ
+            header = _header_of(key)
+            if header is not None:
+                found.append((key, *header))
+    return tuple(found)
 
 
 def forward_headers(req: Request | None = None) -> dict[str, str]:

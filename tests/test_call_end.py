@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 from endpoints import QUEUED_CLASSES
 from pipeline import Call, parse_json
-from proxy.transport import first_header
+from proxy.transport import first_header, header_lines
+from proxy.views import GATE_HEADERS, REQUEST_SKIP, upstream_headers
+from settings import Settings
 from signals import CallSignal
 from status.board import OTHER, Labels
 from status.metrics import MAX_MODELS, MODEL_IDLE, Metrics
@@ -315,3 +317,116 @@ def test_first_header_is_the_first_of_what_the_library_gives() -> None:
         assert first_header(raw, name) == first  # type: ignore[arg-type]
     assert first_header(raw, "x-twice") == "one"
     assert first_header(raw, "connection") is None
+
+
+def test_header_lines_are_what_the_library_lists() -> None:
+    raw = HTTPResponse()
+    raw.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Twice: one\r\n"
+        b"Date: now\r\nx-twice: two\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    assert header_lines(raw) == list(raw.items())
+    assert ("x-twice", "two") in header_lines(raw)
+
+
+# -- upstream_headers ------------------------------------------------------------------------
+
+
+def plain_upstream_headers(environ: dict[str, Any], consumed: frozenset[str]) -> dict[str, str]:
+    """upstream_headers as it was: through the whole environ, key by key."""
+    connection = environ.get("HTTP_CONNECTION")
+    skip = REQUEST_SKIP | GATE_HEADERS
+    if connection or consumed:
+        names = {t.strip().lower() for t in (connection or "").split(",") if t.strip()}
+        skip = skip | names | consumed
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_") and key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+            name, empty_counts = key[5:].replace("_", "-").title(), True
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name, empty_counts = key.replace("_", "-").title(), False
+        else:
+            continue
+        if name.lower() not in skip and (value or empty_counts):
+            out[name] = value
+    return out
+
+
+environ_keys = st.sampled_from(
+    [
+        "REQUEST_METHOD",
+        "wsgi.input",
+        "HTTP_HOST",
+        "HTTP_USER_AGENT",
+        "HTTP_X_API_KEY",
+        "HTTP_AUTHORIZATION",
+        "HTTP_CONNECTION",
+        "HTTP_KEEP_ALIVE",
+        "HTTP_X_GATE_PRIORITY",
+        "HTTP_CONTENT_TYPE",
+        "HTTP_X_CUSTOM",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+        "C",
+        "H",
+        "",
+    ]
+)
+
+
+@settings(max_examples=example_count(500))
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(environ_keys, st.sampled_from(["", "x", "keep-alive, X-Custom", "close"])),
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from([frozenset(), frozenset({"authorization"}), frozenset({"x-api-key"})]),
+)
+def test_upstream_headers_are_what_going_through_the_environ_gives(
+    requests: list[list[tuple[str, str]]], consumed: frozenset[str]
+) -> None:
+    for items in requests + requests:  # each environ's keys found anew, then remembered
+        environ = dict(items)
+        assert list(upstream_headers(environ, consumed).items()) == list(
+            plain_upstream_headers(environ, consumed).items()
+        )
+
+
+# -- the limiter's word for the light lane ---------------------------------------------------
+
+
+def test_the_lane_hears_the_same_for_an_address_each_time_and_the_answers_stay_bounded() -> None:
+    from limiter.extension import _ANONYMOUS_KEPT, GateLimiter
+
+    off = {f"limit_{c}": "off" for c in ("inference", "embed", "admin", "light")}
+    limiter = GateLimiter(Settings(anon_priority="normal", **off))
+    limited = GateLimiter(Settings(anon_priority="normal", **{**off, "limit_light": "5/second"}))
+    cases = [
+        ({"REMOTE_ADDR": "10.0.0.1"}, "inference", ("10.0.0.1", "normal")),
+        ({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_GATE_PRIORITY": "batch"}, "inference", "batch"),
+        # A priority above the ceiling is served at the ceiling.
+        ({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_GATE_PRIORITY": "interactive"}, "embed", "normal"),
+        ({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_GATE_PRIORITY": "nonsense"}, "inference", None),
+        ({"REMOTE_ADDR": "2001:db8::1"}, "light", ("2001:db8::/64", "normal")),
+        ({}, "light", ("unknown", "normal")),
+    ]
+    for _ in range(2):  # found, then remembered
+        for environ, cls, expected in cases:
+            who = limiter.identify_lane(environ, cls)
+            if expected is None:
+                assert who is None  # no such class: Flask answers the 400
+            elif isinstance(expected, str):
+                assert who is not None and who.priority == expected
+            else:
+                assert who is not None and (who.client, who.priority) == expected
+                assert who.consumed == frozenset()
+        assert limited.identify_lane({"REMOTE_ADDR": "10.0.0.1"}, "light") is None
+    for i in range(_ANONYMOUS_KEPT + 10):
+        limiter.identify_lane(
+            {"REMOTE_ADDR": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"}, "light"
+        )
+    assert len(limiter._anonymous) <= _ANONYMOUS_KEPT
