@@ -6,6 +6,7 @@ proxy agree on what a request is without importing each other.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Final, Literal
 
@@ -72,8 +73,13 @@ QUEUED_CLASSES: Final = frozenset({"inference", "embed", "admin"})
 _TAG = re.compile(r":[^/]+$")
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_model(name: str) -> str:
-    """Return ``name`` as ``name:tag`` as Ollama does (``llama3.2`` is ``llama3.2:latest``)."""
+    """Return ``name`` as ``name:tag`` as Ollama does (``llama3.2`` is ``llama3.2:latest``).
+
+    Cached: the lane and the work queue ask it of every call's model, and a gate serves
+    few models (bounded all the same: the names come from clients).
+    """
     name = name.strip()
     if not name:
         return name

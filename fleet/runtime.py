@@ -601,8 +601,9 @@ class MergedResponse(UpstreamResponse):
         self.raw = None  # type: ignore[assignment]
         self.status = 200
         self.body = b"" if head else body
+        self.content_type = "application/json; charset=utf-8"
         self.headers = [
-            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Type", self.content_type),
             ("Content-Length", str(len(body))),
             (BACKEND_HEADER, backends),
         ]

@@ -86,7 +86,7 @@ class Relay:
         self.resp = resp
         self.watch = watch
         self.call = call
-        content_type = resp.header("content-type")
+        content_type = resp.content_type
         self.kind = stream_kind(content_type)
         self.on_close = on_close
         # An answer without a body (to HEAD; 1xx, 204, 304) is whole once its headers are

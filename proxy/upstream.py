@@ -69,6 +69,8 @@ class UpstreamResponse:
         self.raw = raw
         self.status: int = raw.status_code
         self.headers: list[tuple[str, str]] = header_lines(raw)
+        # Read by the relay and by the client's headers alike.
+        self.content_type: str | None = first_header(raw, "content-type")
 
     def header(self, name: str) -> str | None:
         """The first value of the header ``name`` (any case), None when it is absent."""

@@ -164,7 +164,7 @@ def client_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
     connection = resp.header("connection")
     skip = RESPONSE_SKIP | _named_in_connection(connection) if connection else RESPONSE_SKIP
     out = [(k, v) for k, v in resp.headers if k.lower() not in skip]
-    if stream_kind(resp.header("content-type")) or resp.header("transfer-encoding"):
+    if stream_kind(resp.content_type) or resp.header("transfer-encoding"):
         out.append(("X-Accel-Buffering", "no"))
     return out
 
