@@ -16,6 +16,7 @@ import requests
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from endpoints import normalize_model
 from errors import ClientShareFull, QueueFull
 from fakeollama import FakeOllama
 from limiter.keys import parse_keys
@@ -256,7 +257,7 @@ class CapsMachine:
             self.running.add(job)
 
     @rule(
-        model=["a", "b", "admin"],
+        model=["a", "b", "a:latest", "b:latest", "admin"],  # short or in full, as the proxy
         client=["c1", "c2", "c3"],
         count=range(1, 4),
         priority=["interactive", "normal", "batch"],
@@ -277,7 +278,7 @@ class CapsMachine:
                 )
             except (ClientShareFull, QueueFull):
                 continue
-            self.jobs[job] = ("admin" if admin else f"{model}:latest", client)
+            self.jobs[job] = ("admin" if admin else normalize_model(model), client)
             if admission is Admission.RUNNING:
                 self.running.add(job)
                 if self.caps[client] is not None:  # as the work queue does (gate.py)

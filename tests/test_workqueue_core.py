@@ -894,13 +894,19 @@ class SchedulerMachine:
         admin=[False, False, False, True],
         count=range(1, 5),
         rank=[0, 1, 1, 2],
+        full_name=st.booleans(),
     )
-    def submit(self, model: str, client: str, admin: bool, count: int, rank: int) -> None:
-        """One client sends ``count`` jobs of one class for one model at once."""
+    def submit(
+        self, model: str, client: str, admin: bool, count: int, rank: int, full_name: bool
+    ) -> None:
+        """One client sends ``count`` jobs of one class for one model at once, naming it
+        in full (``a:latest``, as the proxy does) or short (``a``)."""
         for _ in range(count):
-            self.submit_one(model, client, admin, rank)
+            self.submit_one(model, client, admin, rank, full_name)
 
-    def submit_one(self, model: str, client: str, admin: bool, rank: int = 1) -> None:
+    def submit_one(
+        self, model: str, client: str, admin: bool, rank: int = 1, full_name: bool = False
+    ) -> None:
         job_id = next(self.ids)
         lane = ADMIN if admin else model
         waiting_total = len(self.waiting)
@@ -912,7 +918,7 @@ class SchedulerMachine:
         try:
             admission = self.s.submit(
                 job_id,
-                model.split(":")[0],
+                model if full_name else model.split(":")[0],
                 client,
                 self.now,
                 admin=admin,

@@ -219,11 +219,15 @@ class JobQueue(Protocol):
         ...
 
 
+# Each class's rank (its place in PRIORITIES), looked up once per job.
+_RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+
 def priority_rank(name: str) -> int:
     """0 for the highest class; ValueError naming the classes for an unknown one."""
     try:
-        return PRIORITIES.index(name)
-    except ValueError:
+        return _RANKS[name]
+    except (KeyError, TypeError):
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {name!r}") from None
 
 
@@ -833,17 +837,23 @@ class JobBook:
     def _stop(self, job: Any, now: float, *, count: bool = True) -> None:
         """A running job ends (``count``: its hold time counts for the estimates)."""
         assert job.started is not None
-        lane = job.lane
-        del self._jobs[job.key]
-        del lane.running[job.key]
-        self._clients[job.client].running -= 1
+        lane, key, client = job.lane, job.key, job.client
+        del self._jobs[key]
+        del lane.running[key]
+        clients = self._clients
+        counts = clients[client]
+        counts.running -= 1
         self._classes[job.priority].running -= 1
-        self._clients.drop_if_idle(job.client)
+        if not counts.waiting and not counts.running:
+            del clients[client]  # ClientCounts.drop_if_idle, on every job's path
         if count:
+            # ewma() twice, written out: this runs once per job.
             held = now - job.started
             lane.touched = now
-            lane.avg_seconds = ewma(lane.avg_seconds, held)
-            self._avg_seconds = ewma(self._avg_seconds, held)
+            avg = lane.avg_seconds
+            lane.avg_seconds = held if avg is None else avg + EWMA_WEIGHT * (held - avg)
+            avg = self._avg_seconds
+            self._avg_seconds = held if avg is None else avg + EWMA_WEIGHT * (held - avg)
 
     def _reject(self, lane: Any, reason: str) -> None:
         lane.rejected[reason] = lane.rejected.get(reason, 0) + 1
@@ -960,6 +970,9 @@ class Scheduler(JobBook):
         other jobs no longer make a switch due: the caller then calls ``tick`` to start
         the jobs that switch held back.
         """
+        if not admin and not self._queued:
+            if self._run_at_once(job_id, model, client, now, max_running, priority):
+                return Admission.RUNNING
         job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
         lane, now = job.lane, job.submitted
         if self._clients.recap(client, max_running) and self._can_start(lane, now):
@@ -969,6 +982,88 @@ class Scheduler(JobBook):
             self._clients[client].max_running = max_running
             return Admission.RUNNING
         return self._wait(job, max_waiting, max_running)
+
+    def _run_at_once(
+        self,
+        job_id: Hashable,
+        model: str,
+        client: str,
+        now: float,
+        max_running: int | None,
+        priority: str,
+    ) -> bool:
+        """``submit``'s common case, with no model job waiting: start the job now if the
+        rules would, and say whether it did; False leaves everything as it was.
+
+        With no model job waiting no switch is due and none of the lane's jobs is ahead,
+        so ``_can_start`` comes down to the lane's slots (or a free place); a ``model``
+        that is a lane's name is normalised already (``normalize_model`` leaves a
+        normalised name as it is). The state changes are ``_new_job``'s, ``_activate``'s
+        and ``_start``'s, in their order.
+        """
+        try:
+            rank = _RANKS[priority]
+        except (KeyError, TypeError):
+            return False  # refused by the general path, with the same error
+        lanes = self._lanes
+        lane = lanes.get(model)
+        if lane is None or job_id in self._jobs:
+            return False
+        active = self._active
+        placed = model in active
+        if placed:
+            if len(lane.running) >= lane.slots:
+                return False
+        elif len(active) >= self.max_active_models:
+            return False
+        clients = self._clients
+        if max_running is not None and not clients.recap(client, max_running):
+            return False  # recap's own change is the one the general path makes too
+        # (Without a cap recap only sets the client's cap to None, as done below.)
+        # _new_job
+        if now > self._now:
+            self._now = float(now)
+        now = self._now
+        lanes.move_to_end(model)
+        lane.touched = now
+        self._seq += 1
+        job = _Job(job_id, model, client, lane, now, self._seq, rank, 0.0, now)
+        if not placed:  # _activate(lane, now, forced=False)
+            active[model] = lane
+            self._slice_start = now
+            self._activations += 1
+        # _start, then the client's cap
+        self._jobs[job_id] = job
+        lane.running[job_id] = job
+        lane.admitted += 1
+        self._admitted += 1
+        count = clients.get(client)
+        if count is None:
+            count = clients[client] = ClientCount()
+        count.running += 1
+        count.max_running = max_running
+        self._classes[rank].running += 1
+        return True
+
+    def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
+        """A running job ended (any way at all); free its slot and return the jobs started
+        (see JobBook.finish).
+
+        With no job waiting the job runs (waiting jobs are the ones in ``_waiting``) and
+        nothing can start: ``_stop`` it and take their place from models left idle, as
+        ``_pump`` would.
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.started is None or self._waiting:
+            return super().finish(job_id, now)
+        if now > self._now:  # _advance
+            self._now = float(now)
+        self._stop(job, self._now)
+        active = self._active
+        for name, lane in list(active.items()):
+            if not lane.running:
+                del active[name]
+        return []
 
     def tick(self, now: float) -> list[Hashable]:
         """Re-apply the rules at ``now``; return the jobs started.
@@ -993,6 +1088,8 @@ class Scheduler(JobBook):
 
     def pending_switch(self, now: float) -> tuple[str, list[str]] | None:
         """The model waiting for a switch and the running models draining for it, if any."""
+        if not self._queued:
+            return None  # no model job waits: no switch is due (_next_due finds none)
         target = self._switch_target(max(now, self._now))
         if target is None:
             return None
@@ -1076,6 +1173,14 @@ class Scheduler(JobBook):
 
     def _pump(self, now: float) -> list[Hashable]:
         """Start every job the rules allow at ``now``; return their ids in start order."""
+        if not self._waiting:
+            # Nothing waits (every lane's queue is empty): nothing starts and no switch is
+            # due; the one thing left of the loop below is that idle models lose their place.
+            active = self._active
+            for name, lane in list(active.items()):
+                if not lane.running:
+                    del active[name]
+            return []
         started: list[Hashable] = []
         self._fill(self._admin, now, started)
         while True:

@@ -26,6 +26,8 @@ from .core import DEFAULT_PRIORITY, Admission, QueueSnapshot, Scheduler
 
 logger = logging.getLogger(__name__)
 
+RUNNING = Admission.RUNNING
+
 # Wake this much after a deadline: the loop's cached time can lag the clock a little, and
 # waking just before a deadline would only loop once more.
 TIMER_SLACK = 0.001
@@ -198,7 +200,9 @@ class WorkQueue:
             raise ShuttingDown("the gate is shutting down", retry_after=1.0)
         if client_gone is not None and client_gone.is_set():
             raise ClientGone()
-        self._start_timer()
+        timer = self._timer
+        if timer is None or timer.dead:
+            self._start_timer()
         job_id = next(self._ids)
         submitted = self._clock()
         try:
@@ -221,8 +225,11 @@ class WorkQueue:
                 exc.retry_after or 0,
             )
             raise
-        if admission is Admission.RUNNING:
-            logger.debug("work queue: job %s for %s from %s runs at once", job_id, model, client)
+        if admission is RUNNING:
+            if logger.isEnabledFor(logging.DEBUG):  # one call less than debug() itself
+                logger.debug(
+                    "work queue: job %s for %s from %s runs at once", job_id, model, client
+                )
             if max_running is not None:
                 # Its client may be at its cap now, and a switch its other jobs made due
                 # be off: the slots that held back are others' (core.Scheduler.submit).
@@ -309,7 +316,11 @@ class WorkQueue:
     def _finish(self, job_id: Hashable) -> None:
         """End a job on any path (release, client gone, killed) and wake the jobs it lets in."""
         now = self._clock()
-        self._dispatch(now, self._scheduler.finish(job_id, now), ())
+        started = self._scheduler.finish(job_id, now)
+        if started:
+            self._dispatch(now, started, ())
+        else:
+            self._note_switch(now)  # all _dispatch does with nothing to wake
 
     def _dispatch(
         self, now: float, started: Iterable[Hashable], expired: Iterable[Hashable]
