@@ -33,15 +33,35 @@ class Admitter:
 
     def __call__(self, call: Call, client_gone: ClientLeft) -> Release | None:
         """Block until ``call`` may run; return what frees its slot (None: not queued)."""
-        if call.cls == "admin":
+        cls = call.cls
+        if cls == "inference" or cls == "embed":
+            model = call.model
+            if not model:
+                return None
+            admin = False
+        elif cls == "admin":
             if call.path not in ADMIN_QUEUED:
                 return None
             model, admin = ADMIN_MODEL, True
-        elif call.cls in ("inference", "embed") and call.model:
-            model, admin = call.model, False
         else:
             return None
-        return self.acquire(call, model, admin, client_gone).release
+        # acquire(), written out: this runs for every queued call.
+        caps_of = self.caps_of
+        max_waiting, max_running = caps_of(call.client) if caps_of is not None else (None, None)
+        try:
+            slot = self.queue.acquire(
+                model,
+                call.client,
+                admin=admin,
+                client_gone=client_gone,
+                max_waiting=max_waiting,
+                max_running=max_running,
+                priority=call.priority,
+            )
+        except ClientGone:
+            raise ClientDisconnected("client left while its job waited") from None
+        call.waited = slot.waited
+        return slot.release
 
     def acquire(self, call: Call, model: str, admin: bool, client_gone: ClientLeft) -> JobSlot:
         """Block until ``call``'s job may run, within its client's caps (``caps_of``: its

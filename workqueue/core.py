@@ -970,8 +970,54 @@ class Scheduler(JobBook):
         other jobs no longer make a switch due: the caller then calls ``tick`` to start
         the jobs that switch held back.
         """
-        if not admin and not self._queued:
-            if self._run_at_once(job_id, model, client, now, max_running, priority):
+        lane = None if admin or self._queued else self._lanes.get(model)
+        if lane is not None:
+            # The common case, at once: no model job waits, so no switch is due and none of
+            # the lane's jobs is ahead, and ``_can_start`` comes down to the lane's slots (or
+            # a free place); ``model``, a lane's name, is normalised already
+            # (``normalize_model`` leaves a normalised name as it is). The state changes are
+            # those of the general path below (_new_job, _activate, _start), in their order;
+            # a job that may not run at once takes that path, as does every doubt.
+            try:
+                rank = _RANKS[priority]
+            except (KeyError, TypeError):
+                rank = -1  # refused below, with the general path's error
+            active = self._active
+            placed = model in active
+            if (
+                rank >= 0
+                and job_id not in self._jobs
+                and (
+                    len(lane.running) < lane.slots
+                    if placed
+                    else len(active) < self.max_active_models
+                )
+                # recap's change is the one the general path makes too; without a cap it
+                # only sets the client's cap to None, as done below.
+                and (max_running is None or self._clients.recap(client, max_running))
+            ):
+                if now > self._now:
+                    self._now = float(now)
+                now = self._now
+                self._lanes.move_to_end(model)
+                lane.touched = now
+                self._seq += 1
+                started = _Job(job_id, model, client, lane, now, self._seq, rank, 0.0, now)
+                if not placed:
+                    active[model] = lane
+                    self._slice_start = now
+                    self._activations += 1
+                self._jobs[job_id] = started
+                lane.running[job_id] = started
+                lane.admitted += 1
+                self._admitted += 1
+                clients = self._clients
+                count = clients.get(client)
+                if count is None:
+                    count = clients[client] = ClientCount()
+                count.running += 1
+                count.max_running = max_running
+                self._classes[rank].running += 1
                 return Admission.RUNNING
         job: _Job = self._new_job(_Job, job_id, model, client, now, admin=admin, priority=priority)
         lane, now = job.lane, job.submitted
@@ -982,68 +1028,6 @@ class Scheduler(JobBook):
             self._clients[client].max_running = max_running
             return Admission.RUNNING
         return self._wait(job, max_waiting, max_running)
-
-    def _run_at_once(
-        self,
-        job_id: Hashable,
-        model: str,
-        client: str,
-        now: float,
-        max_running: int | None,
-        priority: str,
-    ) -> bool:
-        """``submit``'s common case, with no model job waiting: start the job now if the
-        rules would, and say whether it did; False leaves everything as it was.
-
-        With no model job waiting no switch is due and none of the lane's jobs is ahead,
-        so ``_can_start`` comes down to the lane's slots (or a free place); a ``model``
-        that is a lane's name is normalised already (``normalize_model`` leaves a
-        normalised name as it is). The state changes are ``_new_job``'s, ``_activate``'s
-        and ``_start``'s, in their order.
-        """
-        try:
-            rank = _RANKS[priority]
-        except (KeyError, TypeError):
-            return False  # refused by the general path, with the same error
-        lanes = self._lanes
-        lane = lanes.get(model)
-        if lane is None or job_id in self._jobs:
-            return False
-        active = self._active
-        placed = model in active
-        if placed:
-            if len(lane.running) >= lane.slots:
-                return False
-        elif len(active) >= self.max_active_models:
-            return False
-        clients = self._clients
-        if max_running is not None and not clients.recap(client, max_running):
-            return False  # recap's own change is the one the general path makes too
-        # (Without a cap recap only sets the client's cap to None, as done below.)
-        # _new_job
-        if now > self._now:
-            self._now = float(now)
-        now = self._now
-        lanes.move_to_end(model)
-        lane.touched = now
-        self._seq += 1
-        job = _Job(job_id, model, client, lane, now, self._seq, rank, 0.0, now)
-        if not placed:  # _activate(lane, now, forced=False)
-            active[model] = lane
-            self._slice_start = now
-            self._activations += 1
-        # _start, then the client's cap
-        self._jobs[job_id] = job
-        lane.running[job_id] = job
-        lane.admitted += 1
-        self._admitted += 1
-        count = clients.get(client)
-        if count is None:
-            count = clients[client] = ClientCount()
-        count.running += 1
-        count.max_running = max_running
-        self._classes[rank].running += 1
-        return True
 
     def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
         """A running job ended (any way at all); free its slot and return the jobs started
