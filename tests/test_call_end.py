@@ -87,7 +87,7 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN != NaN
 
 
-@settings(max_examples=example_count(300))
+@settings(max_examples=example_count(100))
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -220,7 +220,7 @@ label_steps = st.lists(
 )
 
 
-@settings(max_examples=example_count(500))
+@settings(max_examples=example_count(200))
 @given(label_steps, st.sampled_from([math.inf, 0.0, 5.0, 10.0]))
 def test_labels_answer_as_labels_that_check_every_time(steps: list[Any], idle: float) -> None:
     quick, plain = Labels(3, idle), PlainLabels(3, idle)
@@ -287,7 +287,7 @@ call_steps = st.lists(
 )
 
 
-@settings(max_examples=example_count(150))
+@settings(max_examples=example_count(60))
 @given(call_steps)
 def test_metrics_count_calls_as_metrics_that_look_up_every_series(steps: list[Any]) -> None:
     quick, plain = Metrics(), PlainMetrics()
@@ -303,6 +303,25 @@ def test_metrics_count_calls_as_metrics_that_look_up_every_series(steps: list[An
         if later > MODEL_IDLE:  # labels expired before this call: their series went
             assert quick.exposition(None, {}) == plain.exposition(None, {})
     assert quick.exposition(None, {}) == plain.exposition(None, {})
+
+
+@pytest.mark.parametrize("cls", ["inference", "light"])
+def test_metrics_count_a_model_again_after_its_series_expired(cls: str) -> None:
+    """The series a model's calls were counted in go when its label expires; its next
+    call, alike in every label, counts in new ones that /metrics shows."""
+    quick, plain = Metrics(), PlainMetrics()
+    now = 1000.0
+    for step in range(3):
+        call = Call(cls, "POST", "/api/chat", "alice", model="m1:latest")
+        call.status, call.ttfb, call.waited = 200, 0.004, 0.3
+        call.prompt_tokens, call.completion_tokens = 1, 8
+        call.ended = call.started + 0.25
+        quick.call_finished(call, now)
+        plain.call_finished(call, now)
+        scrape = quick.exposition(None, {})
+        assert scrape == plain.exposition(None, {})
+        assert b'model="m1:latest"' in scrape, step
+        now += MODEL_IDLE + 1
 
 
 # -- first_header ----------------------------------------------------------------------------
