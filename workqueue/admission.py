@@ -45,23 +45,7 @@ class Admitter:
             model, admin = ADMIN_MODEL, True
         else:
             return None
-        # acquire(), written out: this runs for every queued call.
-        caps_of = self.caps_of
-        max_waiting, max_running = caps_of(call.client) if caps_of is not None else (None, None)
-        try:
-            slot = self.queue.acquire(
-                model,
-                call.client,
-                admin=admin,
-                client_gone=client_gone,
-                max_waiting=max_waiting,
-                max_running=max_running,
-                priority=call.priority,
-            )
-        except ClientGone:
-            raise ClientDisconnected("client left while its job waited") from None
-        call.waited = slot.waited
-        return slot.release
+        return self.acquire(call, model, admin, client_gone).release
 
     def acquire(self, call: Call, model: str, admin: bool, client_gone: ClientLeft) -> JobSlot:
         """Block until ``call``'s job may run, within its client's caps (``caps_of``: its
