@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 from endpoints import QUEUED_CLASSES
 from workqueue.core import PRIORITIES
 
-from .board import MAX_REASONS, Labels
+from .board import MAX_REASONS, Labels, names_a_model
 
 # Each counter and histogram would carry a `_created` series beside it, doubling the
 # lines of a scrape for a timestamp nobody graphs. (A switch of prometheus_client's own,
@@ -166,12 +166,9 @@ class Metrics:
 
     def call_finished(self, call: Any, now: float | None = None) -> None:
         """Count one forwarded call whose answer ended."""
-        cls = call.cls
-        status = call.status
-        ok = status is None or not 400 <= status < 500  # names_a_model, inline: once a call
+        cls, status, outcome = call.cls, call.status, call.outcome
         now = time.monotonic() if now is None else now
-        model = self.model_label(call.model or "", now, claim=ok)
-        outcome = call.outcome
+        model = self.model_label(call.model or "", now, claim=names_a_model(status))
         calls = self._calls.get(model)
         if calls is None:
             calls = self._calls[model] = {}
@@ -179,42 +176,27 @@ class Metrics:
         if found is None:
             code = str(status or "")
             found = calls[(cls, outcome, status)] = self._call_series(model, cls, outcome, code)
-        # HistogramTally.observe, inline: a child counts a value in the first bucket whose
-        # bound is not below it (none for NaN), and adds it to its sum (last).
-        queue_wait = found[0]
-        if queue_wait is not None:
+        if found[0] is not None:
             waited = call.waited
-            if waited == waited:
-                queue_wait[bisect_left(self.queue_wait.bounds, waited)] += 1
-            queue_wait[-1] += waited
+            self.queue_wait.observe(found[0], waited)
             priority = getattr(call, "priority", None)
             if priority in PRIORITIES:
                 by_priority = self.queue_wait_by_priority
                 by_priority.observe(by_priority.child((priority,)), waited)
-        ttfb = call.ttfb
-        if ttfb is not None:
-            child = found[1]
-            if child is None:
-                child = found[1] = self._child(self.ttfb, model, cls, model)
-            if ttfb == ttfb:
-                child[bisect_left(self.ttfb.bounds, ttfb)] += 1
-            child[-1] += ttfb
-        duration = call.duration
-        child = found[2]
-        if duration == duration:
-            child[bisect_left(self.duration.bounds, duration)] += 1
-        child[-1] += duration
+        if call.ttfb is not None:
+            if found[1] is None:
+                found[1] = self._child(self.ttfb, model, cls, model)
+            self.ttfb.observe(found[1], call.ttfb)
+        self.duration.observe(found[2], call.duration)
         found[3][0] += 1
         if call.prompt_tokens:
-            child = found[4]
-            if child is None:
-                child = found[4] = self._child(self.tokens, model, model, "in")
-            child[0] += call.prompt_tokens
+            if found[4] is None:
+                found[4] = self._child(self.tokens, model, model, "in")
+            found[4][0] += call.prompt_tokens
         if call.completion_tokens:
-            child = found[5]
-            if child is None:
-                child = found[5] = self._child(self.tokens, model, model, "out")
-            child[0] += call.completion_tokens
+            if found[5] is None:
+                found[5] = self._child(self.tokens, model, model, "out")
+            found[5][0] += call.completion_tokens
 
     def call_rejected(self, status: int, reason: str, cls: str | None, count: int = 1) -> None:
         reason = self.reasons.label(reason, 0.0)
