@@ -1,8 +1,7 @@
 """The quick paths that end a call, each held to the plain code it stands for.
 
-``parse_json`` to ``json.loads``, ``CallSignal.send_call`` to blinker's ``send``,
-``Labels`` (which skips ``expire`` until a name may be due) to a plain
-OrderedDict that checks on every call, ``Metrics.call_finished`` (which finds a
+``parse_json`` to ``json.loads``, ``Labels`` (which skips ``expire`` until a name may
+be due) to a plain OrderedDict that checks on every call, ``Metrics.call_finished`` (which finds a
 call's series once per label values) to one that looks each up on every call,
 and ``first_header`` to geventhttpclient's own ``get``: same answers, same errors.
 """
@@ -10,7 +9,6 @@ and ``first_header`` to geventhttpclient's own ``get``: same answers, same error
 from __future__ import annotations
 
 import codecs
-import gc
 import json
 import math
 from collections import OrderedDict
@@ -26,7 +24,6 @@ from pipeline import Call, parse_json
 from proxy.transport import first_header, header_lines
 from proxy.views import GATE_HEADERS, REQUEST_SKIP, upstream_headers
 from settings import Settings
-from signals import CallSignal
 from status.board import OTHER, Labels
 from status.metrics import MAX_MODELS, MODEL_IDLE, Metrics
 from tests.support import example_count
@@ -100,80 +97,6 @@ def test_parse_json_reads_any_document_as_json_loads_does(doc: Any, tail: str) -
     data = (json.dumps(doc) + tail).encode()
     found, expected = outcome(parse_json, data), outcome(json.loads, data)
     assert found[0] == expected[0] and _same(found, expected)
-
-
-# -- CallSignal ------------------------------------------------------------------------------
-
-
-class Sender:
-    """A sender blinker refers to weakly, as it does to a Flask app."""
-
-
-def test_send_call_reaches_whom_send_reaches_as_connections_change() -> None:
-    signal = CallSignal("test")
-    sender, other = Sender(), Sender()
-    got: list[tuple[str, Any, Any]] = []
-
-    def receiver(name: str) -> Any:
-        def receive(s: Any, call: Any = None, **_: Any) -> None:
-            got.append((name, s, call))
-
-        return receive
-
-    def both(s: Any) -> list[set[tuple[str, Any, Any]]]:
-        got.clear()
-        signal.send(s, call=1)
-        by_send = set(got)
-        got.clear()
-        signal.send_call(s, 1)
-        return [by_send, set(got)]
-
-    to_sender, to_any, to_other = receiver("sender"), receiver("any"), receiver("other")
-    assert both(sender) == [set(), set()]
-    signal.connect(to_sender, sender=sender, weak=False)
-    first, second = both(sender)
-    assert first == second == {("sender", sender, 1)}
-    signal.connect(to_any, weak=False)  # for every sender
-    assert both(sender)[0] == both(sender)[1] == {("sender", sender, 1), ("any", sender, 1)}
-    signal.connect(to_other, sender=other, weak=False)
-    assert both(other)[0] == both(other)[1] == {("other", other, 1), ("any", other, 1)}
-    signal.disconnect(to_any)
-    assert both(sender)[0] == both(sender)[1] == {("sender", sender, 1)}
-    signal.disconnect(to_sender, sender=sender)
-    assert both(sender) == [set(), set()]
-    with signal.connected_to(to_any):
-        assert both(sender)[1] == {("any", sender, 1)}
-    assert both(sender) == [set(), set()]
-
-
-def test_send_call_forgets_a_receiver_that_died_and_a_sender_that_died() -> None:
-    signal = CallSignal("test")
-    sender = Sender()
-    got: list[str] = []
-
-    class Receiver:
-        def receive(self, s: Any, call: Any = None) -> None:
-            got.append("weak")
-
-    held = Receiver()
-    signal.connect(held.receive, sender=sender)  # weakly, as the limiter's bound method
-    signal.send_call(sender, 1)
-    assert got == ["weak"]
-    del held
-    gc.collect()
-    signal.send_call(sender, 1)
-    signal.send(sender, call=1)
-    assert got == ["weak"] and not signal.receivers
-
-    kept = Receiver()
-    signal.connect(kept.receive, sender=sender)
-    signal.send_call(sender, 1)
-    assert got == ["weak", "weak"]
-    del sender
-    gc.collect()
-    new = Sender()  # may take the dead sender's id(): its receivers must not follow
-    signal.send_call(new, 1)
-    assert got == ["weak", "weak"]
 
 
 # -- Labels ----------------------------------------------------------------------------------
