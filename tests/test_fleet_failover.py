@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ import requests
 
 from fakeollama import FakeOllama
 from fleet.shared_scripts import KEY_PREFIX, FleetGrants
+from limiter.budget import WINDOW
 from tests.redis_support import RedisServer
 from tests.support import Gate, client_requests
 from tests.test_fleet_gate import _status, backends_file, wait_for
@@ -297,6 +299,19 @@ def remaining(gate: Gate) -> int:
     return int(resp.headers["X-RateLimit-Remaining"])
 
 
+def within_one_budget_window(needed: float = 30.0) -> None:
+    """Begin when at least ``needed`` seconds of the budget's minute are left.
+
+    A budget counts in a sliding window over minutes that begin on the minute of the
+    clock (limits' sliding window counter): once the minute turns, what was spent
+    before counts for less and less, and what is left grows by itself. A test that
+    reads exact amounts left must stay within one minute.
+    """
+    left = WINDOW - time.time() % WINDOW
+    if left < needed:
+        time.sleep(left + 0.1)  # the clock's next minute, not an event of the gate's
+
+
 def tokens(resp: requests.Response) -> int:
     """What an answer costs against a token budget: its prompt and completion tokens."""
     last = streamed(resp)[-1]
@@ -310,6 +325,7 @@ def test_a_try_that_failed_costs_no_token_budget(
     gate = start(
         gate_factory, tmp_path, two, {"GATE_ANON_TOKENS_PER_MINUTE": "100000"}, loaded=True
     )
+    within_one_budget_window()
     assert remaining(gate) == 100000
     two["a"].configure(die_after=0)  # a generates, then drops the connection unanswered
     first = send(gate, "job 1", body={"stream": False})
