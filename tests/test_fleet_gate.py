@@ -502,15 +502,17 @@ def test_a_new_place_unloads_the_idle_model_it_replaces_never_a_running_one(
 
         assert requests.post(gate.url + "/api/generate", json=_gen("qwen2.5"), timeout=30).ok
         wait_for(lambda: loaded() == ["qwen2.5:latest"])
-        with ThreadPoolExecutor(1) as pool:
-            # phi3 streams for a while beside the idle qwen2.5 (two places: nothing replaced)
-            running = pool.submit(
-                requests.post,
-                gate.url + "/api/generate",
-                json={"model": "phi3", "prompt": "hi"},
-                headers={"X-Fake-Tokens": "100", "X-Fake-Token-Interval": "0.05"},
-                timeout=60,
-            )
+        # phi3 streams beside the idle qwen2.5 (two places: nothing replaced) for as long as
+        # this test reads it: its end is the test's to choose, never the clock's
+        running = requests.post(
+            gate.url + "/api/generate",
+            json={"model": "phi3", "prompt": "hi"},
+            headers={"X-Fake-Tokens": "100000", "X-Fake-Token-Interval": "0.05"},
+            stream=True,
+            timeout=60,
+        )
+        try:
+            assert running.status_code == 200
             wait_for(lambda: one.stats()["in_flight"].get("phi3:latest") == 1)
             wait_for(lambda: sorted(loaded()) == ["phi3:latest", "qwen2.5:latest"])
             assert _unloads(one) == []
@@ -518,9 +520,12 @@ def test_a_new_place_unloads_the_idle_model_it_replaces_never_a_running_one(
             resp = requests.post(gate.url + "/api/generate", json=_gen("llama3.2"), timeout=30)
             assert resp.status_code == 200 and resp.headers["X-Gate-Backend"] == "one"
             assert one.stats()["in_flight"].get("phi3:latest") == 1  # still streaming
-            streamed = running.result()
-        lines = [json.loads(line) for line in streamed.text.splitlines()]
-        assert streamed.status_code == 200 and lines[-1]["done"] is True
+            first = json.loads(next(running.iter_lines()))
+            assert first["model"] == "phi3" and first["done"] is False
+        finally:
+            running.close()
+        # the client left: the gate ends phi3's upstream call too
+        wait_for(lambda: not one.stats()["in_flight"].get("phi3:latest"))
         unloads = _unloads(one)
         assert [model for model, _ in unloads] == ["qwen2.5:latest"]
         (llama,) = [r for r in client_requests(one) if r["model"] == "llama3.2:latest"]
