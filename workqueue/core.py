@@ -837,23 +837,17 @@ class JobBook:
     def _stop(self, job: Any, now: float, *, count: bool = True) -> None:
         """A running job ends (``count``: its hold time counts for the estimates)."""
         assert job.started is not None
-        lane, key, client = job.lane, job.key, job.client
-        del self._jobs[key]
-        del lane.running[key]
-        clients = self._clients
-        counts = clients[client]
-        counts.running -= 1
+        lane = job.lane
+        del self._jobs[job.key]
+        del lane.running[job.key]
+        self._clients[job.client].running -= 1
         self._classes[job.priority].running -= 1
-        if not counts.waiting and not counts.running:
-            del clients[client]  # ClientCounts.drop_if_idle, on every job's path
+        self._clients.drop_if_idle(job.client)
         if count:
-            # ewma() twice, written out: this runs once per job.
             held = now - job.started
             lane.touched = now
-            avg = lane.avg_seconds
-            lane.avg_seconds = held if avg is None else avg + EWMA_WEIGHT * (held - avg)
-            avg = self._avg_seconds
-            self._avg_seconds = held if avg is None else avg + EWMA_WEIGHT * (held - avg)
+            lane.avg_seconds = ewma(lane.avg_seconds, held)
+            self._avg_seconds = ewma(self._avg_seconds, held)
 
     def _reject(self, lane: Any, reason: str) -> None:
         lane.rejected[reason] = lane.rejected.get(reason, 0) + 1
@@ -1029,26 +1023,6 @@ class Scheduler(JobBook):
             return Admission.RUNNING
         return self._wait(job, max_waiting, max_running)
 
-    def finish(self, job_id: Hashable, now: float) -> list[Hashable]:
-        """A running job ended (any way at all); free its slot and return the jobs started
-        (see JobBook.finish).
-
-        With no job waiting the job runs (waiting jobs are the ones in ``_waiting``) and
-        nothing can start: ``_stop`` it and take their place from models left idle, as
-        ``_pump`` would.
-        """
-        job = self._jobs.get(job_id)
-        if job is None or job.started is None or self._waiting:
-            return super().finish(job_id, now)
-        if now > self._now:  # _advance
-            self._now = float(now)
-        self._stop(job, self._now)
-        active = self._active
-        for name, lane in list(active.items()):
-            if not lane.running:
-                del active[name]
-        return []
-
     def tick(self, now: float) -> list[Hashable]:
         """Re-apply the rules at ``now``; return the jobs started.
 
@@ -1155,15 +1129,17 @@ class Scheduler(JobBook):
             return len(lane.running) < lane.slots
         return len(self._active) < self.max_active_models
 
+    def _drop_idle_places(self) -> None:
+        """Models with no job running lose their place among the active ones."""
+        for name in [name for name, lane in self._active.items() if not lane.running]:
+            del self._active[name]
+
     def _pump(self, now: float) -> list[Hashable]:
         """Start every job the rules allow at ``now``; return their ids in start order."""
         if not self._waiting:
             # Nothing waits (every lane's queue is empty): nothing starts and no switch is
             # due; the one thing left of the loop below is that idle models lose their place.
-            active = self._active
-            for name, lane in list(active.items()):
-                if not lane.running:
-                    del active[name]
+            self._drop_idle_places()
             return []
         started: list[Hashable] = []
         self._fill(self._admin, now, started)
@@ -1173,8 +1149,7 @@ class Scheduler(JobBook):
                 # Affinity: running models (even one that just drained) take their own jobs.
                 for running in list(self._active.values()):
                     self._fill(running, now, started)
-            for name in [name for name, lane in self._active.items() if not lane.running]:
-                del self._active[name]
+            self._drop_idle_places()
             if len(self._active) >= self.max_active_models:
                 break
             chosen = target or self._next_model()

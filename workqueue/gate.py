@@ -319,11 +319,8 @@ class WorkQueue:
         started = self._scheduler.finish(job_id, now)
         if started:
             self._dispatch(now, started, ())
-            return
-        # All that _dispatch does with nothing to wake: _note_switch.
-        switch = self._scheduler.pending_switch(now)
-        if switch != self._switch:
-            self._noted(switch)
+        else:
+            self._note_switch(now)  # all that _dispatch does with nothing to wake
 
     def _dispatch(
         self, now: float, started: Iterable[Hashable], expired: Iterable[Hashable]
@@ -354,17 +351,13 @@ class WorkQueue:
     def _note_switch(self, now: float) -> None:
         switch = self._scheduler.pending_switch(now)
         if switch != self._switch:
-            self._noted(switch)
-
-    def _noted(self, switch: tuple[str, list[str]] | None) -> None:
-        """A pending switch that differs from the last one noted: log it and keep it."""
-        if switch is not None:
-            logger.info(
-                "work queue: switch to %s due; draining %s",
-                switch[0],
-                ", ".join(switch[1]) or "nothing",
-            )
-        self._switch = switch
+            if switch is not None:
+                logger.info(
+                    "work queue: switch to %s due; draining %s",
+                    switch[0],
+                    ", ".join(switch[1]) or "nothing",
+                )
+            self._switch = switch
 
     def _start_timer(self) -> None:
         if self._timer is None or self._timer.dead:
