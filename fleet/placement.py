@@ -597,12 +597,17 @@ class FleetScheduler(JobBook):
         failed are none, and the model takes a new place (or a switch) for it as a model
         with no place does."""
         placed = self._placed_on(lane)
-        if not placed:
-            return placed
+        return placed if self._not_failed_on(lane, placed) else []
+
+    def _not_failed_on(self, lane: _Lane, hosts: list[_Host]) -> list[_Host]:
+        """``hosts`` less the backends ``lane``'s oldest waiting job (whose client may run)
+        failed on once."""
+        if not hosts:
+            return hosts
         job = self._oldest_ready(lane)
         if job is None or not job.avoid:
-            return placed
-        return placed if any(host.name not in job.avoid for host in placed) else []
+            return hosts
+        return [host for host in hosts if host.name not in job.avoid]
 
     def _target(self, host: _Host, now: float) -> _Lane | None:
         """The model ``host`` drains for at ``now``, if a switch is due there."""
@@ -766,10 +771,7 @@ class FleetScheduler(JobBook):
         model once its jobs here end."""
         if lane.admin or lane.name not in host.active:
             return False
-        placed = self._placed_on(lane)
-        job = self._oldest_ready(lane)
-        if job is not None and job.avoid:  # places where it failed are none for it
-            placed = [other for other in placed if other.name not in job.avoid]
+        placed = self._not_failed_on(lane, self._placed_on(lane))
         if len(placed) < 2 or host not in placed:
             return False
         home = max(placed, key=lambda other: (other.running_of(lane.name), -other.index))
