@@ -265,9 +265,7 @@ class Board:
         if not queued or model is None:
             return
         model = self.models.label(model, now, claim=ok)
-        who = self.clients.label(
-            mask_client(client) if self.mask_clients else client.strip()[:64], now
-        )  # show_client
+        who = self.clients.label(self.show_client(client), now)
         counts = self.rates.current(now)  # what Rolling.add does, for six keys at once
         key: Key = ("jobs", model)
         counts[key] = counts.get(key, 0) + 1
