@@ -185,6 +185,7 @@ def read_ahead(raw: HTTPSocketPoolResponse) -> bytearray:
 
 
 _dict_get = dict.get
+_dict_values = dict.values
 
 
 def first_header(raw: HTTPSocketPoolResponse, name: str) -> str | None:
@@ -212,9 +213,6 @@ def header_lines(raw: HTTPSocketPoolResponse) -> list[tuple[str, str]]:
         else:
             lines.extend(found)
     return lines
-
-
-_dict_values = dict.values
 
 
 # Header names whose presence sends a request down the library's own path: HTTPClient adds,
